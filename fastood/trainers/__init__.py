@@ -1,0 +1,5 @@
+"""Trainers: the shared :class:`Trainer` loop and one module per method."""
+from .base import Trainer
+from .standard import StandardTrainer
+
+__all__ = ["Trainer", "StandardTrainer"]

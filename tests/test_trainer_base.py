@@ -1,0 +1,84 @@
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fastood.trainers import StandardTrainer
+
+
+def _problem(n=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    return TensorDataset(x, y)
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+
+
+def _loader(ds):
+    return DataLoader(ds, batch_size=16, shuffle=True)
+
+
+def test_standard_trainer_learns():
+    ds = _problem()
+    model = _model()
+    x, y = ds.tensors
+    before = nn.functional.cross_entropy(model(x), y).item()
+    StandardTrainer(model, lr=0.05, progress=False).fit(_loader(ds), epochs=5)
+    after = nn.functional.cross_entropy(model(x), y).item()
+    assert after < 0.7 * before
+
+
+def test_steps_budget_and_history():
+    trainer = StandardTrainer(_model(), progress=False)
+    trainer.fit(_loader(_problem()), steps=9)  # crosses an epoch boundary (6 batches per epoch)
+    assert trainer.step == 9 and trainer.epoch == 1 and trainer.batch_in_epoch == 3
+    assert len(trainer.history) == 9 and all("loss" in h for h in trainer.history)
+
+
+def test_interrupted_run_resumes_exactly(tmp_path):
+    ds = _problem()
+    full = StandardTrainer(_model(), progress=False, checkpoint_dir=tmp_path / "full", checkpoint_every=1)
+    full.fit(_loader(ds), steps=10)
+
+    class Interrupt(Exception):
+        pass
+
+    class Crashing(StandardTrainer):
+        def training_step(self, batch):
+            if self.step == 7:
+                raise Interrupt
+            return super().training_step(batch)
+
+    crashed = Crashing(_model(), progress=False, checkpoint_dir=tmp_path / "part", checkpoint_every=1)
+    with pytest.raises(Interrupt):
+        crashed.fit(_loader(ds), steps=10)
+    resumed = StandardTrainer(_model(seed=5), progress=False, checkpoint_dir=tmp_path / "part", checkpoint_every=1)
+    resumed.fit(_loader(ds), steps=10)
+    assert resumed.step == 10
+    for a, b in zip(full.model.parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert [h["loss"] for h in full.history] == [h["loss"] for h in resumed.history]
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="model"):
+        StandardTrainer("not a model")
+    with pytest.raises(ValueError, match="lr"):
+        StandardTrainer(_model(), lr=-1)
+    t = StandardTrainer(_model(), progress=False)
+    with pytest.raises(ValueError, match="epochs or steps"):
+        t.fit(_loader(_problem()), epochs=1, steps=1)
+    with pytest.raises(ValueError, match="empty"):
+        t.fit(DataLoader(TensorDataset(torch.zeros(0, 4), torch.zeros(0).long()), batch_size=4), epochs=1)
+
+
+def test_non_finite_loss_is_an_error():
+    model = _model()
+    with torch.no_grad():
+        model[0].weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        StandardTrainer(model, progress=False).fit(_loader(_problem()), steps=1)
