@@ -1,0 +1,43 @@
+# fastood developer commands.
+#   make setup   fresh machine -> .venv with torch (CUDA build) + dependencies, then the native build
+#   make test    Python tests (CPU; CUDA tests run where a GPU is present) + the CMake/ctest C++ test
+#   make build   (re)build fastood._C in place (CUDA kernels when torch has CUDA and a toolkit is found)
+#   make bench   kernel benchmark table (bench/bench_ops.py)
+PYTHON_SYS ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch===2.13.0 torchvision==0.28.0
+CUDA_HOME ?= $(shell [ -d /usr/local/cuda ] && echo /usr/local/cuda)
+export CUDA_HOME
+PYTEST_ARGS ?=
+
+.PHONY: setup venv build test pytest ctest bench clean
+
+setup: venv build
+
+venv:
+	[ -x $(PY) ] || $(PYTHON_SYS) -m venv $(VENV)
+	$(PY) -m pip install --upgrade "pip>=23" setuptools wheel
+	$(PY) -m pip install $(TORCH_SPEC)
+	$(PY) -m pip install numpy scikit-learn tqdm pybind11 ninja pytest expecttest mlxtend matplotlib
+
+build:
+	$(PY) setup.py build_ext --inplace
+	$(PY) -m pip install --no-build-isolation --no-deps --config-settings editable_mode=compat -e . >/dev/null
+	$(PY) -c "import fastood.ops as o; print('fastood build:', o.build_info())"
+
+test: pytest ctest
+
+pytest:
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+ctest:
+	cmake -S . -B build-cmake -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" -DWITH_CUDA=OFF >/dev/null
+	cmake --build build-cmake -j2
+	ctest --test-dir build-cmake --output-on-failure
+
+bench:
+	$(PY) bench/bench_ops.py --json bench-ops.json
+
+clean:
+	rm -rf build build-cmake fastood/_C*.so *.egg-info
