@@ -6,6 +6,8 @@ Switches (environment variables, printed at build start):
   TORCH_CUDA_ARCH_LIST    CUDA archs; default "8.0;9.0" when no GPU is visible.
   FASTOOD_MARCH           extra -march for the CPU kernels (default "native"; "" disables).
   MAX_JOBS                parallel compile jobs (default: number of cores).
+  CUDA_HOME               the CUDA toolkit (default: /usr/local/cuda when it exists, else torch's guess).
+  FASTOOD_NO_EXTENSION=1  install the Python package only (``make build`` builds the extension in place first).
 """
 import glob
 import os
@@ -14,6 +16,11 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# torch guesses CUDA_HOME from the nvcc on PATH (here /usr/local/bin -> "/usr/local"); the toolkit's own
+# directory is the better default, and it must be set before torch.utils.cpp_extension is imported.
+if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
 
 def _cuda_toolkit():
@@ -93,4 +100,7 @@ def cmdclass():
     return {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
-setup(ext_modules=extensions(), cmdclass=cmdclass())
+if os.environ.get("FASTOOD_NO_EXTENSION") == "1":
+    setup()
+else:
+    setup(ext_modules=extensions(), cmdclass=cmdclass())
