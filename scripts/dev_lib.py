@@ -21,7 +21,7 @@ def main(argv):
     os.makedirs(build_dir, exist_ok=True)
     sources = [os.path.join(ROOT, "csrc", "ops.cpp")] + [os.path.abspath(s) for s in argv[1:]]
     with_cuda = any(s.endswith(".cu") for s in sources)
-    flags = ["-O3", "-std=c++17"] + (["-DFASTOOD_WITH_CUDA"] if with_cuda else [])
+    flags = ["-O3"] + (["-DFASTOOD_WITH_CUDA"] if with_cuda else [])
     includes = [os.path.join(ROOT, "csrc")]
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -31,7 +31,7 @@ def main(argv):
                 includes.append(inc)
     cpp_extension.load(
         name="fastood_dev", sources=sources, build_directory=build_dir, is_python_module=False,
-        extra_cflags=flags + ["-march=native"], extra_cuda_cflags=flags, extra_include_paths=includes,
+        extra_cflags=flags + ["-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], extra_cuda_cflags=flags, extra_include_paths=includes,
         with_cuda=with_cuda, verbose=True)
     print(os.path.join(build_dir, "fastood_dev.so"))
 
