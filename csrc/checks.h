@@ -50,7 +50,8 @@ inline void check_langevin(const at::Tensor& x, const at::Tensor& grad, double s
   TORCH_CHECK(noise_std >= 0, "noise_std must be >= 0, got ", noise_std);
   for (const auto* b : {&lower, &upper}) {
     const char* name = b == &lower ? "lower" : "upper";
-    TORCH_CHECK(b->scalar_type() == at::kFloat, name, " must be a float32 tensor, got ", b->scalar_type());
+    TORCH_CHECK(b->scalar_type() == at::kFloat || b->scalar_type() == at::kDouble, name,
+                " must be a float32 or float64 tensor, got ", b->scalar_type());
     TORCH_CHECK(b->dim() == 1 && (b->size(0) == 1 || b->size(0) == x.size(1)), name,
                 " must have shape [1] or [C] = [", x.size(1), "], got ", b->sizes());
     check_device(*b, name, x, "x");

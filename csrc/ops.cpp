@@ -20,7 +20,8 @@ TORCH_LIBRARY(fastood, m) {
   // H(softmax(f)) per row of logits [B, C].
   m.def("softmax_entropy(Tensor logits) -> Tensor");
   m.def("softmax_entropy_backward(Tensor grad_entropy, Tensor logits) -> Tensor");
-  // x <- clamp(x - step/2 sign(grad) + noise_std N(0,1), lower, upper) on rows where active.
+  // x <- clamp(x - step/2 sign(grad) + noise_std N(0,1), lower, upper) on rows where active;
+  // lower/upper: float64 (or float32) [1] or [C] on x's device.
   m.def(
       "langevin_step_(Tensor(a!) x, Tensor grad, float step_size, float noise_std, "
       "Tensor lower, Tensor upper, Tensor? active) -> ()");

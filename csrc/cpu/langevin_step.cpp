@@ -13,7 +13,8 @@
 namespace fastood {
 namespace {
 
-// One row-channel plane: v = x - half_step * sign(g) (+ sigma * z), clamped; NaN in x or g propagates.
+// One row-channel plane: v = x - half_step * sign(g) (+ sigma * z), clamped. As torch.sign, sign(NaN) = 0;
+// NaN in x propagates through the clamp (as torch.clamp).
 template <typename scalar_t, typename acc_t, bool kNoise>
 inline void langevin_plane(scalar_t* xp, const scalar_t* gp, const float* np, int64_t n, acc_t half_step,
                            acc_t sigma, acc_t lo, acc_t hi) {
@@ -23,7 +24,6 @@ inline void langevin_plane(scalar_t* xp, const scalar_t* gp, const float* np, in
     const acc_t sign = static_cast<acc_t>((g > acc_t(0)) - (g < acc_t(0)));
     acc_t v = static_cast<acc_t>(xp[i]) - half_step * sign;
     if constexpr (kNoise) v += sigma * static_cast<acc_t>(np[i]);
-    v = g != g ? g : v;  // sign(NaN) = NaN, as torch.sign
     // torch.clamp semantics: comparisons with NaN are false, so NaN passes through.
     v = v < lo ? lo : v;
     v = v > hi ? hi : v;
@@ -33,7 +33,7 @@ inline void langevin_plane(scalar_t* xp, const scalar_t* gp, const float* np, in
 
 template <typename scalar_t, bool kNoise>
 void langevin_rows(scalar_t* x, const scalar_t* grad, const float* noise, int64_t rows, int64_t channels,
-                   int64_t inner, double step_size, double noise_std, const float* lower, const float* upper,
+                   int64_t inner, double step_size, double noise_std, const double* lower, const double* upper,
                    int64_t nbounds, const bool* active) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t half_step = static_cast<acc_t>(0.5 * step_size);
@@ -62,7 +62,7 @@ void langevin_step_kernel(at::Tensor& x, const at::Tensor& grad_in, double step_
   const bool in_place = x.is_contiguous();
   at::Tensor work = in_place ? x : x.contiguous();
   auto grad = grad_in.to(x.scalar_type()).contiguous();
-  auto lower = lower_in.contiguous(), upper = upper_in.contiguous();
+  auto lower = lower_in.to(at::kDouble).contiguous(), upper = upper_in.to(at::kDouble).contiguous();
   c10::optional<at::Tensor> active;
   if (active_in.has_value()) active = active_in->contiguous();
   at::Tensor noise;
@@ -71,7 +71,7 @@ void langevin_step_kernel(at::Tensor& x, const at::Tensor& grad_in, double step_
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, work.scalar_type(), "langevin_step_", [&] {
     auto run = noise.defined() ? &langevin_rows<scalar_t, true> : &langevin_rows<scalar_t, false>;
     run(work.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), noise.defined() ? noise.data_ptr<float>() : nullptr,
-        rows, channels, inner, step_size, noise_std, lower.data_ptr<float>(), upper.data_ptr<float>(),
+        rows, channels, inner, step_size, noise_std, lower.data_ptr<double>(), upper.data_ptr<double>(),
         lower.size(0), active.has_value() ? active->data_ptr<bool>() : nullptr);
   });
   if (!in_place) x.copy_(work);

@@ -22,7 +22,7 @@ void langevin_step_cuda(at::Tensor& x, const at::Tensor& grad_in, double step_si
   const bool in_place = x.is_contiguous();
   at::Tensor work = in_place ? x : x.contiguous();
   auto grad = grad_in.to(x.scalar_type()).contiguous();
-  auto lo = lower.contiguous(), hi = upper.contiguous();
+  auto lo = lower.to(at::kDouble).contiguous(), hi = upper.to(at::kDouble).contiguous();
   c10::optional<at::Tensor> active;
   if (active_in.has_value()) active = active_in->contiguous();
   at::PhiloxCudaState rng;
@@ -38,10 +38,10 @@ void langevin_step_cuda(at::Tensor& x, const at::Tensor& grad_in, double step_si
   args.rows = work.size(0);
   args.channels = work.size(1);
   args.inner = work.numel() / (args.rows * args.channels);
-  args.half_step = static_cast<float>(0.5 * step_size);
-  args.noise_std = static_cast<float>(noise_std);
-  args.lower = lo.data_ptr<float>();
-  args.upper = hi.data_ptr<float>();
+  args.half_step = 0.5 * step_size;
+  args.noise_std = noise_std;
+  args.lower = lo.data_ptr<double>();
+  args.upper = hi.data_ptr<double>();
   args.nbounds = lo.size(0);
   args.active = active.has_value() ? active->data_ptr<bool>() : nullptr;
   cuda::launch_langevin_step(cuda::dtype_of(work), args, rng, at::cuda::getCurrentCUDAStream());

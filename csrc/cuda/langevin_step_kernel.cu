@@ -25,8 +25,8 @@ __device__ __forceinline__ void unpack_philox(const at::PhiloxCudaState& s, uint
 
 template <typename T, bool kNoise>
 __global__ void langevin_step_kernel(T* __restrict__ x, const T* __restrict__ grad, int64_t rows, int64_t channels,
-                                     int64_t inner, float half_step, float noise_std, const float* __restrict__ lower,
-                                     const float* __restrict__ upper, int64_t nbounds,
+                                     int64_t inner, double half_step, double noise_std, const double* __restrict__ lower,
+                                     const double* __restrict__ upper, int64_t nbounds,
                                      const bool* __restrict__ active, at::PhiloxCudaState rng) {
   using A = typename Acc<T>::type;
   const int64_t numel = rows * channels * inner;
@@ -53,7 +53,6 @@ __global__ void langevin_step_kernel(T* __restrict__ x, const T* __restrict__ gr
       const A sign = static_cast<A>((g > A(0)) - (g < A(0)));
       A v = to_acc(x[i]) - static_cast<A>(half_step) * sign;
       if (kNoise) v += static_cast<A>(noise_std) * static_cast<A>(noise[j]);
-      v = g != g ? g : v;
       const A lo = static_cast<A>(lower[b]), hi = static_cast<A>(upper[b]);
       v = v < lo ? lo : v;
       v = v > hi ? hi : v;

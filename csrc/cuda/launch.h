@@ -27,9 +27,9 @@ struct LangevinArgs {
   void* x;
   const void* grad;
   int64_t rows, channels, inner;
-  float half_step, noise_std;
-  const float* lower;
-  const float* upper;
+  double half_step, noise_std;
+  const double* lower;
+  const double* upper;
   int64_t nbounds;
   const bool* active;
 };

@@ -10,7 +10,7 @@ from ._checks import check_nonnegative, check_same_device, check_tensor
 
 @functools.lru_cache(maxsize=64)
 def _bound_tensor(values: tuple, device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=device)
+    return torch.tensor(values, dtype=torch.float64, device=device)
 
 
 def _bound_values(name, value, channels):
@@ -39,7 +39,7 @@ def langevin_step_(x, grad, step_size, noise_std, lower, upper, active=None):
         grad: gradient of the energy w.r.t. x, same shape as x (any strides).
         step_size: eps_t >= 0 (the update moves each pixel by eps_t/2).
         noise_std: standard deviation >= 0 of the Gaussian noise (paper: sqrt(eps_t); authors' code: eps_t).
-        lower, upper: scalar or per-channel [C] bounds with lower <= upper.
+        lower, upper: scalar or per-channel [C] bounds with lower <= upper (held in float64).
         active: optional bool [B]; rows where it is False are left untouched.
     Noise comes from torch's default generator of x's device, so ``torch.manual_seed`` reproduces a run.
     Returns x.
