@@ -31,8 +31,14 @@ test: pytest ctest
 pytest:
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
+# LibTorch's CMake config looks for the CUDA libraries torch was built with: point it at the toolkit and at the
+# pip-installed nvidia/cu13 libraries (nvrtc) beside torch.
+NVIDIA_CU13 = $(shell $(PY) -c 'import os, nvidia; print(os.path.join(list(nvidia.__path__)[0], "cu13"))' 2>/dev/null)
+CMAKE_CUDA_ARGS = $(if $(CUDA_HOME),-DCUDAToolkit_ROOT=$(CUDA_HOME) -DCUDA_TOOLKIT_ROOT_DIR=$(CUDA_HOME) -DCMAKE_CUDA_COMPILER=$(CUDA_HOME)/bin/nvcc) \
+	$(if $(NVIDIA_CU13),-DCUDA_nvrtc_LIBRARY=$(NVIDIA_CU13)/lib/libnvrtc.so.13)
+
 ctest:
-	cmake -S . -B build-cmake -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" -DWITH_CUDA=OFF >/dev/null
+	cmake -S . -B build-cmake -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" -DWITH_CUDA=OFF $(CMAKE_CUDA_ARGS) > build-cmake.log || (cat build-cmake.log; exit 1)
 	cmake --build build-cmake -j2
 	ctest --test-dir build-cmake --output-on-failure
 
