@@ -78,7 +78,7 @@ def extensions():
 
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
     sources = rel("csrc/python_module.cpp") + rel("csrc/ops.cpp") + rel("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-fopenmp"]  # OpenMP: at::parallel_for threads + `omp simd` loops
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno"]  # OpenMP: at::parallel_for threads + `omp simd` loops
     if cfg["march"]:
         cxx.append(f"-march={cfg['march']}")
     include_dirs = [os.path.join(ROOT, "csrc")]

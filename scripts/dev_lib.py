@@ -31,7 +31,7 @@ def main(argv):
                 includes.append(inc)
     cpp_extension.load(
         name="fastood_dev", sources=sources, build_directory=build_dir, is_python_module=False,
-        extra_cflags=flags + ["-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], extra_cuda_cflags=flags, extra_include_paths=includes,
+        extra_cflags=flags + ["-march=native", "-fopenmp", "-fno-math-errno"], extra_ldflags=["-fopenmp"], extra_cuda_cflags=flags, extra_include_paths=includes,
         with_cuda=with_cuda, verbose=True)
     print(os.path.join(build_dir, "fastood_dev.so"))
 

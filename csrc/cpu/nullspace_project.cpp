@@ -1,5 +1,5 @@
 // Batched projection onto the left null space of J (Vernekar et al. 2019, type-I outliers), on CPU.
-// Per sample: G = J^T J, a = (G + delta I)^-1 J^T r by Cholesky, p = r - J a, one refinement step
+// Per sample (J transposed once so every loop runs over D): G = J^T J, a = (G + delta I)^-1 J^T r by Cholesky, p = r - J a, one refinement step
 // (a' = (G + delta I)^-1 J^T p, p -= J a'), v = p / |p|. The ridge delta = kRidge * trace(G) / d
 // (+ a tiny floor) keeps rank-deficient or ill-conditioned J finite: directions of J whose squared
 // singular values are far below delta are not projected out. |p| = 0 gives v = 0.
@@ -16,6 +16,8 @@
 
 namespace fastood {
 namespace {
+
+constexpr int64_t kBlasGramMinLatent = 16;
 
 template <typename scalar_t>
 constexpr double ridge_factor() {
@@ -53,69 +55,52 @@ inline void cholesky_solve(const double* l, double* b, int64_t d) {
   }
 }
 
-// rhs = J^T v (rows of J are contiguous: J[k, :] = jac + k * d).
 template <typename scalar_t>
-inline void jt_times(const scalar_t* jac, const scalar_t* v, int64_t D, int64_t d, double* rhs) {
-  scalar_t acc[kMaxLatent] = {};
-  for (int64_t k = 0; k < D; ++k) {
-    const scalar_t vk = v[k];
-    const scalar_t* row = jac + k * d;
-#pragma omp simd
-    for (int64_t i = 0; i < d; ++i) acc[i] += row[i] * vk;
-  }
-  for (int64_t i = 0; i < d; ++i) rhs[i] = static_cast<double>(acc[i]);
-}
-
-// p -= J a.
-template <typename scalar_t>
-inline void subtract_j_times(const scalar_t* jac, const double* a, int64_t D, int64_t d, scalar_t* p) {
-  scalar_t af[kMaxLatent];
-  for (int64_t i = 0; i < d; ++i) af[i] = static_cast<scalar_t>(a[i]);
-  for (int64_t k = 0; k < D; ++k) {
-    const scalar_t* row = jac + k * d;
-    scalar_t s = 0;
+inline scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
+  scalar_t s = 0;
 #pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < d; ++i) s += row[i] * af[i];
-    p[k] -= s;
-  }
+  for (int64_t k = 0; k < n; ++k) s += a[k] * b[k];
+  return s;
 }
 
+// One sample. cols = J^T laid out column by column ([d][D], contiguous), so every loop runs over D.
 template <typename scalar_t>
-void project_sample(const scalar_t* jac, const scalar_t* r, scalar_t* out, int64_t D, int64_t d) {
-  // Gram matrix, accumulated in the input precision (vectorized over columns), solved in float64.
-  std::vector<scalar_t> gram(d * d, scalar_t(0));
-  for (int64_t k = 0; k < D; ++k) {
-    const scalar_t* row = jac + k * d;
-    for (int64_t i = 0; i < d; ++i) {
-      const scalar_t ji = row[i];
-      scalar_t* gi = gram.data() + i * d;
-#pragma omp simd
-      for (int64_t j = 0; j < d; ++j) gi[j] += ji * row[j];
-    }
+void project_sample(const scalar_t* jac, const scalar_t* r, scalar_t* out, int64_t D, int64_t d,
+                    const scalar_t* gram, std::vector<scalar_t>& cols) {
+  cols.resize(static_cast<size_t>(D * d));
+  for (int64_t i = 0; i < d; ++i) {  // sequential writes; the strided reads stay within the sample (cache-resident)
+    scalar_t* col = cols.data() + i * D;
+    for (int64_t k = 0; k < D; ++k) col[k] = jac[k * d + i];
   }
   double chol[kMaxLatent * kMaxLatent];
   double trace = 0;
-  for (int64_t i = 0; i < d * d; ++i) chol[i] = static_cast<double>(gram[i]);
-  for (int64_t i = 0; i < d; ++i) trace += chol[i * d + i];
+  for (int64_t i = 0; i < d; ++i) {
+    for (int64_t j = 0; j <= i; ++j) {
+      const double g = static_cast<double>(gram ? gram[i * d + j] : dot(cols.data() + i * D, cols.data() + j * D, D));
+      chol[i * d + j] = chol[j * d + i] = g;
+    }
+    trace += chol[i * d + i];
+  }
   const double delta = ridge_factor<scalar_t>() * trace / d + std::numeric_limits<double>::min() * 1e6;
   for (int64_t i = 0; i < d; ++i) chol[i * d + i] += delta;
-  const bool ok = cholesky(chol, d);
-  for (int64_t k = 0; k < D; ++k) out[k] = r[k];
-  if (ok) {
-    double a[kMaxLatent];
-    for (int pass = 0; pass < 2; ++pass) {  // projection + one refinement step
-      jt_times(jac, out, D, d, a);
-      cholesky_solve(chol, a, d);
-      subtract_j_times(jac, a, D, d, out);
-    }
-  } else {
+  if (!cholesky(chol, d)) {
     // Only reachable with NaN/Inf in J: propagate NaN rather than return a plausible vector.
     for (int64_t k = 0; k < D; ++k) out[k] = std::numeric_limits<scalar_t>::quiet_NaN();
     return;
   }
-  double norm2 = 0;
-  for (int64_t k = 0; k < D; ++k) norm2 += static_cast<double>(out[k]) * static_cast<double>(out[k]);
-  const double norm = std::sqrt(norm2);
+  for (int64_t k = 0; k < D; ++k) out[k] = r[k];
+  double a[kMaxLatent];
+  for (int pass = 0; pass < 2; ++pass) {  // projection + one refinement step
+    for (int64_t i = 0; i < d; ++i) a[i] = static_cast<double>(dot(cols.data() + i * D, out, D));
+    cholesky_solve(chol, a, d);
+    for (int64_t i = 0; i < d; ++i) {
+      const scalar_t ai = static_cast<scalar_t>(a[i]);
+      const scalar_t* col = cols.data() + i * D;
+#pragma omp simd
+      for (int64_t k = 0; k < D; ++k) out[k] -= ai * col[k];
+    }
+  }
+  const double norm = std::sqrt(static_cast<double>(dot(out, out, D)));
   const scalar_t inv = norm > 0 ? static_cast<scalar_t>(1.0 / norm) : scalar_t(0);
 #pragma omp simd
   for (int64_t k = 0; k < D; ++k) out[k] *= inv;
@@ -128,12 +113,19 @@ at::Tensor nullspace_project_kernel(const at::Tensor& jac_in, const at::Tensor& 
   auto out = at::empty_like(r);
   const int64_t B = jac.size(0), D = jac.size(1), d = jac.size(2);
   if (B == 0) return out;
+  // For wide Jacobians the Gram matrices are a batched GEMM: BLAS reuses registers far better than dots.
+  at::Tensor gram;
+  if (d >= kBlasGramMinLatent) gram = at::bmm(jac.transpose(1, 2), jac).contiguous();
   AT_DISPATCH_FLOATING_TYPES(jac.scalar_type(), "nullspace_project", [&] {
     const scalar_t* j = jac.data_ptr<scalar_t>();
     const scalar_t* rp = r.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) project_sample(j + b * D * d, rp + b * D, op + b * D, D, d);
+      std::vector<scalar_t> cols;
+      for (int64_t b = begin; b < end; ++b) {
+        const scalar_t* g = gram.defined() ? gram.data_ptr<scalar_t>() + b * d * d : nullptr;
+        project_sample(j + b * D * d, rp + b * D, op + b * D, D, d, g, cols);
+      }
     });
   });
   return out;

@@ -1,4 +1,4 @@
-// Softmax entropy on CPU. With m = max_k f_k, e_k = exp(f_k - m), S = sum e_k:
+// Softmax entropy on CPU. With m = max_k f_k, z_k = f_k - m, e_k = exp(z_k), S = sum e_k:
 //   H = log S - sum_k e_k (f_k - m) / S          (stable for |f| up to 1e4 and beyond)
 //   dH/df_j = -p_j (log p_j + H),  p_j = e_j / S, log p_j = f_j - m - log S.
 #include <ATen/ATen.h>
@@ -6,6 +6,8 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <vector>
 
 #include "checks.h"
 #include "cpu/fast_math.h"
@@ -39,21 +41,39 @@ inline RowStats softmax_row_stats(const scalar_t* row, int64_t cols) {
 
 inline int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)); }
 
+// Backward in two passes over a row: e_k = exp(f_k - m) is stored in the output while S and sum e z are
+// accumulated, then rescaled in place: dH/df_k = -g (e_k / S) (z_k - log S + H).
 template <typename scalar_t>
 void entropy_backward_rows(const scalar_t* in, const scalar_t* g, scalar_t* out, int64_t rows, int64_t cols) {
   using acc_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> e(cols);
     for (int64_t b = begin; b < end; ++b) {
       const scalar_t* row = in + b * cols;
-      const RowStats st = softmax_row_stats(row, cols);
-      const acc_t shift = static_cast<acc_t>(st.max + st.log_sum);  // log p_k = f_k - shift
-      const acc_t h = static_cast<acc_t>(st.entropy);
-      const acc_t gb = static_cast<acc_t>(g[b]);
+      acc_t m = static_cast<acc_t>(row[0]);
+#pragma omp simd reduction(max : m)
+      for (int64_t k = 1; k < cols; ++k) {
+        const acc_t v = static_cast<acc_t>(row[k]);
+        m = v > m ? v : m;
+      }
+      acc_t sum = 0, weighted = 0;
+      acc_t* ep = e.data();
+#pragma omp simd reduction(+ : sum, weighted)
+      for (int64_t k = 0; k < cols; ++k) {
+        const acc_t z = static_cast<acc_t>(row[k]) - m;
+        const acc_t ek = cpu::exp_approx(z);
+        ep[k] = ek;
+        sum += ek;
+        weighted += ek * z;
+      }
+      const acc_t log_sum = std::log(sum);
+      const acc_t shift = log_sum - (log_sum - weighted / sum);  // log S - H
+      const acc_t scale = -static_cast<acc_t>(g[b]) / sum;
       scalar_t* orow = out + b * cols;
 #pragma omp simd
       for (int64_t k = 0; k < cols; ++k) {
-        const acc_t logp = static_cast<acc_t>(row[k]) - shift;
-        orow[k] = static_cast<scalar_t>(-gb * cpu::exp_approx(logp) * (logp + h));
+        const acc_t z = static_cast<acc_t>(row[k]) - m;
+        orow[k] = static_cast<scalar_t>(scale * ep[k] * (z - shift));
       }
     }
   });

@@ -1,0 +1,151 @@
+"""DDP on 2 CPU processes (gloo): ranks agree, and equal one process trained on the same global batches."""
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
+
+from fastood import distributed as D
+from fastood.trainers.standard import StandardTrainer
+
+WORLD = 2
+PER_RANK_BATCH = 8
+EPOCHS = 2
+DATA_SEED = 3
+
+
+def _dataset(n=64):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 8, generator=g)
+    y = (x[:, :3].argmax(1)).long()
+    return TensorDataset(x, y)
+
+
+def _model():
+    # No BatchNorm: DDP broadcasts rank 0's buffers, while one process would see the whole global batch.
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, port, out_dir):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+    info = D.init_from_env(backend="gloo", device="cpu", timeout_s=60)
+    try:
+        assert (info.rank, info.world_size) == (rank, WORLD) and D.is_distributed()
+        D.seed_everything(0)
+        model = _model()
+        if rank == 1:  # DDP must broadcast rank 0's initial weights
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(1.0)
+        loader = D.distributed_loader(_dataset(), PER_RANK_BATCH, seed=DATA_SEED)
+        trainer = StandardTrainer(model, lr=0.1, progress=False, checkpoint_dir=os.path.join(out_dir, "ckpt"),
+                                  checkpoint_every=3, device=info.device)
+        trainer.fit(loader, epochs=EPOCHS)
+        seen = torch.cat([x for x, _ in loader])
+        D.seed_everything(0, per_rank=True)
+        draw = torch.rand(4)
+        metrics = D.all_reduce_metrics({"rank": float(rank), "one": torch.tensor(1.0)})
+        weighted = D.all_reduce_mean(torch.tensor([float(rank), 2.0]), weight=rank + 1)
+        gathered = D.all_gather_tensor(torch.full((rank + 1, 2), float(rank)))
+        torch.save({"params": [p.detach().clone() for p in model.parameters()],
+                    "losses": [h["loss"] for h in trainer.history], "seen": seen, "draw": draw,
+                    "metrics": metrics, "weighted": weighted, "gathered": gathered},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        D.cleanup()
+
+
+def _run_two_ranks(out_dir, timeout_s=120):
+    ctx = mp.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"2-rank gloo run did not finish within {timeout_s} s")
+
+
+def test_ddp_two_ranks_equal_single_process_on_same_global_batches(tmp_path):
+    _run_two_ranks(tmp_path)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
+
+    # The ranks saw disjoint halves of the data and hold identical parameters.
+    assert r0["seen"].shape[0] == r1["seen"].shape[0] == 32
+    assert not any((r0["seen"][:, None] == r1["seen"][None]).all(-1).any(1))
+    for a, b in zip(r0["params"], r1["params"]):
+        assert torch.equal(a, b)
+
+    # One process, global batches of WORLD * PER_RANK_BATCH in the same order (DistributedSampler with one
+    # replica and the same seed yields the permutation the two ranks split), same init and optimizer.
+    ds = _dataset()
+    single_loader = DataLoader(ds, batch_size=WORLD * PER_RANK_BATCH,
+                               sampler=DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=DATA_SEED))
+    model = _model()
+    before = [p.detach().clone() for p in model.parameters()]
+    single = StandardTrainer(model, lr=0.1, progress=False).fit(single_loader, epochs=EPOCHS)
+    assert single.step == EPOCHS * 4
+    moved = sum(float((p.detach() - q).abs().max()) for p, q in zip(model.parameters(), before))
+    assert moved > 1e-2
+    for p, q in zip(model.parameters(), r0["params"]):
+        torch.testing.assert_close(p.detach(), q, rtol=1e-5, atol=1e-6)
+    # Logged losses are all-reduced: the mean of the ranks' mean losses = the global batch's mean loss.
+    torch.testing.assert_close(torch.tensor(r0["losses"]), torch.tensor([h["loss"] for h in single.history]),
+                               rtol=1e-5, atol=1e-6)
+    assert r0["losses"] == r1["losses"]
+
+    # Rank 0 wrote the checkpoint, and it holds the final weights.
+    state = torch.load(tmp_path / "ckpt" / "checkpoint.pt", weights_only=False)
+    assert state["step"] == EPOCHS * 4
+    for key, q in zip(state["model"], r0["params"]):
+        assert torch.equal(state["model"][key], q)
+
+    # Per-rank seeds give different draws; the metric helpers combine ranks.
+    assert not torch.equal(r0["draw"], r1["draw"])
+    assert r0["metrics"] == r1["metrics"] == {"one": 1.0, "rank": 0.5}
+    torch.testing.assert_close(r0["weighted"], torch.tensor([2 / 3, 2.0]))
+    expected = torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
+    assert torch.equal(r0["gathered"], expected) and torch.equal(r1["gathered"], expected)
+
+
+def test_helpers_outside_a_process_group(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    info = D.init_from_env(device="cpu")
+    assert (info.rank, info.world_size, info.is_main) == (0, 1, True) and not D.is_distributed()
+    assert D.rank_seed(7) == 7 and D.rank_seed(7, rank_=2) == 7 + 2 * 1_000_003
+    assert D.all_reduce_metrics({"a": torch.tensor(2.5), "b": 1}) == {"a": 2.5, "b": 1.0}
+    t = torch.arange(3.0)
+    assert D.all_gather_tensor(t) is t and D.all_reduce_mean(4.0) == 4.0
+    loader = D.distributed_loader(_dataset(10), 4, seed=1)
+    assert isinstance(loader.sampler, DistributedSampler) and len(loader) == 3
+    assert sorted(torch.cat([x for x, _ in loader]).sum(1).tolist()) == sorted(_dataset(10).tensors[0].sum(1).tolist())
+
+
+def test_helpers_reject_bad_input():
+    with pytest.raises(ValueError, match="batch_size"):
+        D.distributed_loader(_dataset(4), 0)
+    with pytest.raises(ValueError, match="sampler"):
+        D.distributed_loader(_dataset(4), 2, sampler=None)
+    with pytest.raises(ValueError, match="empty"):
+        D.distributed_loader(TensorDataset(torch.zeros(0, 2)), 2)
+    with pytest.raises(ValueError, match="backend"):
+        D.init_from_env(backend="tcp")
+    with pytest.raises(ValueError, match="scalar"):
+        D.all_reduce_metrics({"v": torch.zeros(2)})
+    with pytest.raises(TypeError, match="tensor"):
+        D.all_gather_tensor([1, 2])
