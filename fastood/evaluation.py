@@ -127,10 +127,10 @@ def evaluate(detector, id_loader, ood_loaders: dict, progress: bool = True) -> R
 
 def compare(reports: dict) -> str:
     """One text table comparing several reports ({row name: Report}): mean AUROC, FPR95, ID accuracy."""
-    header = f"{'method':28s}{'AUROC':>9s}{'AUPR-in':>9s}{'AUPR-out':>9s}{'FPR95':>9s}{'ID acc':>9s}"
+    header = f"{'method':40s}{'AUROC':>9s}{'AUPR-in':>9s}{'AUPR-out':>9s}{'FPR95':>9s}{'ID acc':>9s}"
     lines = [header, "-" * len(header)]
     for name, r in reports.items():
         acc = "n/a" if r.id_accuracy is None else f"{100 * r.id_accuracy:.2f}"
-        lines.append(f"{name:28s}{100 * r.average['auroc']:9.2f}{100 * r.average['aupr_in']:9.2f}"
+        lines.append(f"{name:40s}{100 * r.average['auroc']:9.2f}{100 * r.average['aupr_in']:9.2f}"
                      f"{100 * r.average['aupr_out']:9.2f}{100 * r.average['fpr95']:9.2f}{acc:>9s}")
     return "\n".join(lines)

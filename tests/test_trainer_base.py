@@ -82,3 +82,26 @@ def test_non_finite_loss_is_an_error():
         model[0].weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="non-finite"):
         StandardTrainer(model, progress=False).fit(_loader(_problem()), steps=1)
+
+
+def test_standard_schedule_divides_lr_at_half_and_three_quarters():
+    trainer = StandardTrainer(_model(), lr=0.1, progress=False)
+    trainer.fit(_loader(_problem()), steps=8)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.001)
+    lrs = []
+
+    class Recording(StandardTrainer):
+        def training_step(self, batch):
+            lrs.append(self.optimizer.param_groups[0]["lr"])
+            return super().training_step(batch)
+
+    Recording(_model(), lr=0.1, progress=False).fit(_loader(_problem()), steps=8)
+    assert lrs == pytest.approx([0.1] * 4 + [0.01] * 2 + [0.001] * 2)
+
+
+def test_resume_false_starts_over(tmp_path):
+    ds = _problem()
+    StandardTrainer(_model(), progress=False, checkpoint_dir=tmp_path).fit(_loader(ds), steps=4)
+    again = StandardTrainer(_model(), progress=False, checkpoint_dir=tmp_path)
+    again.fit(_loader(ds), steps=2, resume=False)
+    assert again.step == 2 and len(again.history) == 2

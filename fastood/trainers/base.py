@@ -57,6 +57,7 @@ class Trainer:
         seed: seeds the per-epoch data order, so a resumed run sees the same batches.
         device: where to train; default: the model's device.
         grad_clip: optional max gradient norm.
+        amp: on CUDA, run forward passes under bfloat16 autocast (ignored on CPU).
 
     Under ``torchrun`` (an initialized process group) the model is wrapped in
     DistributedDataParallel, checkpoints are written by rank 0 and logged metrics are all-reduced.
@@ -66,7 +67,8 @@ class Trainer:
     default_lr = 0.1
 
     def __init__(self, model: nn.Module, *, lr=None, momentum=0.9, weight_decay=5e-4, optimizer=None,
-                 checkpoint_dir=None, checkpoint_every=100, progress=True, seed=0, device=None, grad_clip=None):
+                 checkpoint_dir=None, checkpoint_every=100, progress=True, seed=0, device=None, grad_clip=None,
+                 amp=False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
@@ -84,7 +86,10 @@ class Trainer:
         self.progress = progress
         self.seed = int(seed)
         self.grad_clip = grad_clip
+        self.amp = bool(amp) and self.device.type == "cuda"
         self._optimizer = optimizer
+        self.scheduler = None
+        self.total_steps = None
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -104,6 +109,10 @@ class Trainer:
     def configure_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.trainable_parameters(), lr=self.lr, momentum=self.momentum,
                                weight_decay=self.weight_decay)
+
+    def configure_scheduler(self, optimizer, total_steps: int):
+        """An LR scheduler stepped after every optimizer step, or None (default: constant LR)."""
+        return None
 
     def on_fit_start(self, loader) -> None:
         """Called once per :meth:`fit` before the first step (after a resume, if any)."""
@@ -151,6 +160,7 @@ class Trainer:
         return {
             "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "history": list(self.history),
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
@@ -161,6 +171,8 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.history = list(state["history"])
         rng = state["rng"]
@@ -222,10 +234,11 @@ class Trainer:
             values = dict(zip(keys, (t / world_size()).tolist()))
         return values
 
-    def fit(self, loader, epochs=None, steps=None):
+    def fit(self, loader, epochs=None, steps=None, resume=True):
         """Train until ``epochs`` epochs or ``steps`` optimizer steps in total (counting resumed progress).
 
-        Exactly one of ``epochs`` / ``steps`` may be given; with neither, one epoch. Returns self.
+        Exactly one of ``epochs`` / ``steps`` may be given; with neither, one epoch. With ``resume`` (default)
+        and a checkpoint in ``checkpoint_dir``, training continues exactly where it stopped. Returns self.
         """
         if epochs is not None and steps is not None:
             raise ValueError(f"give epochs or steps, not both (got epochs={epochs}, steps={steps})")
@@ -246,7 +259,11 @@ class Trainer:
             total = int(steps)
             if total < 0:
                 raise ValueError(f"steps must be >= 0, got {steps}")
-        self.resume()
+        if self.total_steps != total:
+            self.total_steps = total
+            self.scheduler = self.configure_scheduler(self.optimizer, total)
+        if resume:
+            self.resume()
         self.model.train()
         self.on_fit_start(loader)
         bar = None
@@ -280,15 +297,18 @@ class Trainer:
 
     def _optimize(self, batch) -> dict:
         self.model.train()
-        out = self.training_step(batch)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+            out = self.training_step(batch)
         loss = out["loss"]
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"{type(self).__name__}: non-finite loss {float(loss)} at step {self.step}")
+            raise FloatingPointError(f"{type(self).__name__}: non-finite loss {float(loss.detach())} at step {self.step}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.grad_clip)
         self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
         self.step += 1
         self.batch_in_epoch += 1
         logs = self._reduce_logs(out)
