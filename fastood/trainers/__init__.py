@@ -1,5 +1,6 @@
 """Trainers: the shared :class:`Trainer` loop and one module per method."""
 from .base import Trainer
+from .fig import FIGTrainer, GaussianNoiseTrainer
 from .standard import StandardTrainer
 
-__all__ = ["Trainer", "StandardTrainer"]
+__all__ = ["Trainer", "StandardTrainer", "FIGTrainer", "GaussianNoiseTrainer"]
