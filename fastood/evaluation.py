@@ -1,4 +1,11 @@
-"""Run a detector over an ID test set and OOD sets, and report the papers' metrics (table, JSON, CSV, plots)."""
+"""Run a detector over an ID test set and OOD sets and report the papers' metrics (table, JSON, CSV, plots).
+
+    report = evaluate(Energy(model), id_test_loader, {"noise": noise_loader, "svhn": svhn_loader})
+    print(report.table()); report.to_json("energy.json"); report.plot("plots/")
+    print(compare({"MSP": msp_report, "Energy": report}))
+
+Scores: higher = more OOD. Metrics: see :mod:`fastood.metrics`.
+"""
 import csv
 import json
 import os
@@ -6,20 +13,30 @@ import os
 import numpy as np
 import torch
 
-from fastood.metrics import harmonic_mean, ood_metrics
+from fastood.metrics import METRIC_NAMES, harmonic_mean, ood_metrics, roc_curve
 
-METRICS = ("auroc", "aupr_in", "aupr_out", "fpr95", "detection_error")
+METRICS = METRIC_NAMES
+_LABELS = {"auroc": "AUROC", "aupr_in": "AUPR-in", "aupr_out": "AUPR-out", "fpr95": "FPR95",
+           "detection_error": "DetErr"}
 
 
 class Report:
-    """Results of :func:`evaluate`: per-OOD-set metrics, their average, ID accuracy and the raw scores.
+    """What :func:`evaluate` measured.
 
-    Attributes: ``detector`` (name), ``metrics`` {ood_name: {metric: value}}, ``average`` {metric: value},
-    ``id_accuracy`` (None without labels), ``harmonic`` (harmonic mean of mean AUROC and ID accuracy),
-    ``scores_id`` [N], ``scores_ood`` {ood_name: [M]}.
+    Attributes:
+        detector: the detector's name (with hyperparameters).
+        metrics: ``{ood_name: {metric: value}}`` (values in [0, 1]).
+        average: ``{metric: mean over the OOD sets}``.
+        id_accuracy: accuracy of the detector's classifier on the ID set, or None (no labels / no predictions).
+        harmonic: harmonic mean of the average AUROC and ``id_accuracy``, or None.
+        scores_id: [N] CPU float tensor; scores_ood: ``{ood_name: [M] CPU float tensor}`` (kept for plots).
+        fpr95_positive: the FPR95 convention used (see :func:`fastood.metrics.ood_metrics`).
     """
 
-    def __init__(self, detector_name, metrics, id_accuracy, scores_id, scores_ood):
+    def __init__(self, detector_name: str, metrics: dict, id_accuracy, scores_id, scores_ood: dict,
+                 fpr95_positive: str = "id"):
+        if not metrics:
+            raise ValueError("Report needs metrics for at least one OOD set")
         self.detector = detector_name
         self.metrics = metrics
         self.average = {k: float(np.mean([m[k] for m in metrics.values()])) for k in METRICS}
@@ -27,110 +44,177 @@ class Report:
         self.harmonic = None if id_accuracy is None else harmonic_mean(self.average["auroc"], id_accuracy)
         self.scores_id = scores_id
         self.scores_ood = scores_ood
+        self.fpr95_positive = fpr95_positive
 
+    # ------------------------------------------------------------------ text
     def to_dict(self) -> dict:
-        return {"detector": self.detector, "id_accuracy": self.id_accuracy, "harmonic_auroc_accuracy": self.harmonic,
+        """Everything but the raw scores, JSON-ready."""
+        return {"detector": self.detector, "id_accuracy": self.id_accuracy,
+                "harmonic_auroc_accuracy": self.harmonic, "fpr95_positive": self.fpr95_positive,
+                "num_id": int(self.scores_id.numel()),
+                "num_ood": {k: int(v.numel()) for k, v in self.scores_ood.items()},
                 "average": self.average, "ood": self.metrics}
 
     def table(self) -> str:
-        """A text table: one row per OOD set, then the average (percentages)."""
-        header = f"{'OOD set':18s}" + "".join(f"{k:>16s}" for k in METRICS)
-        lines = [f"detector: {self.detector}", header, "-" * len(header)]
+        """A text table in percent: one row per OOD set, then their average, then ID accuracy."""
+        width = max([18] + [len(n) + 2 for n in self.metrics])
+        header = f"{'OOD set':{width}s}" + "".join(f"{_LABELS[k]:>10s}" for k in METRICS)
+        lines = [f"detector: {self.detector}   (higher score = more OOD; FPR95 with {self.fpr95_positive} positive)",
+                 header, "-" * len(header)]
         for name, m in list(self.metrics.items()) + [("average", self.average)]:
-            lines.append(f"{name:18s}" + "".join(f"{100 * m[k]:16.2f}" for k in METRICS))
+            lines.append(f"{name:{width}s}" + "".join(f"{100 * m[k]:10.2f}" for k in METRICS))
         if self.id_accuracy is not None:
-            lines.append(f"ID accuracy {100 * self.id_accuracy:.2f}%   harmonic(AUROC, acc) {100 * self.harmonic:.2f}%")
+            lines.append(f"ID accuracy {100 * self.id_accuracy:.2f}   "
+                         f"harmonic mean (AUROC, accuracy) {100 * self.harmonic:.2f}")
         return "\n".join(lines)
 
     def __str__(self):
         return self.table()
 
     def to_json(self, path=None) -> str:
+        """The report (without raw scores) as JSON text; also written to ``path`` when given."""
         text = json.dumps(self.to_dict(), indent=2)
         if path is not None:
             with open(path, "w") as f:
-                f.write(text)
+                f.write(text + "\n")
         return text
 
-    def to_csv(self, path) -> None:
+    def to_csv(self, path):
+        """One row per OOD set plus an ``average`` row: detector, ood_set, the five metrics, id_accuracy.
+        Returns ``path``."""
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["detector", "ood_set"] + list(METRICS) + ["id_accuracy"])
             for name, m in list(self.metrics.items()) + [("average", self.average)]:
-                writer.writerow([self.detector, name] + [m[k] for k in METRICS] + [self.id_accuracy])
+                writer.writerow([self.detector, name] + [m[k] for k in METRICS]
+                                + ["" if self.id_accuracy is None else self.id_accuracy])
+        return path
 
+    # ------------------------------------------------------------------ figures
     def plot(self, directory, prefix: str = "") -> list:
-        """Write ``roc.png`` (one curve per OOD set) and ``histograms.png`` (ID vs each OOD set). Returns the paths."""
-        import matplotlib
+        """Write ``{prefix}roc.png`` (one ROC curve per OOD set, OOD positive) and ``{prefix}histograms.png``
+        (ID vs each OOD set's score histogram) into ``directory`` (created). Returns the two paths.
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        Needs matplotlib (drawn with the Agg canvas; pyplot and the global backend are left alone).
+        """
+        try:
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+            from matplotlib.figure import Figure
+        except ImportError:
+            raise ImportError("Report.plot needs matplotlib: pip install matplotlib") from None
         os.makedirs(directory, exist_ok=True)
-        s_in = self.scores_id.numpy()
-        fig, ax = plt.subplots(figsize=(5, 5))
+        s_in = self.scores_id.double().numpy()
+
+        fig = Figure(figsize=(5, 5))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
         for name, s_out in self.scores_ood.items():
-            s_out = s_out.numpy()
-            thresholds = np.unique(np.r_[s_in, s_out])[::-1]
-            tpr = np.r_[0.0, [(s_out >= t).mean() for t in thresholds]]
-            fpr = np.r_[0.0, [(s_in >= t).mean() for t in thresholds]]
+            fpr, tpr, _ = roc_curve(s_in, s_out.double().numpy())
             ax.plot(fpr, tpr, label=f"{name} (AUROC {100 * self.metrics[name]['auroc']:.1f})")
         ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-        ax.set(xlabel="false positive rate (ID flagged)", ylabel="true positive rate (OOD flagged)",
-               title=f"ROC, {self.detector}")
+        ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate (ID flagged as OOD)",
+               ylabel="true positive rate (OOD flagged)", title=f"ROC: {self.detector}")
         ax.legend(fontsize=7, loc="lower right")
         roc_path = os.path.join(directory, f"{prefix}roc.png")
         fig.savefig(roc_path, dpi=100, bbox_inches="tight")
-        plt.close(fig)
+
         n = len(self.scores_ood)
-        fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 2.8), squeeze=False)
-        for ax, (name, s_out) in zip(axes[0], self.scores_ood.items()):
-            bins = np.histogram_bin_edges(np.r_[s_in, s_out.numpy()], bins=40)
+        cols = min(n, 4)
+        rows = (n + cols - 1) // cols
+        fig = Figure(figsize=(3.4 * cols, 2.8 * rows))
+        FigureCanvasAgg(fig)
+        for i, (name, s_out) in enumerate(self.scores_ood.items()):
+            ax = fig.add_subplot(rows, cols, i + 1)
+            s_out = s_out.double().numpy()
+            bins = np.histogram_bin_edges(np.r_[s_in, s_out], bins=40)
             ax.hist(s_in, bins=bins, alpha=0.6, density=True, label="ID")
-            ax.hist(s_out.numpy(), bins=bins, alpha=0.6, density=True, label=name)
-            ax.set_title(name, fontsize=8)
+            ax.hist(s_out, bins=bins, alpha=0.6, density=True, label=name)
+            ax.set_title(f"{name} (AUROC {100 * self.metrics[name]['auroc']:.1f})", fontsize=8)
+            ax.set_xlabel("score (higher = more OOD)", fontsize=7)
             ax.legend(fontsize=7)
-        fig.suptitle(f"{self.detector} scores (higher = more OOD)", fontsize=9)
+        fig.suptitle(f"{self.detector}: score histograms", fontsize=9)
         hist_path = os.path.join(directory, f"{prefix}histograms.png")
         fig.savefig(hist_path, dpi=100, bbox_inches="tight")
-        plt.close(fig)
         return [roc_path, hist_path]
 
 
-def evaluate(detector, id_loader, ood_loaders: dict, progress: bool = True) -> Report:
-    """Score ``id_loader`` and every loader of ``ood_loaders`` ({name: loader}) with ``detector``.
+def _labels_of(batch):
+    """The label tensor of an (images, labels, ...) batch, or None."""
+    if isinstance(batch, (tuple, list)) and len(batch) > 1:
+        labels = torch.as_tensor(batch[1])
+        if labels.dim() == 1 and not labels.is_floating_point() and not labels.is_complex():
+            return labels
+    return None
 
-    ID accuracy is measured from the detector's own predictions when the ID loader yields (images, labels).
+
+def _checked_metrics(detector_name, name, scores_id, scores_ood, fpr95_positive):
+    if scores_ood.numel() == 0:
+        raise ValueError(f"OOD set {name!r} yielded no images")
+    bad = int((~torch.isfinite(scores_ood)).sum())
+    if bad:
+        raise ValueError(f"{detector_name} gave {bad} NaN/Inf score(s) on OOD set {name!r}")
+    return ood_metrics(scores_id, scores_ood, fpr95_positive=fpr95_positive)
+
+
+def evaluate(detector, id_loader, ood_loaders: dict, progress: bool = True, fpr95_positive: str = "id") -> Report:
+    """Score the ID test loader and every OOD loader with ``detector``; compute the metrics of each OOD set.
+
+    Args:
+        detector: a fitted :class:`fastood.detectors.Detector`.
+        id_loader: ID test data, batches ``(images, labels)`` (labels give ID accuracy from ``detector.predict``'s
+            decisions, e.g. ExtraClass ignores its outlier class) or images alone.
+        ood_loaders: ``{name: loader}``; batches are images or tuples whose first item is the images.
+        progress: tqdm progress bars.
+        fpr95_positive: FPR95 convention, ``"id"`` (papers) or ``"ood"``.
+    Returns:
+        a :class:`Report`.
     """
-    if not ood_loaders:
-        raise ValueError("ood_loaders is empty: give at least one {name: loader}")
+    if not isinstance(ood_loaders, dict) or not ood_loaders:
+        raise ValueError(f"ood_loaders must be a non-empty dict {{name: loader}}, got {ood_loaders!r}")
     from tqdm.auto import tqdm
 
     scores, predictions, labels = [], [], []
+    with_accuracy = True
     for batch in tqdm(id_loader, desc=f"{detector.name} ID", disable=not progress, leave=False):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         s, p = detector.score_and_predict(x)
         scores.append(s.cpu())
-        if isinstance(batch, (tuple, list)) and len(batch) > 1 and p is not None:
+        y = _labels_of(batch)
+        if p is None or y is None:
+            with_accuracy = False
+        elif with_accuracy:
+            if y.numel() != p.numel():
+                raise ValueError(f"id_loader: a batch has {p.numel()} images but {y.numel()} labels")
             predictions.append(p.cpu())
-            labels.append(batch[1].cpu())
+            labels.append(y.cpu())
+    if not scores or sum(s.numel() for s in scores) == 0:
+        raise ValueError("id_loader yielded no images")
     scores_id = torch.cat(scores)
+    bad = int((~torch.isfinite(scores_id)).sum())
+    if bad:
+        raise ValueError(f"{detector.name} gave {bad} NaN/Inf score(s) on the ID set")
     accuracy = None
-    if labels:
-        accuracy = float((torch.cat(predictions) == torch.cat(labels)).double().mean())
+    if with_accuracy and labels:
+        accuracy = float((torch.cat(predictions) == torch.cat(labels).long()).double().mean())
     scores_ood, metrics = {}, {}
     for name, loader in ood_loaders.items():
         scores_ood[name] = detector.score_loader(loader, progress=progress)
-        metrics[name] = ood_metrics(scores_id, scores_ood[name])
-    return Report(detector.name, metrics, accuracy, scores_id, scores_ood)
+        metrics[name] = _checked_metrics(detector.name, name, scores_id, scores_ood[name], fpr95_positive)
+    return Report(detector.name, metrics, accuracy, scores_id, scores_ood, fpr95_positive)
 
 
 def compare(reports: dict) -> str:
-    """One text table comparing several reports ({row name: Report}): mean AUROC, FPR95, ID accuracy."""
-    header = f"{'method':40s}{'AUROC':>9s}{'AUPR-in':>9s}{'AUPR-out':>9s}{'FPR95':>9s}{'ID acc':>9s}"
+    """One text table comparing reports ``{row name: Report}``: metrics averaged over each report's OOD sets
+    (percent), ID accuracy and the AUROC/accuracy harmonic mean ("-" where a report has no accuracy)."""
+    if not reports:
+        raise ValueError("compare needs at least one report")
+    width = max([12] + [len(str(n)) + 2 for n in reports])
+    header = (f"{'method':{width}s}" + "".join(f"{_LABELS[k]:>10s}" for k in METRICS)
+              + f"{'ID acc':>10s}{'H(AUROC,acc)':>14s}")
     lines = [header, "-" * len(header)]
     for name, r in reports.items():
-        acc = "n/a" if r.id_accuracy is None else f"{100 * r.id_accuracy:.2f}"
-        lines.append(f"{name:40s}{100 * r.average['auroc']:9.2f}{100 * r.average['aupr_in']:9.2f}"
-                     f"{100 * r.average['aupr_out']:9.2f}{100 * r.average['fpr95']:9.2f}{acc:>9s}")
+        acc = "-" if r.id_accuracy is None else f"{100 * r.id_accuracy:.2f}"
+        hm = "-" if r.harmonic is None else f"{100 * r.harmonic:.2f}"
+        lines.append(f"{name!s:{width}s}" + "".join(f"{100 * r.average[k]:10.2f}" for k in METRICS)
+                     + f"{acc:>10s}{hm:>14s}")
     return "\n".join(lines)

@@ -61,12 +61,50 @@ def _worker(rank, port, out_dir):
         metrics = D.all_reduce_metrics({"rank": float(rank), "one": torch.tensor(1.0)})
         weighted = D.all_reduce_mean(torch.tensor([float(rank), 2.0]), weight=rank + 1)
         gathered = D.all_gather_tensor(torch.full((rank + 1, 2), float(rank)))
+        fig = _fig_under_ddp(info.device)
         torch.save({"params": [p.detach().clone() for p in model.parameters()],
                     "losses": [h["loss"] for h in trainer.history], "seen": seen, "draw": draw,
-                    "metrics": metrics, "weighted": weighted, "gathered": gathered},
+                    "metrics": metrics, "weighted": weighted, "gathered": gathered, "fig": fig},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         D.cleanup()
+
+
+class _Recording:
+    """Wraps a sampler and keeps what it drew."""
+
+    def __init__(self, inner):
+        self.inner, self.drawn = inner, []
+
+    @property
+    def stats(self):
+        return self.inner.stats
+
+    def sample(self, model, n, shape, context=None):
+        out = self.inner.sample(model, n, shape, context=context)
+        self.drawn.append(out.clone())
+        return out
+
+
+def _fig_net():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+
+
+def _fig_under_ddp(device):
+    """A few FIG steps of a tiny BatchNorm CNN under DDP, each rank with its own sampler seed."""
+    from fastood.samplers.langevin import LangevinSampler
+    from fastood.trainers.fig import FIGTrainer
+
+    net = _fig_net()
+    images = torch.rand(32, 1, 4, 4) * 2 - 1
+    data = TensorDataset(images, torch.arange(32) % 3)
+    sampler = _Recording(LangevinSampler(max_steps=3, early_stop=None))
+    D.seed_everything(1, per_rank=True)
+    trainer = FIGTrainer(net, sampler=sampler, k=0.5, lr=0.05, progress=False, device=device)
+    trainer.fit(D.distributed_loader(data, 4, seed=0), steps=3)
+    return {"params": {k: v.detach().clone() for k, v in net.named_parameters()},
+            "drawn": torch.cat(sampler.drawn), "is_ddp": isinstance(trainer.net, nn.parallel.DistributedDataParallel)}
 
 
 def _run_two_ranks(out_dir, timeout_s=120):
@@ -120,6 +158,16 @@ def test_ddp_two_ranks_equal_single_process_on_same_global_batches(tmp_path):
     torch.testing.assert_close(r0["weighted"], torch.tensor([2 / 3, 2.0]))
     expected = torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
     assert torch.equal(r0["gathered"], expected) and torch.equal(r1["gathered"], expected)
+
+    # FIG under DDP: every rank draws its own Langevin samples, yet the ranks' parameters stay identical.
+    f0, f1 = r0["fig"], r1["fig"]
+    assert f0["is_ddp"] and f1["is_ddp"]
+    assert f0["drawn"].shape == f1["drawn"].shape == (3 * 2, 1, 4, 4)  # 3 steps x ceil(0.5 * 4) samples
+    assert not torch.allclose(f0["drawn"], f1["drawn"])
+    for name, value in f0["params"].items():
+        assert torch.equal(value, f1["params"][name]), name
+    initial = dict(_fig_net().named_parameters())
+    assert max(float((v - initial[k].detach()).abs().max()) for k, v in f0["params"].items()) > 1e-4
 
 
 def test_helpers_outside_a_process_group(monkeypatch):

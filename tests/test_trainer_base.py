@@ -105,3 +105,20 @@ def test_resume_false_starts_over(tmp_path):
     again = StandardTrainer(_model(), progress=False, checkpoint_dir=tmp_path)
     again.fit(_loader(ds), steps=2, resume=False)
     assert again.step == 2 and len(again.history) == 2
+
+
+def test_fit_ending_on_an_epoch_boundary_can_be_continued():
+    class ConstantLR(StandardTrainer):  # the step schedule depends on the total, which changes between fits
+        def configure_scheduler(self, optimizer, total_steps):
+            return None
+
+    ds = _problem()  # 6 batches per epoch
+    continued = ConstantLR(_model(), progress=False)
+    continued.fit(_loader(ds), epochs=1)
+    assert continued.epoch == 1 and continued.batch_in_epoch == 0
+    continued.fit(_loader(ds), epochs=2)
+    straight = ConstantLR(_model(), progress=False)
+    straight.fit(_loader(ds), epochs=2)
+    assert continued.step == straight.step == 12 and continued.epoch == 2
+    for a, b in zip(continued.model.parameters(), straight.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

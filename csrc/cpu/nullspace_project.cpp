@@ -1,138 +1,413 @@
 // Batched projection onto the left null space of J (Vernekar et al. 2019, type-I outliers), on CPU.
-// Per sample (J transposed once so every loop runs over D): G = J^T J, a = (G + delta I)^-1 J^T r by Cholesky, p = r - J a, one refinement step
-// (a' = (G + delta I)^-1 J^T p, p -= J a'), v = p / |p|. The ridge delta = kRidge * trace(G) / d
-// (+ a tiny floor) keeps rank-deficient or ill-conditioned J finite: directions of J whose squared
-// singular values are far below delta are not projected out. |p| = 0 gives v = 0.
+//
+// Per sample (jac [D, d], r [D]):
+//   G = J^T J and b = J^T r, accumulated in float64 (products of float32 values are exact in float64);
+//   delta = kRidge * trace(G) / d + kRidgeFloor;  L L^T = G + delta I  (Cholesky, float64);
+//   a = (G + delta I)^-1 b, refined kRefinements times by a += (G + delta I)^-1 (b - G a)  (in d-space only);
+//   p = r - J a (float64), v = p / |p|  (|p| == 0 -> v = 0).
+// The refinements remove the ridge's bias along every direction of J whose squared singular value is well above
+// delta, so rank-deficient or ill-conditioned J stay finite: directions with squared singular values far below
+// delta are treated as absent (not projected out). NaN or Inf in a sample's jac or r gives a NaN row. Samples
+// whose Gram matrix or |p|^2 would leave [1e-200, 1e200] (entries beyond ~1e+-100, float64 inputs only) are
+// rescaled by powers of two first (the projection does not depend on the scale of J or r).
+//
+// Layout: J is read in tiles of rows converted to float64 and zero-padded to dp columns (a multiple of
+// kRowBlock: 8 with AVX-512). The Gram matrix is built from rank-1 row updates in register blocks of 8 rows x up
+// to 24 columns of G (vector accumulators that stay in registers); the residual p = r - J a is formed 8 rows at
+// a time. A tile holds the whole sample when it fits in 1 MB, so pass 2 reads J from cache.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
 
 #include "checks.h"
 
 namespace fastood {
 namespace {
 
-constexpr int64_t kBlasGramMinLatent = 16;
+constexpr double kRidge = 1e-10;                // relative ridge: delta = kRidge * trace(G) / d (+ floor)
+constexpr double kRidgeFloor = 1e-290;          // keeps G + delta I positive definite when J == 0
+constexpr int kRefinements = 2;
+constexpr int64_t kTileDoubles = 131072;        // rows converted per tile: 1 MB of float64 (stays in L2 for pass 2)
+// Outside these bounds (float64 inputs only) the sample is rescaled by powers of two before projecting.
+constexpr double kTraceMin = 1e-200, kTraceMax = 1e200;
 
-template <typename scalar_t>
-constexpr double ridge_factor() {
-  return std::is_same<scalar_t, double>::value ? 1e-12 : 1e-6;
+// Small SIMD layer: GCC/Clang vector types plus an explicit FMA (builds use ISO C++, where gcc does not contract
+// a * b + c into an FMA on its own).
+#if defined(__AVX512F__)
+constexpr int kVec = 8;        // doubles per vector
+constexpr int kRowBlock = 8;   // rows of G per register block
+constexpr int kMaxGroup = 3;   // column vectors per register block: 8 x 3 accumulators + 3 loads of 32 registers
+#elif defined(__AVX__)
+constexpr int kVec = 4;
+constexpr int kRowBlock = 4;
+constexpr int kMaxGroup = 2;   // 4 x 2 accumulators + 2 loads of 16 registers
+#else
+constexpr int kVec = 2;
+constexpr int kRowBlock = 4;
+constexpr int kMaxGroup = 2;
+#endif
+typedef double vec_t __attribute__((vector_size(kVec * sizeof(double))));
+
+inline vec_t load_vec(const double* p) {
+  vec_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store_vec(double* p, vec_t v) { std::memcpy(p, &v, sizeof(v)); }
+inline vec_t broadcast(double x) {
+#if defined(__AVX512F__)
+  return (vec_t)_mm512_set1_pd(x);
+#elif defined(__AVX__)
+  return (vec_t)_mm256_set1_pd(x);
+#else
+  vec_t v;
+  for (int l = 0; l < kVec; ++l) v[l] = x;
+  return v;
+#endif
+}
+inline vec_t fmadd(vec_t a, vec_t b, vec_t c) {
+#if defined(__AVX512F__)
+  return (vec_t)_mm512_fmadd_pd((__m512d)a, (__m512d)b, (__m512d)c);
+#elif defined(__FMA__)
+  return (vec_t)_mm256_fmadd_pd((__m256d)a, (__m256d)b, (__m256d)c);
+#else
+  return a * b + c;
+#endif
+}
+// Pairwise (tree) sum of the lanes: short dependency chains, so consecutive rows overlap.
+inline double reduce_add(vec_t v) {
+  double t[kVec];
+  std::memcpy(t, &v, sizeof(v));
+  for (int half = kVec / 2; half >= 1; half /= 2)
+    for (int l = 0; l < half; ++l) t[l] += t[l + half];
+  return t[0];
 }
 
-// In-place Cholesky of a d x d SPD matrix (lower triangle); returns false if a pivot is not positive.
-inline bool cholesky(double* a, int64_t d) {
+// G[i0, i0 + kRowBlock) x [c0, c0 + NC kVec) += tile^T tile over `rows` rows; with kWithR also
+// b[c0, c0 + NC kVec) += tile^T r.  tile: [rows, dp] float64, zero-padded beyond d.
+template <int NC, bool kWithR>
+void gram_block(const double* __restrict__ tile, const double* __restrict__ rt, int64_t rows, int64_t dp, int64_t i0,
+                int64_t c0, double* __restrict__ gram, double* __restrict__ b) {
+  vec_t acc[kRowBlock][NC], acc_r[NC];
+  for (int c = 0; c < NC; ++c) {
+    acc_r[c] = vec_t{};
+    for (int i = 0; i < kRowBlock; ++i) acc[i][c] = vec_t{};
+  }
+  for (int64_t t = 0; t < rows; ++t) {
+    const double* row = tile + t * dp;
+    vec_t cols[NC];
+    for (int c = 0; c < NC; ++c) cols[c] = load_vec(row + c0 + c * kVec);
+    for (int i = 0; i < kRowBlock; ++i) {
+      const vec_t bi = broadcast(row[i0 + i]);
+      for (int c = 0; c < NC; ++c) acc[i][c] = fmadd(bi, cols[c], acc[i][c]);
+    }
+    if constexpr (kWithR) {
+      const vec_t ri = broadcast(rt[t]);
+      for (int c = 0; c < NC; ++c) acc_r[c] = fmadd(ri, cols[c], acc_r[c]);
+    }
+  }
+  for (int i = 0; i < kRowBlock; ++i)
+    for (int c = 0; c < NC; ++c) {
+      double* g = gram + (i0 + i) * dp + c0 + c * kVec;
+      store_vec(g, load_vec(g) + acc[i][c]);
+    }
+  if constexpr (kWithR)
+    for (int c = 0; c < NC; ++c) store_vec(b + c0 + c * kVec, load_vec(b + c0 + c * kVec) + acc_r[c]);
+}
+
+template <bool kWithR>
+void gram_block_any(int64_t nc, const double* tile, const double* rt, int64_t rows, int64_t dp, int64_t i0,
+                    int64_t c0, double* gram, double* b) {
+  if (nc >= 3 && kMaxGroup >= 3) gram_block<(kMaxGroup >= 3 ? 3 : 1), kWithR>(tile, rt, rows, dp, i0, c0, gram, b);
+  else if (nc == 2) gram_block<2, kWithR>(tile, rt, rows, dp, i0, c0, gram, b);
+  else gram_block<1, kWithR>(tile, rt, rows, dp, i0, c0, gram, b);
+}
+
+// All register blocks of G that hold an entry on or above the diagonal (and b along with block row 0), one tile.
+void gram_tile(const double* tile, const double* rt, int64_t rows, int64_t dp, double* gram, double* b) {
+  const int64_t vecs = dp / kVec;
+  for (int64_t i0 = 0; i0 < dp; i0 += kRowBlock) {
+    const bool with_r = i0 == 0;  // b needs every column vector once: ride along with the first block row
+    const int64_t group = with_r ? 2 : kMaxGroup;
+    for (int64_t c = i0 / kVec; c < vecs; c += group) {
+      const int64_t nc = std::min(group, vecs - c);
+      if (with_r) gram_block_any<true>(nc, tile, rt, rows, dp, i0, c * kVec, gram, b);
+      else gram_block_any<false>(nc, tile, rt, rows, dp, i0, c * kVec, gram, b);
+    }
+  }
+}
+
+// Rows [k0, k0 + rows) of J [D, d] as float64 [rows, dp] (columns >= d zero) and r[k0 ...] as float64. Returns
+// the tile: J itself when it is float64 with d == dp, else `buf`.
+template <typename in_t>
+const double* load_tile(const in_t* __restrict__ jac, const in_t* __restrict__ r, int64_t k0, int64_t rows,
+                        int64_t d, int64_t dp, double* __restrict__ buf, double* __restrict__ rt) {
+#pragma omp simd
+  for (int64_t t = 0; t < rows; ++t) rt[t] = static_cast<double>(r[k0 + t]);
+  const in_t* src = jac + k0 * d;
+  if (d == dp) {
+    if constexpr (std::is_same<in_t, double>::value) return src;
+#pragma omp simd
+    for (int64_t k = 0; k < rows * d; ++k) buf[k] = static_cast<double>(src[k]);
+    return buf;
+  }
+  for (int64_t t = 0; t < rows; ++t) {
+#pragma omp simd
+    for (int64_t i = 0; i < d; ++i) buf[t * dp + i] = static_cast<double>(src[t * d + i]);
+  }
+  return buf;
+}
+
+// Lane sums of kVec vectors: result[l] = sum of the lanes of s[l] (a transposing tree of shuffles and adds).
+inline vec_t reduce_rows(const vec_t* s) {
+#if defined(__AVX512F__)
+  __m512d u[4];
+  for (int q = 0; q < 4; ++q) {
+    const __m512d a = (__m512d)s[2 * q], b = (__m512d)s[2 * q + 1];
+    u[q] = _mm512_add_pd(_mm512_unpacklo_pd(a, b), _mm512_unpackhi_pd(a, b));  // pairs of lanes of a, b
+  }
+  __m512d w[2];
+  for (int q = 0; q < 2; ++q)  // 128-bit lanes 0+1 and 2+3
+    w[q] = _mm512_add_pd(_mm512_shuffle_f64x2(u[2 * q], u[2 * q + 1], 0x88),
+                         _mm512_shuffle_f64x2(u[2 * q], u[2 * q + 1], 0xDD));
+  return (vec_t)_mm512_add_pd(_mm512_shuffle_f64x2(w[0], w[1], 0x88), _mm512_shuffle_f64x2(w[0], w[1], 0xDD));
+#elif defined(__AVX__)
+  const __m256d u0 = _mm256_hadd_pd((__m256d)s[0], (__m256d)s[1]);
+  const __m256d u1 = _mm256_hadd_pd((__m256d)s[2], (__m256d)s[3]);
+  return (vec_t)_mm256_add_pd(_mm256_permute2f128_pd(u0, u1, 0x20), _mm256_permute2f128_pd(u0, u1, 0x31));
+#else
+  vec_t out;
+  for (int l = 0; l < kVec; ++l) out[l] = reduce_add(s[l]);
+  return out;
+#endif
+}
+
+// p[t] = rt[t] - tile[t, :] . a over the padded width NV kVec, kVec rows at a time; returns sum of p^2 (all in
+// float64).
+template <int NV, typename out_t>
+double residual_tile(const double* __restrict__ tile, const double* __restrict__ rt, int64_t rows, int64_t dp,
+                     const double* __restrict__ a, out_t* __restrict__ out) {
+  vec_t coef[NV];
+  for (int c = 0; c < NV; ++c) coef[c] = load_vec(a + c * kVec);
+  auto row_dot = [&](int64_t t) {
+    const double* row = tile + t * dp;
+    vec_t s = load_vec(row) * coef[0];
+    for (int c = 1; c < NV; ++c) s = fmadd(load_vec(row + c * kVec), coef[c], s);
+    return s;
+  };
+  vec_t sumsq = vec_t{};
+  int64_t t = 0;
+  for (; t + kVec <= rows; t += kVec) {
+    vec_t s[kVec];
+    for (int l = 0; l < kVec; ++l) s[l] = row_dot(t + l);
+    const vec_t p = load_vec(rt + t) - reduce_rows(s);
+    sumsq = fmadd(p, p, sumsq);
+    for (int l = 0; l < kVec; ++l) out[t + l] = static_cast<out_t>(p[l]);
+  }
+  double total = reduce_add(sumsq);
+  for (; t < rows; ++t) {
+    const double p = rt[t] - reduce_add(row_dot(t));
+    total += p * p;
+    out[t] = static_cast<out_t>(p);
+  }
+  return total;
+}
+
+template <int NV = 1, typename out_t>
+double residual_tile_any(int64_t nv, const double* tile, const double* rt, int64_t rows, int64_t dp,
+                         const double* a, out_t* out) {
+  if constexpr (NV * kVec >= kMaxLatent) {
+    return residual_tile<NV>(tile, rt, rows, dp, a, out);
+  } else {
+    if (nv <= NV) return residual_tile<NV>(tile, rt, rows, dp, a, out);
+    return residual_tile_any<NV + 1>(nv, tile, rt, rows, dp, a, out);
+  }
+}
+
+// In-place Cholesky of the d x d SPD matrix a (row stride ld, lower triangle); false if a pivot is not positive.
+bool cholesky(double* a, int64_t d, int64_t ld) {
   for (int64_t j = 0; j < d; ++j) {
-    double diag = a[j * d + j];
-    for (int64_t k = 0; k < j; ++k) diag -= a[j * d + k] * a[j * d + k];
-    if (!(diag > 0)) return false;
+    double diag = a[j * ld + j];
+    for (int64_t k = 0; k < j; ++k) diag -= a[j * ld + k] * a[j * ld + k];
+    if (!(diag > 0) || !std::isfinite(diag)) return false;
     diag = std::sqrt(diag);
-    a[j * d + j] = diag;
+    a[j * ld + j] = diag;
     for (int64_t i = j + 1; i < d; ++i) {
-      double s = a[i * d + j];
-      for (int64_t k = 0; k < j; ++k) s -= a[i * d + k] * a[j * d + k];
-      a[i * d + j] = s / diag;
+      double s = a[i * ld + j];
+      for (int64_t k = 0; k < j; ++k) s -= a[i * ld + k] * a[j * ld + k];
+      a[i * ld + j] = s / diag;
     }
   }
   return true;
 }
 
-// Solves L L^T x = b in place.
-inline void cholesky_solve(const double* l, double* b, int64_t d) {
+// Solves L L^T x = x in place (L: lower triangle of l, row stride ld).
+void cholesky_solve(const double* l, int64_t d, int64_t ld, double* x) {
   for (int64_t i = 0; i < d; ++i) {
-    double s = b[i];
-    for (int64_t k = 0; k < i; ++k) s -= l[i * d + k] * b[k];
-    b[i] = s / l[i * d + i];
+    double s = x[i];
+    for (int64_t k = 0; k < i; ++k) s -= l[i * ld + k] * x[k];
+    x[i] = s / l[i * ld + i];
   }
   for (int64_t i = d - 1; i >= 0; --i) {
-    double s = b[i];
-    for (int64_t k = i + 1; k < d; ++k) s -= l[k * d + i] * b[k];
-    b[i] = s / l[i * d + i];
+    double s = x[i];
+    for (int64_t k = i + 1; k < d; ++k) s -= l[k * ld + i] * x[k];
+    x[i] = s / l[i * ld + i];
   }
 }
 
-template <typename scalar_t>
-inline scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
-  scalar_t s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t k = 0; k < n; ++k) s += a[k] * b[k];
-  return s;
+// Per-thread buffers, sized once per call.
+struct Workspace {
+  int64_t dp, tile_rows;
+  std::vector<double> tile, rt, gram, chol, b, a, res, scaled_jac, scaled_r;
+  Workspace(int64_t d, int64_t dim)
+      : dp(((d + kRowBlock - 1) / kRowBlock) * kRowBlock),
+        tile_rows(std::min<int64_t>(dim, std::max<int64_t>(64, kTileDoubles / dp))),
+        tile(static_cast<size_t>(tile_rows * dp), 0.0),
+        rt(static_cast<size_t>(tile_rows)),
+        gram(static_cast<size_t>(dp * dp)),
+        chol(static_cast<size_t>(dp * dp)),
+        b(static_cast<size_t>(dp)),
+        a(static_cast<size_t>(dp)),
+        res(static_cast<size_t>(dp)) {}
+};
+
+enum class Outcome { kDone, kRescale, kNotFinite };
+
+// Whether a sum of squares (trace(G) or |p|^2) asks for rescaling: outside [kTraceMin, kTraceMax] (0 allowed on
+// the final, rescaled attempt only), or not finite.
+Outcome check_range(double sumsq, bool final_attempt) {
+  if (!std::isfinite(sumsq)) return final_attempt ? Outcome::kNotFinite : Outcome::kRescale;
+  if (final_attempt) return Outcome::kDone;
+  return sumsq > kTraceMax || sumsq < kTraceMin ? Outcome::kRescale : Outcome::kDone;
 }
 
-// One sample. cols = J^T laid out column by column ([d][D], contiguous), so every loop runs over D.
-template <typename scalar_t>
-void project_sample(const scalar_t* jac, const scalar_t* r, scalar_t* out, int64_t D, int64_t d,
-                    const scalar_t* gram, std::vector<scalar_t>& cols) {
-  cols.resize(static_cast<size_t>(D * d));
-  for (int64_t i = 0; i < d; ++i) {  // sequential writes; the strided reads stay within the sample (cache-resident)
-    scalar_t* col = cols.data() + i * D;
-    for (int64_t k = 0; k < D; ++k) col[k] = jac[k * d + i];
-  }
-  double chol[kMaxLatent * kMaxLatent];
+// Coefficients a of r on the columns of J from the Gram matrix (ws.gram, full symmetric) and ws.b.
+bool solve_coefficients(Workspace& ws, int64_t d) {
+  const int64_t dp = ws.dp;
   double trace = 0;
-  for (int64_t i = 0; i < d; ++i) {
-    for (int64_t j = 0; j <= i; ++j) {
-      const double g = static_cast<double>(gram ? gram[i * d + j] : dot(cols.data() + i * D, cols.data() + j * D, D));
-      chol[i * d + j] = chol[j * d + i] = g;
+  for (int64_t i = 0; i < d; ++i) trace += ws.gram[i * dp + i];
+  double delta = kRidge * trace / static_cast<double>(d) + kRidgeFloor;
+  for (int attempt = 0; attempt < 4; ++attempt, delta *= 1e3) {  // retries only if rounding breaks definiteness
+    std::copy(ws.gram.begin(), ws.gram.end(), ws.chol.begin());
+    for (int64_t i = 0; i < d; ++i) ws.chol[i * dp + i] += delta;
+    if (!cholesky(ws.chol.data(), d, dp)) continue;
+    std::fill(ws.a.begin(), ws.a.end(), 0.0);
+    std::copy(ws.b.begin(), ws.b.begin() + d, ws.a.begin());
+    cholesky_solve(ws.chol.data(), d, dp, ws.a.data());
+    for (int it = 0; it < kRefinements; ++it) {
+      for (int64_t i = 0; i < d; ++i) {
+        double s = ws.b[i];
+        for (int64_t j = 0; j < d; ++j) s -= ws.gram[i * dp + j] * ws.a[j];
+        ws.res[i] = s;
+      }
+      cholesky_solve(ws.chol.data(), d, dp, ws.res.data());
+      for (int64_t i = 0; i < d; ++i) ws.a[i] += ws.res[i];
     }
-    trace += chol[i * d + i];
+    return true;
   }
-  const double delta = ridge_factor<scalar_t>() * trace / d + std::numeric_limits<double>::min() * 1e6;
-  for (int64_t i = 0; i < d; ++i) chol[i * d + i] += delta;
-  if (!cholesky(chol, d)) {
-    // Only reachable with NaN/Inf in J: propagate NaN rather than return a plausible vector.
-    for (int64_t k = 0; k < D; ++k) out[k] = std::numeric_limits<scalar_t>::quiet_NaN();
-    return;
-  }
-  for (int64_t k = 0; k < D; ++k) out[k] = r[k];
-  double a[kMaxLatent];
-  for (int pass = 0; pass < 2; ++pass) {  // projection + one refinement step
-    for (int64_t i = 0; i < d; ++i) a[i] = static_cast<double>(dot(cols.data() + i * D, out, D));
-    cholesky_solve(chol, a, d);
-    for (int64_t i = 0; i < d; ++i) {
-      const scalar_t ai = static_cast<scalar_t>(a[i]);
-      const scalar_t* col = cols.data() + i * D;
-#pragma omp simd
-      for (int64_t k = 0; k < D; ++k) out[k] -= ai * col[k];
-    }
-  }
-  const double norm = std::sqrt(static_cast<double>(dot(out, out, D)));
-  const scalar_t inv = norm > 0 ? static_cast<scalar_t>(1.0 / norm) : scalar_t(0);
-#pragma omp simd
-  for (int64_t k = 0; k < D; ++k) out[k] *= inv;
+  return false;
 }
 
-at::Tensor nullspace_project_kernel(const at::Tensor& jac_in, const at::Tensor& r_in) {
+// One sample: out = P r / |P r|. Returns kRescale when trace(G) or |p|^2 left the safe float64 range (on the
+// first attempt), kNotFinite when they are NaN/Inf on the final attempt.
+template <typename in_t, typename out_t>
+Outcome project_sample(const in_t* jac, const in_t* r, out_t* out, int64_t dim, int64_t d, Workspace& ws,
+                       bool final_attempt) {
+  const int64_t dp = ws.dp, vecs = dp / kVec, tile_rows = ws.tile_rows;
+  std::fill(ws.gram.begin(), ws.gram.end(), 0.0);
+  std::fill(ws.b.begin(), ws.b.end(), 0.0);
+  const double* tile = nullptr;
+  for (int64_t k0 = 0; k0 < dim; k0 += tile_rows) {
+    const int64_t rows = std::min(tile_rows, dim - k0);
+    tile = load_tile(jac, r, k0, rows, d, dp, ws.tile.data(), ws.rt.data());
+    gram_tile(tile, ws.rt.data(), rows, dp, ws.gram.data(), ws.b.data());
+  }
+  double trace = 0;
+  for (int64_t i = 0; i < d; ++i) trace += ws.gram[i * dp + i];
+  if (Outcome o = check_range(trace, final_attempt); o != Outcome::kDone) return o;
+  for (int64_t i = 0; i < d; ++i)  // mirror the upper triangle
+    for (int64_t j = i + 1; j < d; ++j) ws.gram[j * dp + i] = ws.gram[i * dp + j];
+  if (!solve_coefficients(ws, d)) return final_attempt ? Outcome::kNotFinite : Outcome::kRescale;
+  double sumsq = 0;
+  for (int64_t k0 = 0; k0 < dim; k0 += tile_rows) {
+    const int64_t rows = std::min(tile_rows, dim - k0);
+    if (dim > tile_rows) tile = load_tile(jac, r, k0, rows, d, dp, ws.tile.data(), ws.rt.data());  // else loaded
+    sumsq += residual_tile_any(vecs, tile, ws.rt.data(), rows, dp, ws.a.data(), out + k0);
+  }
+  if (Outcome o = check_range(sumsq, final_attempt); o != Outcome::kDone) return o;
+  const double norm = std::sqrt(sumsq);
+  const out_t inv = static_cast<out_t>(norm > 0 ? 1.0 / norm : 0.0);
+#pragma omp simd
+  for (int64_t k = 0; k < dim; ++k) out[k] *= inv;
+  return Outcome::kDone;
+}
+
+// Power of two s with s * max|x| in [1, 2) (1 for an all-zero x); NaN if x holds NaN or Inf.
+template <typename in_t>
+double power_of_two_scale(const in_t* x, int64_t n) {
+  double mx = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    const double v = std::abs(static_cast<double>(x[k]));
+    if (!(v <= std::numeric_limits<double>::max())) return std::numeric_limits<double>::quiet_NaN();
+    mx = v > mx ? v : mx;
+  }
+  return mx > 0 ? std::ldexp(1.0, -std::ilogb(mx)) : 1.0;
+}
+
+template <typename scalar_t>
+void project_or_rescale(const scalar_t* jac, const scalar_t* r, scalar_t* out, int64_t dim, int64_t d,
+                        Workspace& ws) {
+  if (project_sample(jac, r, out, dim, d, ws, /*final_attempt=*/false) == Outcome::kDone) return;
+  const double sj = power_of_two_scale(jac, dim * d), sr = power_of_two_scale(r, dim);
+  Outcome outcome = Outcome::kNotFinite;
+  if (!std::isnan(sj) && !std::isnan(sr)) {
+    ws.scaled_jac.resize(static_cast<size_t>(dim * d));
+    ws.scaled_r.resize(static_cast<size_t>(dim));
+    for (int64_t k = 0; k < dim * d; ++k) ws.scaled_jac[k] = static_cast<double>(jac[k]) * sj;
+    for (int64_t k = 0; k < dim; ++k) ws.scaled_r[k] = static_cast<double>(r[k]) * sr;
+    outcome = project_sample(ws.scaled_jac.data(), ws.scaled_r.data(), out, dim, d, ws, /*final_attempt=*/true);
+  }
+  if (outcome != Outcome::kDone)  // NaN/Inf in the sample's inputs
+    std::fill(out, out + dim, std::numeric_limits<scalar_t>::quiet_NaN());
+}
+
+template <typename scalar_t>
+void nullspace_project_forward_kernel(const scalar_t* jac, const scalar_t* r, scalar_t* out, int64_t batch,
+                                      int64_t dim, int64_t d) {
+  // About dim * dp^2 / 2 float64 FMAs per sample; a task should hold at least ~1/4 M of them (~0.1 ms).
+  const int64_t dp = (d + kRowBlock - 1) / kRowBlock * kRowBlock;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(dim * dp * (dp / 2 + 2), 1));
+  at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
+    Workspace ws(d, dim);
+    for (int64_t s = begin; s < end; ++s) project_or_rescale(jac + s * dim * d, r + s * dim, out + s * dim, dim, d, ws);
+  });
+}
+
+at::Tensor nullspace_project_cpu(const at::Tensor& jac_in, const at::Tensor& r_in) {
   check_nullspace(jac_in, r_in, kMaxLatent);
-  auto jac = jac_in.contiguous();
-  auto r = r_in.contiguous();
-  auto out = at::empty_like(r);
-  const int64_t B = jac.size(0), D = jac.size(1), d = jac.size(2);
-  if (B == 0) return out;
-  // For wide Jacobians the Gram matrices are a batched GEMM: BLAS reuses registers far better than dots.
-  at::Tensor gram;
-  if (d >= kBlasGramMinLatent) gram = at::bmm(jac.transpose(1, 2), jac).contiguous();
+  const at::Tensor jac = jac_in.contiguous(), r = r_in.contiguous();
+  at::Tensor out = at::empty(r.sizes(), r.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(jac.scalar_type(), "nullspace_project", [&] {
-    const scalar_t* j = jac.data_ptr<scalar_t>();
-    const scalar_t* rp = r.data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> cols;
-      for (int64_t b = begin; b < end; ++b) {
-        const scalar_t* g = gram.defined() ? gram.data_ptr<scalar_t>() + b * d * d : nullptr;
-        project_sample(j + b * D * d, rp + b * D, op + b * D, D, d, g, cols);
-      }
-    });
+    nullspace_project_forward_kernel<scalar_t>(jac.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(),
+                                               out.data_ptr<scalar_t>(), jac.size(0), jac.size(1), jac.size(2));
   });
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastood, CPU, m) { m.impl("nullspace_project", &nullspace_project_kernel); }
+TORCH_LIBRARY_IMPL(fastood, CPU, m) { m.impl("nullspace_project", &nullspace_project_cpu); }
 
 }  // namespace fastood

@@ -1,5 +1,5 @@
-// CUDA entry point of the Langevin step: checks, Philox state from torch's default CUDA generator
-// (graph-safe, as dropout), kernel in langevin_step_kernel.cu.
+// CUDA entry point of the Langevin step: checks, tensor handling and the Philox state of torch's default CUDA
+// generator (reserved under its mutex, CUDA-graph safe, as dropout does); the kernel is in langevin_step_kernel.cu.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAGeneratorImpl.h>
@@ -7,44 +7,50 @@
 #include <torch/library.h>
 
 #include <mutex>
+#include <optional>
 
 #include "checks.h"
 #include "cuda/dtype.h"
+#include "cuda/langevin_step_kernel.h"
 
 namespace fastood {
 namespace {
 
 void langevin_step_cuda(at::Tensor& x, const at::Tensor& grad_in, double step_size, double noise_std,
-                        const at::Tensor& lower, const at::Tensor& upper, const c10::optional<at::Tensor>& active_in) {
-  check_langevin(x, grad_in, step_size, noise_std, lower, upper, active_in);
+                        const at::Tensor& lower_in, const at::Tensor& upper_in,
+                        const std::optional<at::Tensor>& active_in) {
+  check_langevin(x, grad_in, step_size, noise_std, lower_in, upper_in, active_in);
   if (x.numel() == 0) return;
   c10::cuda::CUDAGuard guard(x.device());
+  // A grad of another dtype contributes only its sign: take it in grad's own dtype (exact in any dtype).
+  const at::Tensor grad = (grad_in.scalar_type() == x.scalar_type() ? grad_in : at::sign(grad_in).to(x.scalar_type()))
+                              .contiguous();
   const bool in_place = x.is_contiguous();
   at::Tensor work = in_place ? x : x.contiguous();
-  auto grad = grad_in.to(x.scalar_type()).contiguous();
-  auto lo = lower.to(at::kDouble).contiguous(), hi = upper.to(at::kDouble).contiguous();
-  c10::optional<at::Tensor> active;
+  const at::Tensor lower = lower_in.to(at::kDouble).contiguous(), upper = upper_in.to(at::kDouble).contiguous();
+  std::optional<at::Tensor> active;
   if (active_in.has_value()) active = active_in->contiguous();
   at::PhiloxCudaState rng;
   if (noise_std > 0) {
     auto gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
-        c10::nullopt, at::cuda::detail::getDefaultCUDAGenerator(x.device().index()));
+        std::nullopt, at::cuda::detail::getDefaultCUDAGenerator(x.device().index()));
     std::lock_guard<std::mutex> lock(gen->mutex_);
-    rng = gen->philox_cuda_state(cuda::langevin_philox_increment(work.numel()));
+    rng = gen->philox_cuda_state(cuda::langevin_step_philox_increment(work.numel()));
   }
-  cuda::LangevinArgs args;
-  args.x = work.data_ptr();
-  args.grad = grad.data_ptr();
-  args.rows = work.size(0);
-  args.channels = work.size(1);
-  args.inner = work.numel() / (args.rows * args.channels);
-  args.half_step = 0.5 * step_size;
-  args.noise_std = noise_std;
-  args.lower = lo.data_ptr<double>();
-  args.upper = hi.data_ptr<double>();
-  args.nbounds = lo.size(0);
-  args.active = active.has_value() ? active->data_ptr<bool>() : nullptr;
-  cuda::launch_langevin_step(cuda::dtype_of(work), args, rng, at::cuda::getCurrentCUDAStream());
+  cuda::LangevinStepParams params;
+  params.x = work.data_ptr();
+  params.grad = grad.data_ptr();
+  params.numel = work.numel();
+  params.per_row = work.numel() / work.size(0);
+  params.channels = work.size(1);
+  params.inner = params.per_row / params.channels;
+  params.half_step = 0.5 * step_size;
+  params.noise_std = noise_std;
+  params.lower = lower.data_ptr<double>();
+  params.upper = upper.data_ptr<double>();
+  params.nbounds = lower.size(0);
+  params.active = active ? active->data_ptr<bool>() : nullptr;
+  cuda::launch_langevin_step_kernel(cuda::dtype_of(work), params, rng, at::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (!in_place) x.copy_(work);
 }

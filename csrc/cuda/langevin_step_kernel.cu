@@ -1,87 +1,141 @@
-// FIG sign-gradient Langevin step on CUDA, in place, with in-kernel Philox noise (as PyTorch's dropout):
-// x <- clamp(x - step/2 sign(g) + noise_std z, lower, upper) on rows where active.
+// FIG sign-gradient Langevin step on CUDA, in place, with in-kernel Philox noise as PyTorch's dropout:
+//   x <- clamp(x - step/2 sign(g) + noise_std z, lower, upper)  on rows where active.
+// Thread `tid` owns elements 4 tid + 4 k * (threads in the grid) and draws their normals with curand_normal4
+// from Philox subsequence tid at the generator's offset; the grid size depends only on numel, so a seed
+// reproduces the noise on any GPU. sign(NaN) = 0 (as torch.sign); NaN in x survives the clamp.
 #include <ATen/cuda/PhiloxCudaState.h>
 #include <curand_kernel.h>
 
+#include <cstdint>
+#include <tuple>
+
+#include <ATen/cuda/detail/UnpackRaw.cuh>
+
 #include "cuda/device_math.cuh"
+#include "cuda/langevin_step_kernel.h"
 
 namespace fastood {
 namespace cuda {
 namespace {
 
-constexpr int kUnroll = 4;  // curand_normal4 draws four normals per call
+constexpr int kUnroll = 4;  // elements per thread and iteration: one curand_normal4
 constexpr int64_t kMaxBlocks = 1024;
 
-// Seed and offset from a PhiloxCudaState, also under CUDA-graph capture (then they live in device memory).
-__device__ __forceinline__ void unpack_philox(const at::PhiloxCudaState& s, uint64_t& seed, uint64_t& offset) {
-  if (s.captured_) {
-    seed = static_cast<uint64_t>(*s.seed_.ptr);
-    offset = static_cast<uint64_t>(*s.offset_.ptr) + s.offset_intragraph_;
-  } else {
-    seed = s.seed_.val;
-    offset = s.offset_.val;
-  }
+template <typename T>
+struct alignas(sizeof(T) * kUnroll) Pack {
+  T v[kUnroll];
+};
+
+template <typename A>
+__device__ __forceinline__ A step_value(A x, A g, A half_step, A sigma, float z, A lo, A hi, bool noise) {
+  const A sign = static_cast<A>((g > A(0)) - (g < A(0)));
+  A v = x - half_step * sign;
+  if (noise) v += sigma * static_cast<A>(z);
+  v = v < lo ? lo : v;  // comparisons with NaN are false: NaN passes (as torch.clamp)
+  v = v > hi ? hi : v;
+  return v;
 }
 
 template <typename T, bool kNoise>
-__global__ void langevin_step_kernel(T* __restrict__ x, const T* __restrict__ grad, int64_t rows, int64_t channels,
-                                     int64_t inner, double half_step, double noise_std, const double* __restrict__ lower,
-                                     const double* __restrict__ upper, int64_t nbounds,
-                                     const bool* __restrict__ active, at::PhiloxCudaState rng) {
+__global__ void langevin_step_kernel(T* __restrict__ x, const T* __restrict__ grad, int64_t numel, int64_t per_row,
+                                     int64_t inner, int64_t channels, double half_step_d, double noise_std_d,
+                                     const double* __restrict__ lower, const double* __restrict__ upper,
+                                     int64_t nbounds, const bool* __restrict__ active, bool vector_io,
+                                     at::PhiloxCudaState rng) {
   using A = typename Acc<T>::type;
-  const int64_t numel = rows * channels * inner;
+  const A half_step = static_cast<A>(half_step_d), sigma = static_cast<A>(noise_std_d);
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x * kUnroll;
   curandStatePhilox4_32_10_t state;
   if (kNoise) {
-    uint64_t seed, offset;
-    unpack_philox(rng, seed, offset);
-    curand_init(seed, tid, offset, &state);
+    const auto seeds = at::cuda::philox::unpack(rng);
+    curand_init(std::get<0>(seeds), tid, std::get<1>(seeds), &state);
   }
+  const bool per_element = nbounds > 1 || active != nullptr;
+  const bool small = numel <= 0xffffffffLL;  // 32-bit division is far cheaper than 64-bit
+  A lo = static_cast<A>(lower[0]), hi = static_cast<A>(upper[0]);
   for (int64_t base = tid * kUnroll; base < numel; base += stride) {
-    float4 z = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (kNoise) z = curand_normal4(&state);  // drawn unconditionally: keeps the Philox stream layout fixed
-    const float noise[kUnroll] = {z.x, z.y, z.z, z.w};
+    float4 z4 = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (kNoise) z4 = curand_normal4(&state);  // drawn for every group: keeps the Philox layout fixed
+    const float z[kUnroll] = {z4.x, z4.y, z4.z, z4.w};
+    T xs[kUnroll], gs[kUnroll];
+    const bool full = base + kUnroll <= numel;
+    if (full && vector_io) {
+      const Pack<T> xp = *reinterpret_cast<const Pack<T>*>(x + base);
+      const Pack<T> gp = *reinterpret_cast<const Pack<T>*>(grad + base);
+#pragma unroll
+      for (int j = 0; j < kUnroll; ++j) {
+        xs[j] = xp.v[j];
+        gs[j] = gp.v[j];
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < kUnroll; ++j) {
+        if (base + j < numel) {  // elements past the end are never used (keep[j] below)
+          xs[j] = x[base + j];
+          gs[j] = grad[base + j];
+        }
+      }
+    }
+    bool keep[kUnroll];
 #pragma unroll
     for (int j = 0; j < kUnroll; ++j) {
       const int64_t i = base + j;
-      if (i >= numel) break;
-      const int64_t row = i / (channels * inner);
-      if (active != nullptr && !active[row]) continue;
-      const int64_t b = nbounds == 1 ? 0 : (i / inner) % channels;
-      const A g = to_acc(grad[i]);
-      const A sign = static_cast<A>((g > A(0)) - (g < A(0)));
-      A v = to_acc(x[i]) - static_cast<A>(half_step) * sign;
-      if (kNoise) v += static_cast<A>(noise_std) * static_cast<A>(noise[j]);
-      const A lo = static_cast<A>(lower[b]), hi = static_cast<A>(upper[b]);
-      v = v < lo ? lo : v;
-      v = v > hi ? hi : v;
-      x[i] = from_acc<T>(v);
+      keep[j] = i >= numel;
+      if (per_element && !keep[j]) {
+        if (active != nullptr) {
+          const int64_t row = small ? static_cast<uint32_t>(i) / static_cast<uint32_t>(per_row) : i / per_row;
+          if (!active[row]) keep[j] = true;
+        }
+        if (nbounds > 1) {
+          const int64_t ch = small ? (static_cast<uint32_t>(i) / static_cast<uint32_t>(inner)) %
+                                         static_cast<uint32_t>(channels)
+                                   : (i / inner) % channels;
+          lo = static_cast<A>(lower[ch]);
+          hi = static_cast<A>(upper[ch]);
+        }
+      }
+      if (!keep[j]) xs[j] = from_acc<T>(step_value<A>(to_acc(xs[j]), to_acc(gs[j]), half_step, sigma, z[j], lo, hi,
+                                                      kNoise));
+    }
+    if (full && vector_io && !(keep[0] || keep[1] || keep[2] || keep[3])) {
+      Pack<T> out;
+#pragma unroll
+      for (int j = 0; j < kUnroll; ++j) out.v[j] = xs[j];
+      *reinterpret_cast<Pack<T>*>(x + base) = out;
+    } else {
+#pragma unroll
+      for (int j = 0; j < kUnroll; ++j)
+        if (!keep[j]) x[base + j] = xs[j];  // inactive rows are not written at all
     }
   }
 }
 
-}  // namespace
-
-int64_t langevin_grid_size(int64_t numel) {
+int64_t grid_size(int64_t numel) {
   const int64_t per_block = static_cast<int64_t>(kThreads) * kUnroll;
   const int64_t blocks = (numel + per_block - 1) / per_block;
   return blocks < kMaxBlocks ? (blocks > 0 ? blocks : 1) : kMaxBlocks;
 }
 
-int64_t langevin_philox_increment(int64_t numel) {
-  const int64_t per_launch = langevin_grid_size(numel) * kThreads * kUnroll;
+}  // namespace
+
+int64_t langevin_step_philox_increment(int64_t numel) {
+  const int64_t per_launch = grid_size(numel) * kThreads * kUnroll;
+  // Each curand_normal4 consumes one Philox block of four 32-bit values: kUnroll counter units per iteration.
   return ((numel - 1) / per_launch + 1) * kUnroll;
 }
 
-void launch_langevin_step(DType dtype, const LangevinArgs& a, const at::PhiloxCudaState& rng, cudaStream_t stream) {
-  const int64_t blocks = langevin_grid_size(a.rows * a.channels * a.inner);
+void launch_langevin_step_kernel(DType dtype, const LangevinStepParams& p, const at::PhiloxCudaState& rng,
+                                 cudaStream_t stream) {
+  const int64_t blocks = grid_size(p.numel);
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    auto kernel = a.noise_std > 0 ? &langevin_step_kernel<T, true> : &langevin_step_kernel<T, false>;
-    kernel<<<blocks, kThreads, 0, stream>>>(static_cast<T*>(a.x), static_cast<const T*>(a.grad), a.rows, a.channels,
-                                            a.inner, a.half_step, a.noise_std, a.lower, a.upper, a.nbounds, a.active,
-                                            rng);
+    const bool vector_io = reinterpret_cast<uintptr_t>(p.x) % sizeof(Pack<T>) == 0 &&
+                           reinterpret_cast<uintptr_t>(p.grad) % sizeof(Pack<T>) == 0;
+    auto kernel = p.noise_std > 0 ? &langevin_step_kernel<T, true> : &langevin_step_kernel<T, false>;
+    kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        static_cast<T*>(p.x), static_cast<const T*>(p.grad), p.numel, p.per_row, p.inner, p.channels, p.half_step,
+        p.noise_std, p.lower, p.upper, p.nbounds, p.active, vector_io, rng);
   });
 }
 

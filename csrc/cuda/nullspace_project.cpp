@@ -1,4 +1,4 @@
-// CUDA entry point of the null-space projection; kernel in nullspace_project_kernel.cu.
+// CUDA entry point of the null-space projection: checks and tensor handling; kernel in nullspace_project_kernel.cu.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -6,6 +6,7 @@
 
 #include "checks.h"
 #include "cuda/dtype.h"
+#include "cuda/nullspace_project_kernel.h"
 
 namespace fastood {
 namespace {
@@ -13,12 +14,11 @@ namespace {
 at::Tensor nullspace_project_cuda(const at::Tensor& jac_in, const at::Tensor& r_in) {
   check_nullspace(jac_in, r_in, kMaxLatent);
   c10::cuda::CUDAGuard guard(jac_in.device());
-  auto jac = jac_in.contiguous();
-  auto r = r_in.contiguous();
-  auto out = at::empty_like(r);
-  if (jac.size(0) == 0) return out;
-  cuda::launch_nullspace_project(cuda::dtype_of(jac), jac.data_ptr(), r.data_ptr(), out.data_ptr(), jac.size(0),
-                                 jac.size(1), jac.size(2), at::cuda::getCurrentCUDAStream());
+  const at::Tensor jac = jac_in.contiguous(), r = r_in.contiguous();
+  at::Tensor out = at::empty(r.sizes(), r.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  cuda::launch_nullspace_project_kernel(cuda::dtype_of(jac), jac.data_ptr(), r.data_ptr(), out.data_ptr(),
+                                        jac.size(0), jac.size(1), jac.size(2), at::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

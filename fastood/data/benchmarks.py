@@ -1,75 +1,147 @@
-"""Ready-made OOD benchmarks on built-in data, and auxiliary outliers for training that no test set contains."""
+"""Ready-made OOD benchmarks on built-in data, and auxiliary outliers for training that no test set contains.
+
+Which auxiliary set may be trained on with which benchmark (``Benchmark.auxiliary`` enforces it):
+
+=====================  ================  ================  =========================================================
+auxiliary set          mnist5k-0to4      digits-0to4       why
+=====================  ================  ================  =========================================================
+``blobs``              disjoint          disjoint          generated smooth noise; no test set is made of blobs
+``strokes``            disjoint          disjoint          generated pen strokes; no test set is made of strokes
+``mnist5k-train-5to9`` disjoint          disjoint          *train* split of MNIST 5-9; mnist5k-0to4 tests on the
+                                                           *test* split of the same seed; digits-0to4 has no MNIST
+``digits-train-5to9``  NOT disjoint      disjoint          mnist5k-0to4's ``digits`` OOD test set holds *all* the
+                                                           scikit-learn digits; digits-0to4 tests on the test split
+=====================  ================  ================  =========================================================
+
+The test noise sets (``gaussian``, ``uniform``, ``sphere``) are never offered for training: a model trained on
+noise of the same kind would be judged on the distribution it was shown.
+"""
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from .builtin import load
 from .datasets import ImageDataset
-from .synthetic import noise
+from .synthetic import _check_shape, noise
 
 BENCHMARKS = ("mnist5k-0to4", "digits-0to4")
-AUXILIARY = ("blobs", "mnist5k-train-5to9")
+AUXILIARY = ("blobs", "strokes", "mnist5k-train-5to9", "digits-train-5to9")
+_GENERATED = ("blobs", "strokes")
+# Auxiliary sets that share images with a benchmark's OOD test sets (see the table above).
+_NOT_DISJOINT = {"mnist5k-0to4": ("digits-train-5to9",), "digits-0to4": ()}
 
 
 @dataclass
 class Benchmark:
-    """ID train/test sets and a dict of OOD test sets, all of shape ``shape`` in [-1, 1]."""
+    """ID train/test sets and a dict of OOD test sets, all of shape ``shape`` (C, H, W) in [-1, 1].
+
+    Attributes: ``name``, ``id_train`` and ``id_test`` (labels 0..num_classes-1), ``ood`` (name ->
+    :class:`ImageDataset` with labels -1), ``num_classes``, ``seed`` (of the train/test split and the noise sets),
+    ``shape``.
+    """
 
     name: str
     id_train: ImageDataset
     id_test: ImageDataset
     ood: dict = field(default_factory=dict)
     num_classes: int = 0
+    seed: int = 0
 
     @property
     def shape(self):
+        """The image shape (C, H, W)."""
         return self.id_train.shape
 
-
-def _max_norm(ds: ImageDataset) -> float:
-    return float(ds.images.flatten(1).norm(dim=1).max())
+    def auxiliary(self, name: str, n: int = 2000, seed: int = 100) -> ImageDataset:
+        """Training outliers ``name`` at this benchmark's shape and split seed, disjoint from all of its OOD test
+        sets; ValueError for a set that is not (e.g. ``digits-train-5to9`` with ``mnist5k-0to4``)."""
+        if name in _NOT_DISJOINT.get(self.name, ()):
+            safe = [a for a in AUXILIARY if a not in _NOT_DISJOINT[self.name]]
+            raise ValueError(f"auxiliary set {name!r} shares images with an OOD test set of {self.name!r}; "
+                             f"sets disjoint from its test sets: {', '.join(safe)}")
+        return auxiliary_outliers(name, n=n, shape=self.shape, seed=seed, split_seed=self.seed)
 
 
 def _as_ood(ds: ImageDataset, name: str) -> ImageDataset:
     return ImageDataset(ds.images, torch.full((len(ds),), -1, dtype=torch.long), name=name)
 
 
-def benchmark(name: str, seed: int = 0) -> Benchmark:
-    """A built-in benchmark.
+def _max_norm(ds: ImageDataset) -> float:
+    """Vernekar et al.'s sphere radius: the largest L2 norm of a (flattened) image of ``ds``."""
+    return float(ds.images.flatten(1).norm(dim=1).max())
 
-    - ``"mnist5k-0to4"``: ID = MNIST digits 0-4 (mnist5k, 28x28); OOD test sets: ``mnist5k-5to9`` (the held-out
-      digits of the test split), ``digits`` (scikit-learn's digits resized to 28x28), ``gaussian``, ``uniform`` and
-      ``sphere`` (radius = the largest norm of the ID training images).
-    - ``"digits-0to4"``: ID = scikit-learn digits 0-4 (8x8); OOD: ``digits-5to9`` (test split) and the noise sets.
-    The split is fixed by ``seed``; noise sets have as many images as the ID test set.
+
+def benchmark(name: str, seed: int = 0, size=None) -> Benchmark:
+    """A built-in benchmark with 5 ID classes.
+
+    - ``"mnist5k-0to4"``: ID = MNIST digits 0-4 (mnist5k, 28x28; 2,000 train / 500 test images).
+      OOD test sets: ``mnist5k-5to9`` (the held-out digits 5-9 of the *test* split), ``digits`` (all of
+      scikit-learn's digits resized to 28x28), ``gaussian``, ``uniform`` and ``sphere`` (radius = the largest
+      L2 norm of the ID training images, as in Vernekar et al.).
+    - ``"digits-0to4"``: ID = scikit-learn digits 0-4 at their native 8x8 (a tiny, fast benchmark; pass
+      ``size=28`` to use the same networks as on MNIST). OOD: ``digits-5to9`` (test split) and the three noise sets.
+
+    ``seed`` fixes the stratified train/test split (test fraction 0.2) and the noise sets; each noise set has as
+    many images as the ID test set. ``size`` resizes every set to ``size x size`` (bilinear).
     """
     if name == "mnist5k-0to4":
-        id_train = load("mnist5k", "train", classes=range(5), seed=seed)
-        id_test = load("mnist5k", "test", classes=range(5), seed=seed)
-        ood = {"mnist5k-5to9": _as_ood(load("mnist5k", "test", classes=range(5, 10), seed=seed), "mnist5k-5to9"),
-               "digits": _as_ood(load("digits", "all", size=28), "digits")}
+        source, ood_name = "mnist5k", "mnist5k-5to9"
     elif name == "digits-0to4":
-        id_train = load("digits", "train", classes=range(5), seed=seed)
-        id_test = load("digits", "test", classes=range(5), seed=seed)
-        ood = {"digits-5to9": _as_ood(load("digits", "test", classes=range(5, 10), seed=seed), "digits-5to9")}
+        source, ood_name = "digits", "digits-5to9"
     else:
         raise ValueError(f"unknown benchmark {name!r}; valid names: {', '.join(BENCHMARKS)}")
+    id_train = load(source, "train", classes=range(5), size=size, seed=seed)
+    id_test = load(source, "test", classes=range(5), size=size, seed=seed)
+    side = id_train.shape[-1]
+    ood = {ood_name: _as_ood(load(source, "test", classes=range(5, 10), size=size, seed=seed), ood_name)}
+    if name == "mnist5k-0to4":
+        ood["digits"] = _as_ood(load("digits", "all", size=side), "digits")
     n, shape = len(id_test), id_test.shape
     ood["gaussian"] = noise("gaussian", n, shape, seed=seed + 1)
     ood["uniform"] = noise("uniform", n, shape, seed=seed + 2)
     ood["sphere"] = noise("sphere", n, shape, seed=seed + 3, radius=_max_norm(id_train))
-    return Benchmark(name, id_train, id_test, ood, num_classes=5)
+    return Benchmark(name, id_train, id_test, ood, num_classes=5, seed=seed)
 
 
-def auxiliary_outliers(name: str, n: int = 2000, shape=(1, 28, 28), seed: int = 100) -> ImageDataset:
-    """Outliers for *training* (OE, Energy-OE, ICE, ...), disjoint from every test OOD set of the benchmarks.
+def _to_shape(ds: ImageDataset, shape, name: str) -> ImageDataset:
+    """Resize (bilinear) and repeat the single channel of a real auxiliary set to ``shape``."""
+    c, h, w = shape
+    x = ds.images
+    if x.shape[0] and tuple(x.shape[-2:]) != (h, w):
+        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False,
+                          antialias=h < x.shape[-2]).clamp(-1, 1)
+    if c != x.shape[1]:
+        if x.shape[1] != 1:
+            raise ValueError(f"cannot turn {x.shape[1]}-channel images of {name!r} into shape {tuple(shape)}")
+        x = x.expand(-1, c, -1, -1).contiguous()
+    return ImageDataset(x, torch.full((x.shape[0],), -1, dtype=torch.long), name=name)
 
-    - ``"blobs"``: smooth random structures (low-resolution noise upsampled); no test set contains them.
-    - ``"mnist5k-train-5to9"``: the *train* split of MNIST digits 5-9; ``mnist5k-0to4`` tests on the disjoint
-      *test* split (same seed), so no test image is ever trained on. Ignores ``n`` and ``shape``.
+
+def auxiliary_outliers(name: str, n: int = 2000, shape=(1, 28, 28), seed: int = 100,
+                       split_seed: int = 0) -> ImageDataset:
+    """Outliers for *training* (OE, Energy-OE, ICE, discrepancy, tuning detectors on a validation split), labels -1.
+
+    Args:
+        name: ``"blobs"`` or ``"strokes"`` (generated, see :func:`fastood.data.noise`), ``"mnist5k-train-5to9"``
+            or ``"digits-train-5to9"`` (the *train* split of the held-out digits 5-9). See the module docstring for
+            which benchmark's test sets each is disjoint from; :meth:`Benchmark.auxiliary` checks it for you.
+        n: number of images; the real sets give at most their train split (a seeded random subset when fewer
+            are asked for).
+        shape: (C, H, W) of the images; real sets are resized and their channel repeated to match.
+        seed: seed of the generated images and of the subset drawn from a real set.
+        split_seed: seed of the train/test split of the real sets. It must equal the benchmark's ``seed``, or the
+            train split taken here overlaps that benchmark's test split.
     """
-    if name == "blobs":
-        return noise("blobs", n, shape, seed=seed)
-    if name == "mnist5k-train-5to9":
-        return _as_ood(load("mnist5k", "train", classes=range(5, 10), seed=0), name)
-    raise ValueError(f"unknown auxiliary outlier set {name!r}; valid names: {', '.join(AUXILIARY)}")
+    if name not in AUXILIARY:
+        raise ValueError(f"unknown auxiliary outlier set {name!r}; valid names: {', '.join(AUXILIARY)}")
+    if name in _GENERATED:
+        return noise(name, n, shape, seed=seed)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    source = name.split("-", 1)[0]
+    ds = load(source, "train", classes=range(5, 10), seed=split_seed)
+    if n < len(ds):
+        keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(int(seed)))[:n].sort().values
+        ds = ImageDataset(ds.images[keep], ds.labels[keep])
+    return _to_shape(ds, _check_shape(shape), name)

@@ -1,55 +1,161 @@
-"""torchvision adapters for data on disk: MNIST, FashionMNIST, CIFAR-10/100, SVHN, and ODIN-style image folders."""
+"""torchvision adapters for data on disk: MNIST, FashionMNIST, CIFAR-10/100, SVHN, and ODIN-style image folders.
+
+Every adapter returns a map-style dataset of ``(image [C, H, W] float32 in [-1, 1], label int)`` pairs. Nothing is
+downloaded unless ``download=True`` is passed (it goes straight to torchvision).
+"""
 import os
 
 VISION = ("mnist", "fashionmnist", "cifar10", "cifar100", "svhn")
-_HOW = ("pass download=True to fetch it, or place the dataset's files under {root} "
-        "(the layout torchvision.datasets.{cls} expects)")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+# name -> (torchvision class name, where torchvision looks for the files under root)
+_SPECS = {
+    "mnist": ("MNIST", "MNIST/raw/ (train-images-idx3-ubyte, ... from http://yann.lecun.com/exdb/mnist)"),
+    "fashionmnist": ("FashionMNIST", "FashionMNIST/raw/ (train-images-idx3-ubyte, ...)"),
+    "cifar10": ("CIFAR10", "cifar-10-batches-py/ (the unpacked cifar-10-python.tar.gz)"),
+    "cifar100": ("CIFAR100", "cifar-100-python/ (the unpacked cifar-100-python.tar.gz)"),
+    "svhn": ("SVHN", "train_32x32.mat / test_32x32.mat (from http://ufldl.stanford.edu/housenumbers)"),
+}
 
 
-def _transforms(size=None, crop=False, gray=False):
-    from torchvision import transforms as T
+def _torchvision():
+    try:
+        import torchvision
+    except ImportError:
+        raise ImportError("the torchvision adapters need torchvision: pip install 'fastood[vision]'") from None
+    return torchvision
 
+
+def _check_channels(channels):
+    if channels not in (None, 1, 3):
+        raise ValueError(f"channels must be 1, 3 or None (keep the dataset's own), got {channels!r}")
+
+
+def _check_size(size, allow_none=True):
+    if size is None and allow_none:
+        return
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise ValueError(f"size must be a positive int{' or None' if allow_none else ''}, got {size!r}")
+
+
+class _ConvertMode:
+    """PIL image -> PIL image in ``mode`` ("L" or "RGB"); a class, not a lambda, so DataLoader workers can pickle it."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def __call__(self, img):
+        return img.convert(self.mode)
+
+
+class _ToUnitRange:
+    """Tensor in [0, 1] -> [-1, 1]."""
+
+    def __call__(self, x):
+        return x * 2 - 1
+
+
+def to_unit_range_transform(size=None, crop: bool = False, channels=None):
+    """A torchvision transform: PIL image -> optional resize (``crop=False``) or center crop (``crop=True``) to
+    ``size x size`` -> 1 or 3 channels -> float tensor [C, H, W] in [-1, 1] (``(x / 255 - 0.5) / 0.5``)."""
+    T = _torchvision().transforms
+    _check_size(size)
+    _check_channels(channels)
     steps = []
+    if channels is not None:
+        steps.append(_ConvertMode("L" if channels == 1 else "RGB"))
     if size is not None:
         steps.append(T.CenterCrop(size) if crop else T.Resize((size, size)))
-    if gray:
-        steps.append(T.Grayscale())
-    steps += [T.ToTensor(), T.Normalize([0.5] * (1 if gray else 3), [0.5] * (1 if gray else 3))]  # -> [-1, 1]
+    steps += [T.ToTensor(), _ToUnitRange()]
     return T.Compose(steps)
 
 
-def torchvision_dataset(name: str, root: str, train: bool = True, download: bool = False):
-    """A torchvision dataset with images mapped to [-1, 1]. Missing files raise FileNotFoundError saying where."""
-    try:
-        import torchvision.datasets as D
-    except ImportError:
-        raise ImportError("torchvision adapters need torchvision: pip install 'fastood[vision]'") from None
-    key = name.lower().replace("-", "").replace("_", "")
-    classes = {"mnist": D.MNIST, "fashionmnist": D.FashionMNIST, "cifar10": D.CIFAR10, "cifar100": D.CIFAR100,
-               "svhn": D.SVHN}
-    if key not in classes:
+def torchvision_dataset(name: str, root: str, train: bool = True, download: bool = False, size=None,
+                        channels=None):
+    """A torchvision dataset with images mapped to [-1, 1], yielding ``(x [C, H, W], label)``.
+
+    Args:
+        name: ``"mnist"``, ``"fashionmnist"``, ``"cifar10"``, ``"cifar100"`` or ``"svhn"`` (case, ``-`` and ``_``
+            ignored).
+        root: the folder holding the files in torchvision's layout.
+        train: training split (SVHN: ``split="train"``) or test split.
+        download: passed to torchvision (False by default: fastood never reaches the network on its own).
+        size: resize to ``size x size`` (bilinear), e.g. 32 to score MNIST on a CIFAR model; None keeps 28/32.
+        channels: 1 or 3 to convert (grayscale <-> RGB replicated), None keeps the dataset's own.
+
+    Raises FileNotFoundError naming the folder it looked in and the files it expected when the data is missing
+    and ``download=False``; RuntimeError with the same hint when a download fails.
+    """
+    key = str(name).lower().replace("-", "").replace("_", "")
+    if key not in _SPECS:
         raise ValueError(f"unknown torchvision dataset {name!r}; valid names: {', '.join(VISION)}")
-    cls = classes[key]
-    gray = key in ("mnist", "fashionmnist")
+    _torchvision()
+    import torchvision.datasets as tv_datasets
+
+    class_name, layout = _SPECS[key]
+    cls = getattr(tv_datasets, class_name)
+    transform = to_unit_range_transform(size=size, channels=channels)
+    where = os.path.abspath(os.path.expanduser(str(root)))
+    hint = (f"{class_name} expects {os.path.join(where, layout)}; pass download=True to fetch it there, or copy "
+            "the files into that layout")
     try:
         if key == "svhn":
-            return cls(root, split="train" if train else "test", transform=_transforms(gray=False), download=download)
-        return cls(root, train=train, transform=_transforms(gray=gray), download=download)
+            return cls(where, split="train" if train else "test", transform=transform, download=download)
+        return cls(where, train=train, transform=transform, download=download)
     except RuntimeError as exc:
-        if "not found" in str(exc).lower() or "download" in str(exc).lower():
-            raise FileNotFoundError(f"{cls.__name__} not found under {os.path.abspath(root)!r}: "
-                                    + _HOW.format(root=os.path.abspath(root), cls=cls.__name__)) from exc
+        if not download and "not found" in str(exc).lower():
+            raise FileNotFoundError(f"{class_name} not found in {where!r}: {hint}") from exc
+        if download:
+            raise RuntimeError(f"could not download {class_name} into {where!r} ({exc}); {hint}") from exc
         raise
+    except OSError as exc:  # e.g. no network while downloading, or an unreadable folder
+        raise RuntimeError(f"could not open {class_name} in {where!r} ({exc}); {hint}") from exc
 
 
-def image_folder(root: str, size: int = 32, variant: str = "resize"):
-    """An OOD image folder (e.g. TinyImageNet / LSUN as in ODIN): ``variant="resize"`` (r) or ``"crop"`` (c)
-    to ``size x size``, labels ignored. Missing folders raise FileNotFoundError."""
+class ImageFiles:
+    """Every image file under ``root`` (recursively, sorted by path) as ``(x [C, size, size] in [-1, 1], -1)``.
+
+    An OOD set has no labels, so the label is always -1 and the folder layout does not matter (flat, one
+    sub-folder, or many). Attributes: ``root``, ``files`` (absolute paths).
+    """
+
+    def __init__(self, root: str, transform):
+        self.root = os.path.abspath(os.path.expanduser(str(root)))
+        self.transform = transform
+        self.files = sorted(os.path.join(d, f) for d, _, names in os.walk(self.root) for f in names
+                            if f.lower().endswith(IMAGE_EXTENSIONS))
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        from PIL import Image
+
+        with Image.open(self.files[index]) as img:
+            return self.transform(img), -1
+
+    def __repr__(self):
+        return f"ImageFiles({self.root!r}, n={len(self)})"
+
+
+def image_folder(root: str, size: int = 32, variant: str = "resize", channels: int = 3) -> ImageFiles:
+    """An OOD image folder, e.g. TinyImageNet or LSUN, as in the ODIN protocol (Liang et al. 2018).
+
+    ``variant="resize"`` gives the (r) sets (each image downsampled to ``size x size``), ``"crop"`` the (c) sets
+    (a ``size x size`` patch; here the central one, so the set is the same on every run). Labels are -1.
+    ``channels``: 3 (RGB) or 1 (grayscale). Raises FileNotFoundError when ``root`` is missing or holds no image.
+    """
     if variant not in ("resize", "crop"):
         raise ValueError(f"variant must be 'resize' or 'crop', got {variant!r}")
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"image folder {os.path.abspath(root)!r} does not exist: download and unpack the "
-                                "OOD set there (one sub-folder of images, as torchvision.datasets.ImageFolder expects)")
-    from torchvision.datasets import ImageFolder
-
-    return ImageFolder(root, transform=_transforms(size=size, crop=variant == "crop"))
+    _check_size(size, allow_none=False)
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+    where = os.path.abspath(os.path.expanduser(str(root)))
+    if not os.path.isdir(where):
+        raise FileNotFoundError(f"image folder {where!r} does not exist: download the OOD set (e.g. the ODIN "
+                                "TinyImageNet/LSUN resize or crop archives) and unpack it there; any layout works")
+    dataset = ImageFiles(where, to_unit_range_transform(size=size, crop=variant == "crop", channels=channels))
+    if not dataset.files:
+        raise FileNotFoundError(f"image folder {where!r} holds no image file ({', '.join(IMAGE_EXTENSIONS)}); "
+                                "unpack the OOD set's images there")
+    return dataset

@@ -1,13 +1,22 @@
-"""OOD detectors. Every score is higher for inputs that look more out-of-distribution."""
+"""OOD detectors. Every score is higher for inputs that look more out-of-distribution.
+
+``det = Energy(model)``; ``det.fit(train_loader)`` where the method needs ID training data (Mahalanobis);
+``det.score(x) -> [B]``; ``det.score_loader(loader) -> [N]`` (CPU); ``det.predict(x)`` -> the classifier's
+classes, used by :func:`fastood.evaluation.evaluate` for ID accuracy.
+"""
 from .base import Detector, eval_mode
-from .logit_scores import MSP, Discrepancy, Energy, Entropy, ExtraClass, ICELikelihood, MaxLogit
+from .discrepancy import Discrepancy
+from .extra_class import ExtraClass
+from .ice import ICELikelihood
+from .logit_scores import MSP, Energy, Entropy, LogitDetector, MaxLogit
 from .mahalanobis import Mahalanobis
 from .odin import ODIN
-from .tuning import tune_detector
+from .tuning import tune_detector, tuning_table
 
+#: Detector classes by lower-case name (for the command line).
 DETECTORS = {"msp": MSP, "maxlogit": MaxLogit, "energy": Energy, "entropy": Entropy, "odin": ODIN,
              "mahalanobis": Mahalanobis, "discrepancy": Discrepancy, "extraclass": ExtraClass,
              "ice": ICELikelihood}
 
-__all__ = ["Detector", "MSP", "MaxLogit", "Energy", "Entropy", "ODIN", "Mahalanobis", "Discrepancy", "ExtraClass",
-           "ICELikelihood", "tune_detector", "eval_mode", "DETECTORS"]
+__all__ = ["Detector", "LogitDetector", "MSP", "MaxLogit", "Energy", "Entropy", "ODIN", "Mahalanobis",
+           "Discrepancy", "ExtraClass", "ICELikelihood", "tune_detector", "tuning_table", "eval_mode", "DETECTORS"]

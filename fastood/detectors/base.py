@@ -1,5 +1,6 @@
-"""Detector base class: scores where higher = more OOD, computed batch by batch on the model's device."""
+"""Detector base class: OOD scores (higher = more OOD) computed batch by batch on the model's device."""
 import contextlib
+import copy
 
 import torch
 from torch import nn
@@ -9,7 +10,7 @@ from fastood.trainers.base import first_item, model_device
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):
-    """Put ``model`` in eval mode, restoring its previous train/eval flags (every submodule) afterwards."""
+    """Put ``model`` in eval mode, restoring every submodule's own train/eval flag afterwards."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -19,65 +20,132 @@ def eval_mode(model: nn.Module):
             m.training = training
 
 
-class Detector:
-    """Base class. Subclasses implement :meth:`_score_and_predict`.
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter or buffer (float32 for a parameter-free model)."""
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32
 
-    Every detector: ``fit(loader)`` where it needs ID training data (returns self), ``score(x) -> [B]`` (higher =
-    more OOD, float32 on the model's device), ``score_loader(loader) -> [N]`` (CPU), ``predict(x) -> [B]`` class
-    indices. Scoring runs the model in eval mode (restored afterwards) and without autograd unless the method
-    needs input gradients (``needs_input_grad``).
+
+def logits_of(output, detector_name: str) -> torch.Tensor:
+    """Check that a model output is one logits tensor [B, C]; the error says which detector needs what."""
+    if not isinstance(output, torch.Tensor) or output.dim() != 2:
+        got = type(output).__name__ if not isinstance(output, torch.Tensor) else f"a tensor of shape {tuple(output.shape)}"
+        raise TypeError(f"{detector_name} needs a model returning logits [B, C], got {got} "
+                        "(two-head models: use Discrepancy)")
+    return output
+
+
+class Detector:
+    """Base class of every detector. Higher score = more OOD.
+
+    - ``fit(loader)``: learns from ID training data where the method needs it (returns ``self``; a no-op here).
+    - ``score(x)``: x [B, ...] (moved to the model's device and floating dtype) -> float32 scores [B] on the
+      model's device.
+    - ``predict(x)``: [B] class indices, the classifier's own decision (e.g. ``ExtraClass`` ignores the outlier
+      class), or ``None`` when the model gives no class decision.
+    - ``score_loader(loader)``: a loader of tensors or of tuples whose first item is the images -> CPU [N].
+
+    Scoring puts the model in eval mode (each submodule's mode is restored afterwards) and runs without autograd,
+    except for methods whose ``needs_input_grad`` is true (input perturbation: ODIN, Mahalanobis with
+    ``epsilon > 0``); those take gradients with respect to the input only, never accumulating parameter ``.grad``.
+
+    Subclasses implement ``_score_and_predict(x) -> (scores [B], predictions [B] or None)``, list their
+    hyperparameters in ``hyperparameters`` and validate them in ``_check_hyperparameters``.
     """
 
-    needs_input_grad = False
+    hyperparameters: tuple = ()
 
     def __init__(self, model: nn.Module):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
 
+    # ------------------------------------------------------------------ description
     @property
     def name(self) -> str:
-        return type(self).__name__
+        """Class name with hyperparameters, e.g. ``ODIN(T=1000, epsilon=0.0014)``."""
+        params = ", ".join(f"{k}={getattr(self, k):g}" if isinstance(getattr(self, k), float)
+                           else f"{k}={getattr(self, k)!r}" for k in self.hyperparameters)
+        return f"{type(self).__name__}({params})" if params else type(self).__name__
+
+    def __repr__(self):
+        return self.name
 
     @property
     def device(self) -> torch.device:
         return model_device(self.model)
 
-    def fit(self, loader):
+    @property
+    def needs_input_grad(self) -> bool:
+        return False
+
+    def _check_hyperparameters(self) -> None:
+        """Raise ValueError for invalid hyperparameter values (subclasses)."""
+
+    def replace(self, **params) -> "Detector":
+        """A shallow copy with some hyperparameters changed, sharing the model and any fitted statistics.
+
+        E.g. ``Mahalanobis(model).fit(train).replace(epsilon=0.002)`` tries a perturbation size without refitting.
+        """
+        unknown = sorted(set(params) - set(self.hyperparameters))
+        if unknown:
+            raise ValueError(f"{type(self).__name__}.replace: unknown hyperparameter(s) {unknown}; "
+                             f"known: {list(self.hyperparameters)}")
+        new = copy.copy(self)
+        for k, v in params.items():
+            setattr(new, k, v)
+        new._check_hyperparameters()
+        return new
+
+    # ------------------------------------------------------------------ fitting / scoring
+    def fit(self, loader, progress: bool = False) -> "Detector":
+        """Learn from ID training data (no-op for detectors that need none). Returns ``self``."""
         return self
 
     def _score_and_predict(self, x: torch.Tensor):
-        """(scores [B], predicted classes [B] or None) for a batch already on the device."""
+        """(scores [B], predicted classes [B] or None) for a batch already on the model's device and dtype."""
         raise NotImplementedError
 
-    def _check_input(self, x):
+    def _prepare(self, x) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor batch, got {type(x).__name__}")
+            raise TypeError(f"x must be a torch.Tensor image batch, got {type(x).__name__}")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point image batch, got dtype {x.dtype}")
-        return x.to(self.device)
+        if x.dim() == 0:
+            raise ValueError("x must be a batch [B, ...], got a 0-d tensor")
+        return x.to(device=self.device, dtype=model_dtype(self.model))
 
     def score_and_predict(self, x: torch.Tensor):
-        x = self._check_input(x)
+        """``(scores [B] float32, predictions [B] long or None)``, both on the model's device."""
+        x = self._prepare(x)
         if x.shape[0] == 0:
-            return x.new_zeros(0), torch.zeros(0, dtype=torch.long, device=x.device)
-        with eval_mode(self.model), torch.set_grad_enabled(self.needs_input_grad):
-            scores, predictions = self._score_and_predict(x)
+            return x.new_zeros(0, dtype=torch.float32), torch.zeros(0, dtype=torch.long, device=x.device)
+        with eval_mode(self.model):
+            if self.needs_input_grad:
+                # Input gradients work even when called under torch.no_grad() or torch.inference_mode().
+                with torch.inference_mode(False), torch.enable_grad():
+                    scores, predictions = self._score_and_predict(x.clone() if x.is_inference() else x)
+            else:
+                with torch.no_grad():
+                    scores, predictions = self._score_and_predict(x)
         return scores.detach().float(), None if predictions is None else predictions.detach()
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
-        """OOD scores [B] of an image batch (higher = more OOD)."""
+        """OOD scores [B] (float32, on the model's device) of an image batch x [B, ...]; higher = more OOD."""
         return self.score_and_predict(x)[0]
 
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Predicted ID classes [B]."""
+    def predict(self, x: torch.Tensor):
+        """Predicted ID classes [B] (long, on the model's device), or None if the model gives none."""
         return self.score_and_predict(x)[1]
 
     def score_loader(self, loader, progress: bool = False) -> torch.Tensor:
-        """Scores of every batch of ``loader`` (tensors or tuples whose first item is the images) -> CPU [N]."""
+        """Scores [N] (float32, CPU) of every batch of ``loader`` (tensors, or tuples whose first item is the images)."""
         return self.score_loader_with_predictions(loader, progress)[0]
 
     def score_loader_with_predictions(self, loader, progress: bool = False):
+        """``(scores [N] float32, predictions [N] long or None)``, both on the CPU."""
         from tqdm.auto import tqdm
 
         scores, predictions = [], []
@@ -86,5 +154,6 @@ class Detector:
             scores.append(s.cpu())
             if p is not None:
                 predictions.append(p.cpu())
+        complete = bool(predictions) and len(predictions) == len(scores)  # every batch had predictions
         scores = torch.cat(scores) if scores else torch.zeros(0)
-        return scores, (torch.cat(predictions) if predictions else None)
+        return scores, (torch.cat(predictions) if complete else None)

@@ -1,85 +1,66 @@
-"""Scores computed from one forward pass of a classifier's logits (higher = more OOD)."""
+"""Scores from one forward pass of a classifier's logits f = model(x) [B, C]. Higher = more OOD."""
 import torch
 
 from fastood import ops
 
-from .base import Detector
+from .base import Detector, logits_of
 
 
 class LogitDetector(Detector):
-    """A detector whose score is a function of the logits ``model(x)`` [B, C]."""
+    """A detector whose score is a function of the logits [B, C]; predictions are ``argmax_k f_k``."""
 
-    def _from_logits(self, logits):
+    def _from_logits(self, logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def _score_and_predict(self, x):
-        logits = self.model(x)
-        return self._from_logits(logits.float()), logits.argmax(dim=1)
+        logits = logits_of(self.model(x), type(self).__name__).float()
+        return self._from_logits(logits), logits.argmax(dim=1)
 
 
 class MSP(LogitDetector):
-    """Maximum softmax probability (Hendrycks & Gimpel): score = ``-max_k softmax(f)_k`` (higher = more OOD)."""
+    """Maximum softmax probability (Hendrycks & Gimpel, ICLR 2017): score = ``-max_k softmax(f)_k``.
+
+    Higher = more OOD; scores lie in [-1, -1/C].
+    """
 
     def _from_logits(self, logits):
         return -torch.softmax(logits, dim=1).amax(dim=1)
 
 
 class MaxLogit(LogitDetector):
-    """Maximum logit: score = ``-max_k f_k`` (higher = more OOD)."""
+    """Maximum logit (Hendrycks et al. 2022): score = ``-max_k f_k``. Higher = more OOD."""
 
     def _from_logits(self, logits):
         return -logits.amax(dim=1)
 
 
 class Energy(LogitDetector):
-    """Free energy (Liu et al. 2020): score = ``-T logsumexp(f / T)`` (higher = more OOD)."""
+    """Free energy (Liu et al., NeurIPS 2020, Eq. 1): score = ``E(x) = -T logsumexp_k(f_k / T)``.
+
+    Higher = more OOD (ID inputs get large logits, hence low energy). ``T`` > 0 is the temperature (default 1).
+    """
+
+    hyperparameters = ("T",)
 
     def __init__(self, model, T: float = 1.0):
         super().__init__(model)
-        if not T > 0:
-            raise ValueError(f"T must be > 0, got {T}")
-        self.T = float(T)
+        self.T = T
+        self._check_hyperparameters()
+
+    def _check_hyperparameters(self):
+        if not (isinstance(self.T, (int, float)) and self.T > 0):
+            raise ValueError(f"T must be a number > 0, got {self.T!r}")
+        self.T = float(self.T)
 
     def _from_logits(self, logits):
         return -self.T * torch.logsumexp(logits / self.T, dim=1)
 
 
 class Entropy(LogitDetector):
-    """Entropy of the softmax: score = ``H(softmax(f))`` (higher = more OOD); uses ``ops.softmax_entropy``."""
+    """Entropy of the softmax: score = ``H(p) = -sum_k p_k log p_k``, p = softmax(f). Higher = more OOD.
+
+    Uses the fused ``fastood.ops.softmax_entropy``.
+    """
 
     def _from_logits(self, logits):
         return ops.softmax_entropy(logits)
-
-
-class ExtraClass(LogitDetector):
-    """Probability of the (n+1)-th, "outlier" class of an n+1-class classifier: score = ``softmax(f)_{n+1}``
-    (higher = more OOD). Predictions ignore the extra class."""
-
-    def _score_and_predict(self, x):
-        logits = self.model(x).float()
-        return torch.softmax(logits, dim=1)[:, -1], logits[:, :-1].argmax(dim=1)
-
-
-class Discrepancy(Detector):
-    """Two-head discrepancy (Yu & Aizawa 2019): the model returns ``(logits1, logits2)``; score =
-    ``sum_k |p1_k - p2_k|`` (higher = more OOD). Predictions from the mean of the two heads' probabilities."""
-
-    def _score_and_predict(self, x):
-        out = self.model(x)
-        if not (isinstance(out, (tuple, list)) and len(out) == 2):
-            raise TypeError("Discrepancy needs a model that returns (logits1, logits2), e.g. fastood.models.TwoHead")
-        p1, p2 = torch.softmax(out[0].float(), 1), torch.softmax(out[1].float(), 1)
-        return (p1 - p2).abs().sum(dim=1), (p1 + p2).argmax(dim=1)
-
-
-class ICELikelihood(Detector):
-    """ICE (Wu et al. 2023): the model returns Gaussian-head values h [B, C] (``h_i <= 0``); score =
-    ``-max_i h_i`` (higher = more OOD). ``in_distribution_probability(x) = exp(max_i h_i)``."""
-
-    def _score_and_predict(self, x):
-        h = self.model(x).float()
-        best, pred = h.max(dim=1)
-        return -best, pred
-
-    def in_distribution_probability(self, x):
-        return torch.exp(-self.score(x))

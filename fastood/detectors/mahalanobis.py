@@ -1,7 +1,8 @@
-"""Mahalanobis detector (Lee et al., NeurIPS 2018): class-conditional Gaussians with a tied covariance on
-pooled features of chosen layers."""
+"""Mahalanobis detector (Lee, Lee, Lee, Shin, NeurIPS 2018): class-conditional Gaussians with one tied covariance,
+fitted on pooled features of chosen layers."""
+import warnings
+
 import torch
-from torch import nn
 
 from fastood.trainers.base import first_item
 
@@ -9,106 +10,186 @@ from .base import Detector, eval_mode
 
 
 def _pool(t: torch.Tensor) -> torch.Tensor:
-    """Global average pool of [B, C, H, W] (or flatten of [B, ...]) to [B, F]."""
-    return t.mean(dim=(2, 3)) if t.dim() == 4 else t.flatten(1)
+    """Features [B, F] in float64: global average pool of [B, C, H, W] (or [B, C, L]), flatten of [B, F]."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"Mahalanobis: a hooked layer produced {type(t).__name__}, expected a tensor")
+    t = t.mean(dim=tuple(range(2, t.dim()))) if t.dim() > 2 else t.reshape(t.shape[0], -1)
+    return t.double()
 
 
 class Mahalanobis(Detector):
-    """score = ``sum_layers min_c (z - mu_c)^T Sigma^-1 (z - mu_c)`` (higher = more OOD).
+    """score = ``sum_l min_c (z_l - mu_{l,c})^T Sigma_l^+ (z_l - mu_{l,c})`` (paper Eq. 2, summed over layers l;
+    higher = more OOD), for pooled features z_l of the chosen layers, class means mu_{l,c} and the tied
+    within-class covariance Sigma_l (pseudo-inverse ``+`` for rank-deficient features).
 
     Args:
-        model: the classifier.
-        layers: names of submodules (``dict(model.named_modules())``) whose outputs are pooled into features;
-            default: the input of the final linear layer (penultimate features).
-        epsilon: input perturbation that decreases the distance to the closest class (0 = off).
-    ``fit(loader)`` streams the ID training data once, accumulating per-class sums and the total second moment
-    in float64 (memory O(classes x F + F^2), independent of the data size).
+        model: the classifier (its output is used only for ``predict``, so any model works for scoring).
+        layers: names of submodules (as in ``model.named_modules()``) whose outputs are globally average-pooled
+            into features; default None = the input of the final linear layer (the penultimate features, found
+            with :func:`fastood.models.split_head`). A module called several times in one forward pass
+            contributes its last call.
+        epsilon: input perturbation (paper Eq. 4), per layer: ``x^_l = x - epsilon * sign(grad_x d_l(x))`` with
+            ``d_l`` the distance to the closest class, then layer l is scored at ``x^_l``; 0 = off.
+
+    ``fit(loader)`` streams labeled ID training data once and keeps only per-class feature sums and one second
+    moment per layer (float64, O(classes * F + F^2) memory, independent of the number of images). Classes with
+    no training samples (e.g. the outlier class of an n+1 classifier) are left out of the minimum.
+    After fitting: ``classes`` [K], ``means`` (per layer [K, F]), ``precisions`` (per layer [F, F]).
+    ``predict`` is the model's argmax when it returns logits [B, C], else None.
     """
 
-    needs_input_grad = True
+    hyperparameters = ("epsilon",)
 
     def __init__(self, model, layers=None, epsilon: float = 0.0):
         super().__init__(model)
-        if not epsilon >= 0:
-            raise ValueError(f"epsilon must be >= 0, got {epsilon}")
-        self.epsilon = float(epsilon)
-        modules = dict(model.named_modules())
+        self.epsilon = epsilon
+        self._check_hyperparameters()
         if layers is None:
             from fastood.models import split_head
 
             self._targets = [("penultimate", split_head(model)[1], True)]
         else:
+            if isinstance(layers, str) or not layers:
+                raise ValueError(f"layers must be a non-empty list of module names, got {layers!r}")
+            modules = dict(model.named_modules())
             missing = [n for n in layers if n not in modules]
             if missing:
-                raise ValueError(f"layers {missing} not found in the model; some valid names: {list(modules)[1:12]}")
+                raise ValueError(f"layers {missing} not found in the model; valid names include "
+                                 f"{[n for n in modules if n][:15]}")
             self._targets = [(n, modules[n], False) for n in layers]
-        self.means = None       # per layer [C, F]
+        self.layers = [name for name, _, _ in self._targets]
+        self.classes = None     # [K] class indices that had training samples
+        self.means = None       # per layer [K, F]
         self.precisions = None  # per layer [F, F]
+        self._whiten = None     # per layer W [F, R] with W W^T = Sigma^+
+        self._white_means = None  # per layer mu W [K, R]
 
+    @property
+    def name(self) -> str:
+        """``Mahalanobis(epsilon=...)``, plus the layer names when they are not the default."""
+        base = super().name
+        return base if self.layers == ["penultimate"] else f"{base[:-1]}, layers={self.layers})"
+
+    def _check_hyperparameters(self):
+        if not (isinstance(self.epsilon, (int, float)) and self.epsilon >= 0):
+            raise ValueError(f"epsilon must be a number >= 0, got {self.epsilon!r}")
+        self.epsilon = float(self.epsilon)
+
+    @property
+    def needs_input_grad(self) -> bool:
+        return self.epsilon > 0
+
+    # ------------------------------------------------------------------ features
     def _features(self, x):
+        """(per-layer pooled features [B, F_l] float64, model output) from one forward pass."""
         feats, handles = {}, []
         for name, module, use_input in self._targets:
             if use_input:
-                hook = (lambda n: lambda m, inp: feats.__setitem__(n, _pool(inp[0])))(name)
+                hook = (lambda n: lambda m, args: feats.__setitem__(n, _pool(args[0])))(name)
                 handles.append(module.register_forward_pre_hook(hook))
             else:
-                hook = (lambda n: lambda m, inp, out: feats.__setitem__(n, _pool(out)))(name)
+                hook = (lambda n: lambda m, args, out: feats.__setitem__(n, _pool(out)))(name)
                 handles.append(module.register_forward_hook(hook))
         try:
-            logits = self.model(x)
+            output = self.model(x)
         finally:
             for h in handles:
                 h.remove()
-        return [feats[name].double() for name, _, _ in self._targets], logits
+        missing = [name for name in self.layers if name not in feats]
+        if missing:
+            raise RuntimeError(f"Mahalanobis: layers {missing} were not called in the model's forward pass")
+        return [feats[name] for name in self.layers], output
 
+    # ------------------------------------------------------------------ fitting
     @torch.no_grad()
-    def fit(self, loader):
-        sums, counts, second = None, None, None
+    def fit(self, loader, progress: bool = False) -> "Mahalanobis":
+        """Class means and tied covariance of each layer from a labeled ID loader yielding (images, labels)."""
+        from tqdm.auto import tqdm
+
+        sums = second = shift = counts = None
         with eval_mode(self.model):
-            for batch in loader:
+            for batch in tqdm(loader, desc="Mahalanobis fit", disable=not progress, leave=False):
                 if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-                    raise ValueError("Mahalanobis.fit needs a labeled loader yielding (images, labels)")
-                x, y = batch[0].to(self.device), batch[1].to(self.device).long()
-                feats, logits = self._features(x)
+                    raise ValueError("Mahalanobis.fit needs a labeled ID loader yielding (images, labels), got "
+                                     f"{type(batch).__name__} batches")
+                x = self._prepare(first_item(batch))
+                y = torch.as_tensor(batch[1], device=x.device).long().reshape(-1)
+                if y.numel() != x.shape[0]:
+                    raise ValueError(f"Mahalanobis.fit: {x.shape[0]} images but {y.numel()} labels in a batch")
+                if y.numel() == 0:
+                    continue
+                if y.min() < 0:
+                    raise ValueError(f"Mahalanobis.fit: labels must be >= 0, got {int(y.min())}")
+                feats, _ = self._features(x)
                 if sums is None:
-                    c = logits.shape[1]
-                    sums = [torch.zeros(c, f.shape[1], dtype=torch.float64, device=f.device) for f in feats]
-                    second = [torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64, device=f.device) for f in feats]
-                    counts = torch.zeros(c, dtype=torch.float64, device=x.device)
-                counts += torch.bincount(y, minlength=counts.numel()).double()
+                    # Accumulate around the first batch's mean: keeps the second moment free of cancellation.
+                    shift = [f.mean(0) for f in feats]
+                    sums = [f.new_zeros(0, f.shape[1]) for f in feats]
+                    second = [f.new_zeros(f.shape[1], f.shape[1]) for f in feats]
+                    counts = torch.zeros(0, dtype=torch.float64, device=x.device)
+                num_classes = max(counts.numel(), int(y.max()) + 1)
+                if num_classes > counts.numel():  # labels seen so far define the classes; grow the tables
+                    grow = num_classes - counts.numel()
+                    counts = torch.cat([counts, counts.new_zeros(grow)])
+                    sums = [torch.cat([s, s.new_zeros(grow, s.shape[1])]) for s in sums]
+                counts += torch.bincount(y, minlength=num_classes).double()
                 for i, f in enumerate(feats):
-                    sums[i].index_add_(0, y, f)
-                    second[i] += f.T @ f
+                    c = f - shift[i]
+                    sums[i].index_add_(0, y, c)
+                    second[i] += c.T @ c
         if sums is None:
-            raise ValueError("Mahalanobis.fit: the loader yielded no batches")
-        if (counts == 0).any():
-            raise ValueError(f"Mahalanobis.fit: classes {torch.nonzero(counts == 0).flatten().tolist()} have no samples")
-        n = counts.sum()
-        self.means, self.precisions = [], []
-        for s, m2 in zip(sums, second):
-            means = s / counts[:, None]
-            cov = (m2 - (means * counts[:, None]).T @ means) / n  # tied within-class covariance
+            raise ValueError("Mahalanobis.fit: the loader yielded no samples")
+        present = counts > 0
+        if not present.all():
+            missing = torch.nonzero(~present).flatten().tolist()
+            warnings.warn(f"Mahalanobis.fit: classes {missing} have no training samples and are left out")
+        self.classes = torch.nonzero(present).flatten()
+        n, n_c = counts.sum(), counts[present]
+        self.means, self.precisions, self._whiten, self._white_means = [], [], [], []
+        for name, s, m2, sh in zip(self.layers, sums, second, shift):
+            centered_means = s[present] / n_c[:, None]
+            # Within-class scatter = sum_i (z_i - mu_{y_i})(...)^T = sum_i z_i z_i^T - sum_c n_c mu_c mu_c^T.
+            cov = (m2 - (centered_means * n_c[:, None]).T @ centered_means) / n
+            cov = 0.5 * (cov + cov.T)
+            eigvals, eigvecs = torch.linalg.eigh(cov)
+            tol = eigvals.abs().max() * cov.shape[0] * torch.finfo(torch.float64).eps
+            keep = eigvals > tol
+            if not keep.any():
+                raise ValueError(f"Mahalanobis.fit: the features of layer {name!r} do not vary within classes "
+                                 "(zero covariance); use other layers or more data")
+            whiten = eigvecs[:, keep] / eigvals[keep].sqrt()          # [F, R], W W^T = pinv(cov)
+            means = centered_means + sh
             self.means.append(means)
-            self.precisions.append(torch.linalg.pinv(cov, hermitian=True))
+            self.precisions.append(whiten @ whiten.T)
+            self._whiten.append(whiten)
+            self._white_means.append(means @ whiten)
         return self
 
-    def _distances(self, x):
-        feats, logits = self._features(x)
-        total = 0
-        for f, means, prec in zip(feats, self.means, self.precisions):
-            diff = f[:, None, :] - means[None]                           # [B, C, F]
-            d = torch.einsum("bcf,fg,bcg->bc", diff, prec, diff).amin(dim=1)
-            total = total + d
-        return total, logits
+    # ------------------------------------------------------------------ scoring
+    def _min_distances(self, feats):
+        """Per layer, the squared Mahalanobis distance [B] to the closest class mean."""
+        out = []
+        for f, whiten, white_means in zip(feats, self._whiten, self._white_means):
+            z = f @ whiten                                                   # [B, R]
+            d = (z * z).sum(1, keepdim=True) - 2.0 * z @ white_means.T + (white_means * white_means).sum(1)
+            out.append(d.clamp_min(0.0).amin(dim=1))
+        return out
 
     def _score_and_predict(self, x):
         if self.means is None:
             raise RuntimeError("Mahalanobis detector is not fitted: call fit(id_train_loader) first")
-        if self.epsilon > 0:
-            x = x.detach().requires_grad_(True)
-            dist, _ = self._distances(x)
-            (grad,) = torch.autograd.grad(dist.sum(), x)
-            x = (x - self.epsilon * grad.sign()).detach()
-        with torch.no_grad():
-            dist, logits = self._distances(x)
-        return dist.float(), logits.argmax(dim=1)
+        if self.epsilon == 0:
+            feats, output = self._features(x)
+            total = torch.stack(self._min_distances(feats)).sum(0)
+        else:
+            x_grad = x.detach().requires_grad_(True)
+            feats, output = self._features(x_grad)
+            distances = self._min_distances(feats)
+            total = 0
+            for layer, d in enumerate(distances):  # Eq. 4 per layer, then that layer scored at its own x^
+                (grad,) = torch.autograd.grad(d.sum(), x_grad, retain_graph=layer < len(distances) - 1)
+                with torch.no_grad():
+                    feats_hat, _ = self._features(x - self.epsilon * grad.sign())
+                    total = total + self._min_distances(feats_hat)[layer]
+        is_logits = isinstance(output, torch.Tensor) and output.dim() == 2
+        return total.detach().float(), output.detach().argmax(dim=1) if is_logits else None

@@ -1,5 +1,6 @@
 """Sign-gradient Langevin update of FIG (DESIGN.md, method 1, LDS step), in place."""
 import functools
+import math
 
 import torch
 
@@ -9,8 +10,15 @@ from ._checks import check_nonnegative, check_same_device, check_tensor
 
 
 @functools.lru_cache(maxsize=64)
-def _bound_tensor(values: tuple, device: torch.device) -> torch.Tensor:
+def _cached_bound_tensor(values: tuple, device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64, device=device)
+
+
+def _bound_tensor(values: tuple, device: torch.device) -> torch.Tensor:
+    """Bounds as a float64 [1] or [C] tensor on ``device`` (cached: a sampler calls this every step)."""
+    if torch.compiler.is_compiling():  # traced graphs build it themselves (dynamo does not honour lru_cache)
+        return torch.tensor(values, dtype=torch.float64, device=device)
+    return _cached_bound_tensor(values, device)
 
 
 def _bound_values(name, value, channels):
@@ -31,41 +39,59 @@ def _bound_values(name, value, channels):
     return values
 
 
+def _check_finite_nonnegative(name, value):
+    value = check_nonnegative(name, value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    return value
+
+
 def langevin_step_(x, grad, step_size, noise_std, lower, upper, active=None):
-    """One Langevin step, in place: ``x <- clamp(x - step/2 sign(grad) + noise_std N(0,1), lower, upper)``.
+    """One Langevin step of FIG's sampler, in place (DESIGN.md, method 1, LDS):
+
+    ``x <- clamp(x - step_size/2 * sign(grad) + noise_std * z, lower, upper)``, ``z ~ N(0, I)``.
 
     Args:
-        x: [B, C, ...] float samples (modified in place).
-        grad: gradient of the energy w.r.t. x, same shape as x (any strides).
-        step_size: eps_t >= 0 (the update moves each pixel by eps_t/2).
-        noise_std: standard deviation >= 0 of the Gaussian noise (paper: sqrt(eps_t); authors' code: eps_t).
-        lower, upper: scalar or per-channel [C] bounds with lower <= upper (held in float64).
-        active: optional bool [B]; rows where it is False are left untouched.
-    Noise comes from torch's default generator of x's device, so ``torch.manual_seed`` reproduces a run.
-    Returns x.
+        x: [B, C, ...] float16/bfloat16/float32/float64 samples (2 to 8 dimensions), modified in place (any
+            strides; computed in float32, or float64 for float64 x).
+        grad: gradient of the energy w.r.t. x, same shape as x (any strides, any floating dtype: only its sign
+            is used; ``sign(0) = sign(NaN) = 0`` as ``torch.sign``).
+        step_size: eps_t >= 0 (each pixel moves by eps_t/2).
+        noise_std: standard deviation >= 0 of the Gaussian noise (paper: sqrt(eps_t); authors' code: eps_t);
+            0 draws no random numbers.
+        lower, upper: scalar or per-channel [C] bounds (numbers, sequences or tensors) with lower <= upper.
+        active: optional bool [B]; rows where it is False are left bit-identical.
+    Returns:
+        x.
+
+    NaN in x stays NaN (the clamp does not swallow it). Noise comes from torch's default generator of x's
+    device, so ``torch.manual_seed`` reproduces a run; the native kernels draw it counter-based (CPU:
+    Philox4x32-10 keyed once per call, independent of the thread count; CUDA: Philox from the CUDA generator's
+    state, as dropout), so native and reference noise differ in value but not in distribution.
     """
-    check_tensor("x", x, dims=range(2, 9))
+    if isinstance(x, torch.Tensor) and not 2 <= x.dim() <= 8:
+        raise ValueError(f"x must be [B, C, ...] with 2 to 8 dimensions, got shape {tuple(x.shape)}")
+    check_tensor("x", x)
     check_tensor("grad", grad)
     if grad.shape != x.shape:
         raise ValueError(f"grad must have the shape of x {tuple(x.shape)}, got {tuple(grad.shape)}")
-    step_size = check_nonnegative("step_size", step_size)
-    noise_std = check_nonnegative("noise_std", noise_std)
+    step_size = _check_finite_nonnegative("step_size", step_size)
+    noise_std = _check_finite_nonnegative("noise_std", noise_std)
     channels = x.shape[1]
     lo = _bound_values("lower", lower, channels)
     hi = _bound_values("upper", upper, channels)
-    if len(lo) != len(hi) and 1 not in (len(lo), len(hi)):
-        raise ValueError(f"lower and upper must have matching lengths, got {len(lo)} and {len(hi)}")
     n = max(len(lo), len(hi))
     lo_full, hi_full = lo * (n // len(lo)), hi * (n // len(hi))
-    bad = [i for i in range(n) if lo_full[i] > hi_full[i]]
-    if bad:
+    if any(lo_full[i] > hi_full[i] for i in range(n)):
         raise ValueError(f"lower must be <= upper, got lower={lo} upper={hi}")
     if active is not None:
-        check_tensor("active", active, dims=1, dtypes=(torch.bool,))
-        if active.shape[0] != x.shape[0]:
+        if not isinstance(active, torch.Tensor) or active.dtype != torch.bool:
+            got = active.dtype if isinstance(active, torch.Tensor) else type(active).__name__
+            raise TypeError(f"active must be a bool tensor of shape [{x.shape[0]}], got {got}")
+        if active.shape != (x.shape[0],):
             raise ValueError(f"active must have shape [{x.shape[0]}] (one flag per row of x), got {tuple(active.shape)}")
     check_same_device(x=x, grad=grad, active=active)
-    if x.shape[0] == 0 or x.numel() == 0:
+    if x.numel() == 0:
         return x
     if use_native(x):
         torch.ops.fastood.langevin_step_(x, grad, step_size, noise_std, _bound_tensor(lo_full, x.device),

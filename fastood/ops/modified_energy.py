@@ -12,7 +12,7 @@ def _check(logits, c):
 
 
 def modified_energy(logits: torch.Tensor, c: float = 5.0) -> torch.Tensor:
-    """Per-row modified energy, differentiable.
+    """Per-row modified energy ``E = sum_y (f_y/c) (1 - exp(f_y/c))``, differentiable (backward kernel).
 
     Args:
         logits: [B, C] float16/bfloat16/float32/float64 (accumulated in float32 or float64).
@@ -27,11 +27,20 @@ def modified_energy(logits: torch.Tensor, c: float = 5.0) -> torch.Tensor:
 
 
 def modified_energy_grad(logits: torch.Tensor, c: float = 5.0):
-    """Energy and its gradient in one pass, no autograd.
+    """Energy and its gradient with respect to the logits in one pass, without autograd.
 
-    Returns ``(E [B], dE/dlogits [B, C])`` with ``dE/df_y = (1/c) (1 - (1 + f_y/c) exp(f_y/c))``.
+    ``dE/df_y = (1/c) (1 - (1 + f_y/c) exp(f_y/c))``. Neither output is part of the autograd graph (use
+    :func:`modified_energy` for a differentiable energy); the gradient is meant to be pushed on through the
+    network, e.g. ``torch.autograd.grad(logits, x, grad_outputs=dE_df)``.
+
+    Args:
+        logits: [B, C] float16/bfloat16/float32/float64 (accumulated in float32 or float64).
+        c: temperature-like constant (paper: 5).
+    Returns:
+        ``(E [B], dE/dlogits [B, C])``, both in the dtype of ``logits``.
     """
     c = _check(logits, c)
+    logits = logits.detach()
     if use_native(logits):
         return torch.ops.fastood.modified_energy_grad(logits, c)
     return reference.modified_energy_grad(logits, c)

@@ -280,13 +280,17 @@ class Trainer:
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix({k: f"{v:.3g}" for k, v in list(logs.items())[:4]})
+                    if per_epoch is not None and self.batch_in_epoch >= per_epoch:
+                        # Close the epoch as soon as its last batch is trained, so a fit that ends exactly
+                        # on an epoch boundary leaves the counters pointing at the next epoch.
+                        self._next_epoch()
                     if self.step % self.checkpoint_every == 0 or self.step >= total:
                         self.save_checkpoint()
                     if self.step >= total:
                         break
                 else:
-                    self.epoch += 1
-                    self.batch_in_epoch = 0
+                    if self.batch_in_epoch > 0:  # loaders without len(): the epoch ends when they run dry
+                        self._next_epoch()
                 if not trained_this_epoch and self.step < total:
                     raise ValueError("loader yielded no batches")
         finally:
@@ -294,6 +298,10 @@ class Trainer:
                 bar.close()
         self.save_checkpoint()
         return self
+
+    def _next_epoch(self):
+        self.epoch += 1
+        self.batch_in_epoch = 0
 
     def _optimize(self, batch) -> dict:
         self.model.train()

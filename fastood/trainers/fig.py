@@ -10,72 +10,117 @@ from .base import Trainer, unwrap
 
 
 def fig_loss(logits_id, labels, logits_gen, lam=1.0):
-    """``CE(f(x_id), y) - lam * mean_i H(softmax(f(x_gen_i)))`` (Algorithm 2). Returns (loss, ce, entropy)."""
+    """Algorithm 2's objective ``CE(f(x_id), y) - lam * mean_i H(softmax(f(x_gen_i)))``.
+
+    Args:
+        logits_id: [b, C] logits of the ID batch; labels: [b] class indices.
+        logits_gen: [g, C] logits of the generated batch (g may be 0: the entropy term is then 0).
+        lam: weight of the entropy term (paper: 1).
+    Returns ``(loss, ce, mean_entropy)``, scalars; ``loss`` is differentiable in both logits.
+    """
     ce = F.cross_entropy(logits_id, labels)
     entropy = ops.softmax_entropy(logits_gen).mean() if logits_gen.shape[0] else logits_id.new_zeros(())
     return ce - lam * entropy, ce, entropy
 
 
 class FIGTrainer(Trainer):
-    """Fine-tunes a pretrained classifier on its own generated outliers.
+    """Fine-tunes a pretrained classifier on the outliers its own implicit generator yields (FIG, Algorithm 2).
 
-    Each step draws ``ceil(k * b)`` samples from the current model with ``sampler`` (default: a
-    :class:`~fastood.samplers.LangevinSampler` with the paper's settings) and minimizes
-    ``CE(ID) - lam * mean entropy(generated)`` with SGD (lr 1e-3, momentum 0.9, wd 5e-4).
+    Each step takes an ID batch ``(x, y)`` of b images, draws ``ceil(k * b)`` samples of x's image shape from the
+    *current* model with ``sampler`` (default: :class:`~fastood.samplers.langevin.LangevinSampler` with the
+    paper's settings and ``bounds``), and minimizes ``CE(f(x), y) - lam * mean H(softmax(f(x_gen)))``
+    (:func:`fig_loss`) with SGD (lr 1e-3, momentum 0.9, weight decay 5e-4). Raising the entropy of the model's
+    most confident "noise" makes low max-softmax a better OOD score; the detector is MSP (higher = more OOD).
 
-    ``joint_forward=True`` sends the ID and generated images through the model in one concatenated forward:
-    BatchNorm layers then normalize with (and update their running statistics from) the mixed batch.
-    ``False`` runs two forwards, so BatchNorm's batch statistics of the ID batch are those of ID images alone
-    (its running statistics still see both). The history logs the generated samples' confidence, energy and
-    Langevin steps (the paper's Fig. 3). Detector: MSP.
+    Args:
+        model: a pretrained classifier (logits [B, C]).
+        sampler: any sampler of the protocol ``sample(model, n, shape, context=None)``; default: Langevin.
+        k: generated samples per ID sample (paper K = 0.1), > 0.
+        lam: weight of the entropy penalty (paper lambda = 1), >= 0.
+        joint_forward: True sends the ID and generated images through the model in one concatenated forward.
+            BatchNorm layers (in train mode) then normalize both with the statistics of the mixed batch and update
+            their running statistics from it. False runs two forwards: the ID batch is normalized with ID-only
+            statistics (as at pretraining), the generated batch with its own, and the running statistics are
+            updated twice (once with each batch). Models without BatchNorm give the same loss either way.
+        bounds: the default sampler's image box (default (-1, 1)); give either a sampler or bounds, not both.
+        **kwargs: the :class:`~fastood.trainers.base.Trainer` options (lr, momentum, weight_decay, checkpoint_dir,
+            progress, seed, device, ...).
+
+    ``history`` logs, per step: ``loss``, ``ce``, ``gen_entropy`` and ``gen_confidence`` (mean max softmax of the
+    generated batch in the training forward), ``gen_energy`` (its mean modified energy), and from a sampler that
+    reports them ``sampler_confidence``, ``sampler_energy`` (eval mode, at the sampler's output) and
+    ``gen_steps`` (mean Langevin updates): the curves of the paper's Fig. 3.
     """
 
     default_lr = 1e-3
 
-    def __init__(self, model, sampler=None, k=0.1, lam=1.0, joint_forward=True, **kwargs):
+    def __init__(self, model, sampler=None, k=0.1, lam=1.0, joint_forward=True, bounds=None, **kwargs):
         super().__init__(model, **kwargs)
-        if not k > 0:
-            raise ValueError(f"k must be > 0, got {k}")
+        if not (isinstance(k, (int, float)) and math.isfinite(k) and k > 0):
+            raise ValueError(f"k must be a finite number > 0, got {k!r}")
+        if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
+            raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+        if sampler is not None and bounds is not None:
+            raise ValueError("give either a sampler or bounds (for the default sampler), not both: "
+                             "pass bounds to the sampler you construct")
         if sampler is None:
-            from fastood.samplers import LangevinSampler
-
-            sampler = LangevinSampler()
-        if not hasattr(sampler, "sample"):
-            raise TypeError(f"sampler must have a sample(model, n, shape) method, got {type(sampler).__name__}")
+            sampler = self.default_sampler((-1.0, 1.0) if bounds is None else bounds)
+        if not callable(getattr(sampler, "sample", None)):
+            raise TypeError(f"sampler must have a sample(model, n, shape, context=None) method, got "
+                            f"{type(sampler).__name__}")
         self.sampler, self.k, self.lam, self.joint_forward = sampler, float(k), float(lam), bool(joint_forward)
+
+    def default_sampler(self, bounds):
+        from fastood.samplers.langevin import LangevinSampler
+
+        return LangevinSampler(bounds=bounds)
 
     def training_step(self, batch):
         x, y = batch[0], batch[1]
+        if x.shape[0] == 0:
+            raise ValueError("FIGTrainer got an empty ID batch")
         n_gen = math.ceil(self.k * x.shape[0])
-        generated = self.sampler.sample(unwrap(self.model), n_gen, x.shape[1:], context=(x, y)).to(x.dtype)
+        generated = self.sampler.sample(unwrap(self.model), n_gen, tuple(x.shape[1:]), context=(x, y))
+        generated = generated.to(device=x.device, dtype=x.dtype)
         if self.joint_forward:
             logits = self.net(torch.cat([x, generated]))
             logits_id, logits_gen = logits[: x.shape[0]], logits[x.shape[0]:]
         else:
             logits_id, logits_gen = self.net(x), self.net(generated)
-        loss, ce, entropy = fig_loss(logits_id, y, logits_gen.float(), self.lam)
-        logs = {"loss": loss, "ce": ce, "gen_entropy": entropy,
-                "gen_confidence": torch.softmax(logits_gen.detach().float(), 1).amax(1).mean()}
-        stats = getattr(self.sampler, "stats", {})
-        if "energy" in stats:
-            logs["gen_energy"] = stats["energy"].float().mean()
+        loss, ce, entropy = fig_loss(logits_id.float(), y, logits_gen.float(), self.lam)
+        gen = logits_gen.detach().float()
+        logs = {"loss": loss, "ce": ce, "gen_entropy": entropy.detach(),
+                "gen_confidence": torch.softmax(gen, 1).amax(1).mean(),
+                "gen_energy": ops.modified_energy(gen).mean()}
+        stats = getattr(self.sampler, "stats", None) or {}
+        if "confidence" in stats and len(stats["confidence"]):
+            logs["sampler_confidence"] = stats["confidence"].float().mean()
+            logs["sampler_energy"] = stats["energy"].float().mean()
             logs["gen_steps"] = stats["steps"].float().mean()
         return logs
 
+    def detector(self):
+        """Maximum softmax probability of the fine-tuned model (the paper's detector; higher score = more OOD)."""
+        from fastood.detectors import MSP
+
+        return MSP(unwrap(self.model))
+
     def extra_state(self):
-        return {"replay_buffer": getattr(self.sampler, "buffer", None)}
+        """The sampler's state (its replay buffer, if any) survives a resume."""
+        state_dict = getattr(self.sampler, "state_dict", None)
+        return {"sampler": state_dict()} if callable(state_dict) else {}
 
     def load_extra_state(self, state):
-        if state.get("replay_buffer") is not None and hasattr(self.sampler, "buffer"):
-            self.sampler.buffer = state["replay_buffer"]
+        if "sampler" in state and callable(getattr(self.sampler, "load_state_dict", None)):
+            self.sampler.load_state_dict(state["sampler"])
 
 
 class GaussianNoiseTrainer(FIGTrainer):
-    """GS baseline of FIG: the same loop with Gaussian-noise images in place of the Langevin samples."""
+    """GS, FIG's baseline: the same loop and loss with clamped Gaussian noise
+    (:class:`~fastood.samplers.noise.GaussianNoiseSampler`, std 0.5) in place of the Langevin samples.
+    Takes the :class:`FIGTrainer` arguments. Detector: MSP."""
 
-    def __init__(self, model, sampler=None, **kwargs):
-        if sampler is None:
-            from fastood.samplers import GaussianNoiseSampler
+    def default_sampler(self, bounds):
+        from fastood.samplers.noise import GaussianNoiseSampler
 
-            sampler = GaussianNoiseSampler()
-        super().__init__(model, sampler=sampler, **kwargs)
+        return GaussianNoiseSampler(bounds=bounds)

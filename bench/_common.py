@@ -1,0 +1,150 @@
+"""Small helpers shared by the bench/ scripts: device argument, timing, a text table, JSON output.
+
+Usage in a script::
+
+    from _common import add_common_args, resolve_device, median_seconds, print_table, write_json, environment
+
+    parser = argparse.ArgumentParser()
+    add_common_args(parser)                          # --device, --json PATH, --quick
+    args = parser.parse_args()
+    device = resolve_device(parser, args.device)     # torch.device; parser.error if CUDA is missing
+    t = median_seconds(lambda: work(), device, warmup=1, repeats=5)
+    ts = interleaved_medians({"a": run_a, "b": run_b}, device, repeats=3)   # round-robin, fair under load
+    print_table(rows, [("name", "model", "s"), ("images_per_s", "images/s", ".1f")])
+    write_json(args.json, rows, environment(device))  # no-op when args.json is None
+
+Scripts import it as ``_common`` after putting bench/ on ``sys.path`` (it is not part of the package).
+"""
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+
+def add_common_args(parser, default_device=None):
+    """Add ``--device cpu|cuda`` (default: cuda when available), ``--json PATH`` and ``--quick`` to ``parser``."""
+    default = default_device or ("cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=default, choices=["cpu", "cuda"],
+                        help="where to run (default: %(default)s)")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows and the environment as JSON to PATH")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and one repetition (smoke test, CI)")
+    return parser
+
+
+def resolve_device(parser, name):
+    """``torch.device(name)``; reports a parser error when CUDA is requested but unavailable."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda requested but no CUDA device is available")
+    return device
+
+
+def sync(device):
+    """Wait for queued work on ``device`` (CUDA); nothing on CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn, device, warmup=1, repeats=5, min_time=0.0):
+    """Median wall time in seconds of ``fn()`` after ``warmup`` untimed calls.
+
+    Times at least ``repeats`` calls and keeps going until ``min_time`` seconds have been spent; the device is
+    synchronized around every call so asynchronous CUDA work is counted.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times, start = [], time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def interleaved_medians(fns, device, warmup=None, repeats=3, min_time=0.0, max_rounds=50):
+    """Median wall seconds of each zero-argument callable in ``fns`` ({name: fn}), timed round-robin.
+
+    Calls rotate (a, b, c, a, b, c, ...) so that load from other processes hits every candidate alike. At least
+    ``repeats`` rounds run, more while less than ``min_time`` seconds have passed (at most ``max_rounds``): short
+    calls get many samples, which keeps the median steady on a busy machine. ``warmup``: {name: fn} of untimed
+    calls made once before timing (default: each fn once).
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for name, fn in (fns if warmup is None else warmup).items():
+        fn()
+    sync(device)
+    times = {name: [] for name in fns}
+    start, rounds = time.perf_counter(), 0
+    while rounds < repeats or (time.perf_counter() - start < min_time and rounds < max_rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+        rounds += 1
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def format_value(value, spec):
+    """``value`` formatted with ``spec`` ("" or "s" for str); None -> "n/a"."""
+    if value is None:
+        return "n/a"
+    if spec in ("", "s") or isinstance(value, str):
+        return str(value)
+    return format(value, spec)
+
+
+def format_table(rows, columns):
+    """A text table of ``rows`` (dicts). ``columns``: (key, header, format spec) triples; missing values -> n/a."""
+    cells = [[format_value(row.get(key), spec) for key, _, spec in columns] for row in rows]
+    widths = [max([len(header)] + [len(c[i]) for c in cells]) for i, (_, header, _) in enumerate(columns)]
+    numeric = [spec not in ("", "s") for _, _, spec in columns]
+
+    def line(values):
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    header = line([h for _, h, _ in columns])
+    return "\n".join([header, "-" * len(header)] + [line(c) for c in cells])
+
+
+def print_table(rows, columns, title=None, file=None):
+    """Print :func:`format_table` (after an optional title line) to ``file`` (default stdout)."""
+    out = file or sys.stdout
+    if title:
+        print(title, file=out)
+    print(format_table(rows, columns), file=out)
+
+
+def environment(device, **extra):
+    """Metadata for a JSON report: device and its name, torch version, threads, native ops, and ``extra``."""
+    device = torch.device(device)
+    try:
+        import fastood.ops as ops
+
+        native = ops.native_available() and (device.type == "cpu" or ops.cuda_kernels_available())
+    except ImportError:
+        native = False
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    meta = {"device": str(device), "device_name": name, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "native": native, "python": platform.python_version()}
+    meta.update(extra)
+    return meta
+
+
+def write_json(path, rows, meta):
+    """Write ``{"meta": meta, "rows": rows}`` to ``path`` (directories created); nothing when ``path`` is None."""
+    if path is None:
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=2)

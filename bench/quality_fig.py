@@ -1,0 +1,202 @@
+"""FIG and GS on mnist5k-0to4: does fine-tuning on the model's own Langevin samples improve MSP detection?
+
+    python bench/quality_fig.py [--epochs 2] [--seeds 3] [--trajectory-epochs 4] [--json PATH] [--cache DIR]
+
+1. A SmallCNN pretrained by StandardTrainer on MNIST digits 0-4 (``fastood.pretrain.pretrained_small_cnn``, cached
+   under ``--cache``, default ``~/.cache/fastood``).
+2. FIG (Algorithm 2 with the paper's settings: LangevinSampler c=5, eps0=0.1, per-chain stop at confidence 0.9,
+   at most 20 steps; K=0.1, lambda=1, SGD lr 1e-3, momentum 0.9, wd 5e-4) for ``--epochs`` epochs from it, once per
+   fine-tuning seed (``--seeds``: data order and sampler noise; the pretrained model and the split are fixed).
+3. GS (the same loop with Gaussian noise, std 0.5) for comparison, same schedule and seeds.
+
+Prints MSP (higher score = more OOD) metrics averaged over the benchmark's OOD sets with the ID accuracy per run,
+the mean change against the pretrained model, the per-set AUROC, how confident the generated samples are (the
+training history, first vs last steps, and a probe of fresh Langevin samples before and after), and a trajectory
+of one FIG run evaluated every half epoch for ``--trajectory-epochs`` epochs (0 skips it).
+
+What the trajectory shows on this small benchmark: the mean AUROC rises steadily while the pretrained model is
+still confident on uniform noise (every Langevin chain stops at its start, so the generated samples are uniform
+noise); once that confidence breaks (around step 90; an epoch is 31 steps) the chains walk a step or two to
+confident images and the entropy penalty on them collapses the ID accuracy (to 58% at step 90 with seed 0, 37% at
+step 96 with seed 1), which partly recovers later. Two epochs stays before that.
+Writes everything as JSON with ``--json``. Runtime: well under a minute on an idle 2-core CPU.
+"""
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fastood.data import benchmark  # noqa: E402
+from fastood.detectors import MSP  # noqa: E402
+from fastood.evaluation import compare, evaluate  # noqa: E402
+from fastood.pretrain import pretrained_small_cnn  # noqa: E402
+from fastood.samplers.langevin import LangevinSampler  # noqa: E402
+from fastood.trainers.fig import FIGTrainer, GaussianNoiseTrainer  # noqa: E402
+
+BASE = "pretrained (CE)"
+
+
+def probe(model, shape, n=256, steps=20, seed=1234):
+    """Mean confidence and modified energy of ``n`` fresh Langevin samples (``steps`` updates from uniform noise,
+    no early stop) and of the uniform starting noise itself, under a fixed seed."""
+    out = {}
+    for name, budget in (("noise", 0), ("langevin", steps)):
+        torch.manual_seed(seed)
+        sampler = LangevinSampler(max_steps=budget, early_stop=None)
+        sampler.sample(model, n, shape)
+        out[f"{name}_confidence"] = float(sampler.stats["confidence"].mean())
+        out[f"{name}_energy"] = float(sampler.stats["energy"].mean())
+    return out
+
+
+def history_summary(history, window=10):
+    """Means of the logged generated-sample curves over the first and the last ``window`` steps."""
+    keys = [k for k in ("gen_confidence", "gen_entropy", "gen_energy", "sampler_confidence", "sampler_energy",
+                        "gen_steps") if k in history[0]]
+    head, tail = history[:window], history[-window:]
+    return {k: {"first": sum(h[k] for h in head) / len(head), "last": sum(h[k] for h in tail) / len(tail)}
+            for k in keys}
+
+
+class Setup:
+    """The benchmark, its loaders and the pretrained model every run starts from."""
+
+    def __init__(self, args):
+        self.args = args
+        self.bench = benchmark("mnist5k-0to4", seed=args.split_seed)
+        self.shape = tuple(self.bench.shape)
+        self.pretrained = pretrained_small_cnn("mnist5k-0to4", seed=args.split_seed, cache=args.cache,
+                                               progress=not args.quiet)
+        self.id_test = DataLoader(self.bench.id_test, batch_size=500)
+        self.ood = {name: DataLoader(ds, batch_size=500) for name, ds in self.bench.ood.items()}
+
+    def evaluate(self, model):
+        model.eval()
+        return evaluate(MSP(model), self.id_test, self.ood, progress=False)
+
+    def trainer(self, trainer_cls, seed):
+        model = copy.deepcopy(self.pretrained)
+        torch.manual_seed(seed)
+        loader = DataLoader(self.bench.id_train, batch_size=self.args.batch_size, shuffle=True, drop_last=True)
+        return trainer_cls(model, seed=seed, progress=not self.args.quiet), loader
+
+
+def trajectory(setup, epochs, seed=0):
+    """One FIG run evaluated every half epoch: rows of (step, mean AUROC, ID accuracy, gen confidence, gen steps)."""
+    trainer, loader = setup.trainer(FIGTrainer, seed)
+    every = max(1, len(loader) // 2)
+    rows = []
+    for steps in range(every, epochs * len(loader) + 1, every):
+        trainer.fit(loader, steps=steps)
+        report = setup.evaluate(trainer.model)
+        recent = trainer.history[-every:]
+        rows.append({"step": steps, "auroc": report.average["auroc"], "id_accuracy": report.id_accuracy,
+                     "gen_confidence": statistics.mean(h["gen_confidence"] for h in recent),
+                     "sampler_confidence": statistics.mean(h["sampler_confidence"] for h in recent),
+                     "gen_steps": statistics.mean(h["gen_steps"] for h in recent)})
+        trainer.model.train()
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs of FIG and GS (default: %(default)s)")
+    parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds 0..N-1 (default: %(default)s)")
+    parser.add_argument("--trajectory-epochs", type=int, default=4,
+                        help="epochs of the FIG trajectory, evaluated every half epoch; 0 skips it "
+                             "(default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=64, help="ID batch size (default: %(default)s)")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the data split and the pretraining")
+    parser.add_argument("--cache", help="cache directory of the pretrained SmallCNN (default: ~/.cache/fastood)")
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    parser.add_argument("--no-gs", action="store_true", help="skip the GS baseline")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    if args.epochs < 1 or args.seeds < 1 or args.trajectory_epochs < 0:
+        parser.error("need --epochs >= 1, --seeds >= 1 and --trajectory-epochs >= 0")
+
+    t_start = time.time()
+    setup = Setup(args)
+    reports = {BASE: setup.evaluate(setup.pretrained)}
+    probes = {BASE: probe(setup.pretrained, setup.shape)}
+    curves, seconds = {}, {}
+    methods = [("FIG", FIGTrainer)] + ([] if args.no_gs else [("GS", GaussianNoiseTrainer)])
+    for name, trainer_cls in methods:
+        for seed in range(args.seeds):
+            trainer, loader = setup.trainer(trainer_cls, seed)
+            t0 = time.time()
+            trainer.fit(loader, epochs=args.epochs)
+            label = f"{name} {args.epochs} ep, seed {seed}"
+            seconds[label] = time.time() - t0
+            trainer.model.eval()
+            reports[label] = evaluate(trainer.detector(), setup.id_test, setup.ood, progress=False)
+            probes[label] = probe(trainer.model, setup.shape)
+            curves[label] = history_summary(trainer.history)
+
+    base = reports[BASE]
+    print(f"SmallCNN on mnist5k-0to4 (ID digits 0-4), detector MSP (higher score = more OOD); metrics in %, "
+          f"mean over the OOD sets {list(setup.ood)}")
+    print(compare(reports))
+    summary = {}
+    print("\nChange against the pretrained model (mean +- std over seeds, points):")
+    for name, _ in methods:
+        runs = [r for k, r in reports.items() if k.startswith(f"{name} ")]
+        d_auroc = [100 * (r.average["auroc"] - base.average["auroc"]) for r in runs]
+        d_acc = [100 * (r.id_accuracy - base.id_accuracy) for r in runs]
+        std = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
+        summary[name] = {"d_auroc_mean": statistics.mean(d_auroc), "d_auroc_std": std(d_auroc),
+                         "d_acc_mean": statistics.mean(d_acc), "d_acc_std": std(d_acc),
+                         "worst_d_acc": min(d_acc), "runs_with_higher_auroc": sum(d > 0 for d in d_auroc),
+                         "runs": len(runs)}
+        s = summary[name]
+        print(f"  {name:4s} mean AUROC {s['d_auroc_mean']:+.2f} +- {s['d_auroc_std']:.2f}   ID accuracy "
+              f"{s['d_acc_mean']:+.2f} +- {s['d_acc_std']:.2f} (worst {s['worst_d_acc']:+.2f})   AUROC higher in "
+              f"{s['runs_with_higher_auroc']}/{s['runs']} runs")
+
+    print("\nAUROC per OOD set (%):")
+    width = max(len(k) for k in reports) + 2
+    print(f"{'':{width}s}" + "".join(f"{k:>14s}" for k in setup.ood))
+    for label, r in reports.items():
+        print(f"{label:{width}s}" + "".join(f"{100 * r.metrics[k]['auroc']:14.1f}" for k in setup.ood))
+
+    print("\nGenerated samples. Probe: 256 Langevin chains, 20 steps from uniform noise, no early stop "
+          "('noise' = the uniform starts):")
+    print(f"{'':{width}s}{'noise conf':>12s}{'LDS conf':>12s}{'LDS energy':>12s}")
+    for label, p in probes.items():
+        print(f"{label:{width}s}{p['noise_confidence']:12.4f}{p['langevin_confidence']:12.4f}"
+              f"{p['langevin_energy']:12.2f}")
+    print("Training history (mean of the first -> last 10 steps):")
+    for label, c in curves.items():
+        print(f"  {label}: " + ", ".join(f"{k} {v['first']:.4g} -> {v['last']:.4g}" for k, v in c.items()))
+
+    traj = []
+    if args.trajectory_epochs:
+        traj = trajectory(setup, args.trajectory_epochs)
+        print(f"\nFIG trajectory (seed 0), evaluated every half epoch; mean AUROC and ID accuracy in %, the generated "
+              f"samples' mean confidence and Langevin steps over the preceding steps:")
+        print(f"{'step':>6s}{'AUROC':>9s}{'ID acc':>9s}{'gen conf':>11s}{'LDS conf':>11s}{'LDS steps':>11s}")
+        for row in traj:
+            print(f"{row['step']:6d}{100 * row['auroc']:9.2f}{100 * row['id_accuracy']:9.2f}"
+                  f"{row['gen_confidence']:11.4f}{row['sampler_confidence']:11.4f}{row['gen_steps']:11.2f}")
+    total = time.time() - t_start
+    print(f"\ntime: fine-tuning runs {sum(seconds.values()):.0f} s; total {total:.0f} s")
+
+    if args.json:
+        out = {"benchmark": "mnist5k-0to4", "epochs": args.epochs, "seeds": args.seeds, "seconds": seconds,
+               "reports": {k: r.to_dict() for k, r in reports.items()}, "summary": summary, "probes": probes,
+               "history": curves, "trajectory": traj}
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return reports
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""The ``fastood`` command: ``demo``, ``train``, ``eval``, ``bench``.
+
+Every command imports what it needs when it runs, so ``fastood --help`` is instant and a missing optional
+piece (matplotlib, mlxtend, a trainer) only breaks the command that uses it. Under ``torchrun`` the
+``train`` and ``demo`` commands train with DistributedDataParallel; rank 0 evaluates and writes the report.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+
+# Kept here (not imported) so that building the parser imports nothing heavy; tests check they match the package.
+METHODS = ("standard", "fig", "gs", "manifold", "cmg-energy", "cmg-softmax", "oe", "energy-oe", "ice", "discrepancy")
+DATA = ("mnist5k-0to4", "digits-0to4")
+MODELS = ("smallcnn", "resnet18")
+DETECTORS = ("auto", "msp", "maxlogit", "energy", "entropy", "odin", "mahalanobis", "discrepancy", "extraclass",
+             "ice")
+BENCHES = ("ops", "sampler", "nullspace")
+
+_EPILOG = """\
+examples:
+  fastood demo                                # pretrain (cached) + FIG + report in ./fastood-demo
+  fastood demo --methods all                  # every method, one comparison table
+  fastood train fig --epochs 3 --out runs/fig
+  fastood train fig --epochs 3 --out runs/fig --resume    # continue an interrupted run
+  fastood eval runs/fig/model.pt --detector energy
+  fastood bench sampler -- --quick            # arguments after -- go to bench/bench_sampler.py
+  torchrun --nproc_per_node=2 -m fastood train oe --device cpu   # DistributedDataParallel
+"""
+
+
+class CLIError(Exception):
+    """A user error: printed as ``fastood: error: ...`` with exit status 2, without a traceback."""
+
+
+def _choice(kind: str, valid):
+    """An argparse ``type`` that accepts one of ``valid`` and otherwise names every valid choice."""
+    def parse(value: str) -> str:
+        key = value.strip().lower()
+        if key not in valid:
+            raise argparse.ArgumentTypeError(f"unknown {kind} {value!r}; valid {kind}s: {', '.join(valid)}")
+        return key
+    parse.__name__ = kind
+    return parse
+
+
+def _methods_list(value: str) -> list:
+    """``--methods``: ``all``, one method, or a comma-separated list."""
+    key = value.strip().lower()
+    if key == "all":
+        return [m for m in METHODS if m != "standard"]
+    names = [v.strip() for v in key.split(",") if v.strip()]
+    valid = [m for m in METHODS if m != "standard"]
+    unknown = [n for n in names if n not in valid]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {', '.join(map(repr, unknown)) or repr(value)}; "
+                                         f"valid methods: all, {', '.join(valid)}")
+    return names
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+def _device(value: str) -> str:
+    key = value.strip().lower()
+    if key == "auto" or key == "cpu" or key == "cuda" or key.startswith("cuda:"):
+        return key
+    raise argparse.ArgumentTypeError(f"unknown device {value!r}; valid devices: auto, cpu, cuda, cuda:N")
+
+
+def _add_run_options(p, *, out_default, epochs_help):
+    p.add_argument("--data", type=_choice("data set", DATA), default="mnist5k-0to4", metavar="NAME",
+                   help=f"built-in benchmark: ID train/test and its OOD test sets, offline ({', '.join(DATA)}; "
+                        "default: %(default)s)")
+    p.add_argument("--model", type=_choice("model", MODELS), default="smallcnn", metavar="NAME",
+                   help=f"classifier architecture ({', '.join(MODELS)}; default: %(default)s)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=_positive_int, help=epochs_help)
+    budget.add_argument("--steps", type=_positive_int,
+                        help="training length in optimizer steps instead of epochs")
+    p.add_argument("--batch-size", type=_positive_int, default=64,
+                   help="ID examples per step and per process (default: %(default)s)")
+    p.add_argument("--device", type=_device, default="auto",
+                   help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N; under torchrun each rank "
+                        "uses cuda:LOCAL_RANK (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the data split, model initialization, data order and samplers (default: %(default)s)")
+    p.add_argument("--out", default=out_default,
+                   help="output folder: report (JSON, CSV, PNG), trained model, checkpoints "
+                        f"(default: {out_default or './fastood-METHOD'})")
+    p.add_argument("--cache", default=None,
+                   help="cache of pretrained classifiers and CVAEs, shared between runs "
+                        "(default: $FASTOOD_CACHE or ~/.cache/fastood)")
+    p.add_argument("--pretrain-epochs", type=_positive_int, default=6,
+                   help="epochs of the cross-entropy pretraining that fine-tuning methods start from "
+                        "(cached; default: %(default)s)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from the checkpoints in --out (same options as before)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or step messages, only the results")
+    p.add_argument("--no-plots", dest="plots", action="store_false",
+                   help="skip the ROC and histogram PNGs (no matplotlib needed); sample grids are still written")
+    p.add_argument("--tiny", action="store_true",
+                   help="a reduced run for tests and smoke checks: 256 training images, a tiny pretraining, 2 steps "
+                        "per method unless --epochs/--steps say otherwise, 64 images per test set (the numbers mean "
+                        "nothing)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastood", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG,
+        description="Train image classifiers that detect out-of-distribution inputs (FIG, manifold outliers, "
+                    "CMG, two-head discrepancy, ICE, OE, Energy-OE) and evaluate them.")
+    parser.add_argument("--version", action="version", version=f"fastood {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    demo = sub.add_parser(
+        "demo", help="one-command experiment on built-in data, with a report folder",
+        description="Pretrain a SmallCNN on mnist5k digits 0-4 (cached: a second run skips it), fine-tune it with "
+                    "FIG (or every method), evaluate MSP and Energy before and after on every OOD set, print the "
+                    "table and write a report folder: results.json, results.csv, table.txt, ROC curves and score "
+                    "histograms (PNG), a grid of generated samples (PNG). Without --resume a demo starts its "
+                    "fine-tuning afresh.")
+    demo.add_argument("--methods", type=_methods_list, default=["fig"], metavar="LIST",
+                      help="fig (default), all, or a comma-separated list of: "
+                           + ", ".join(m for m in METHODS if m != "standard"))
+    _add_run_options(demo, out_default="fastood-demo",
+                     epochs_help="fine-tuning epochs of every method (default: each method's own)")
+
+    train = sub.add_parser(
+        "train", help="train one method and evaluate it",
+        description="Train one method on a built-in benchmark, save the model (model.pt) and write the report of "
+                    "its own detector and of MSP/Energy to --out. Methods that fine-tune start from a "
+                    "cross-entropy pretrained classifier (cached) unless --pretrained is given. Checkpoints go to "
+                    "--out/checkpoints; an interrupted run continues with --resume.")
+    train.add_argument("method", type=_choice("method", METHODS), metavar="METHOD",
+                       help="one of: " + ", ".join(METHODS))
+    _add_run_options(train, out_default=None, epochs_help="training epochs (default: the method's own)")
+    train.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's paper default)")
+    train.add_argument("--pretrained", default=None, metavar="MODEL_PT",
+                       help="start from this model file (written by fastood train standard) instead of the cached "
+                            "pretrained classifier")
+
+    ev = sub.add_parser(
+        "eval", help="evaluate a saved model with a detector",
+        description="Score the ID test set and every OOD test set of a benchmark with a detector on a model saved "
+                    "by 'fastood train' or 'fastood demo' (model.pt), print the table and write a report.")
+    ev.add_argument("checkpoint", metavar="MODEL_PT", help="a model file written by fastood train / demo")
+    ev.add_argument("--detector", type=_choice("detector", DETECTORS), default="auto", metavar="NAME",
+                    help=f"{', '.join(DETECTORS)}; auto = the method's own detector (default: %(default)s)")
+    ev.add_argument("--data", type=_choice("data set", DATA), default=None, metavar="NAME",
+                    help="benchmark to evaluate on (default: the one the model was trained on)")
+    ev.add_argument("--batch-size", type=_positive_int, default=256,
+                    help="evaluation batch size (default: %(default)s)")
+    ev.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    ev.add_argument("--seed", type=int, default=None,
+                    help="seed of the benchmark split (default: the one the model was trained with)")
+    ev.add_argument("--out", default=None, help="report folder (default: an eval-DETECTOR folder beside MODEL_PT)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.add_argument("--no-plots", dest="plots", action="store_false", help="skip the ROC and histogram PNGs")
+
+    bench = sub.add_parser(
+        "bench", help="run a benchmark script of a source checkout (bench/)",
+        description="Run bench/bench_ops.py, bench/bench_sampler.py or bench/bench_nullspace.py of the fastood "
+                    "source tree (they are not installed with the package). Other arguments (best after '--', e.g. "
+                    "'fastood bench ops -- --quick') go to the script.")
+    bench.add_argument("which", type=_choice("benchmark", BENCHES), metavar="WHICH", help=", ".join(BENCHES))
+    bench.add_argument("--device", type=_device, default=None, help="device passed to the script (default: its own)")
+    bench.add_argument("--out", default=None, help="write the script's JSON to OUT/bench_WHICH.json")
+    return parser
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("fastood")
+    except Exception:  # not installed: running from a source tree
+        return "0.1.0"
+
+
+# ---------------------------------------------------------------------------------------------------- commands
+@contextlib.contextmanager
+def _user_errors():
+    """Turn the errors a user can fix (bad options, missing files or optional packages) into :class:`CLIError`."""
+    from fastood.demo import PipelineError
+
+    try:
+        yield
+    except (PipelineError, FileNotFoundError, ImportError) as exc:
+        raise CLIError(str(exc)) from exc
+
+
+def _cmd_demo(args) -> int:
+    with _user_errors():
+        from fastood import demo
+
+        config = demo.RunConfig.from_args(args, methods=args.methods)
+        demo.run_demo(config)
+    return 0
+
+
+def _cmd_train(args) -> int:
+    with _user_errors():
+        from fastood import demo
+
+        args.out = args.out or f"fastood-{args.method}"
+        config = demo.RunConfig.from_args(args, methods=[args.method], lr=args.lr, pretrained=args.pretrained)
+        demo.run_train(config)
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    with _user_errors():
+        from fastood import demo
+
+        demo.run_eval(args.checkpoint, detector=args.detector, data=args.data, batch_size=args.batch_size,
+                      device=args.device, seed=args.seed, out=args.out, progress=not args.quiet, plots=args.plots)
+    return 0
+
+
+def bench_dir() -> str:
+    """The ``bench/`` folder of the source tree this package was imported from."""
+    import fastood
+
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(fastood.__file__))), "bench")
+
+
+def _cmd_bench(args) -> int:
+    import subprocess
+
+    script = os.path.join(bench_dir(), f"bench_{args.which}.py")
+    if not os.path.isfile(script):
+        raise CLIError(f"benchmark script not found: {script}. The bench/ scripts ship with the source tree, not "
+                       "with an installed package: clone the fastood repository and run 'fastood bench' (or "
+                       f"'python bench/bench_{args.which}.py') from an editable install (pip install -e .)")
+    extra = list(args.script_args)
+    command = [sys.executable, script]
+    if args.device not in (None, "auto"):
+        command += ["--device", args.device]
+    if args.out is not None:
+        os.makedirs(args.out, exist_ok=True)
+        command += ["--json", os.path.join(args.out, f"bench_{args.which}.json")]
+    return subprocess.call(command + extra, cwd=os.path.dirname(bench_dir()))
+
+
+_COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "eval": _cmd_eval, "bench": _cmd_bench}
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``fastood`` console script and of ``python -m fastood``. Returns the exit status."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough = []
+    if "--" in argv:  # everything after "--" belongs to a bench script
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1:]
+    args, unknown = parser.parse_known_args(argv)
+    if args.command != "bench" and (unknown or passthrough):
+        parser.error(f"unrecognized arguments: {' '.join(unknown + passthrough)}")
+    args.script_args = unknown + passthrough
+    try:
+        return _COMMANDS[args.command](args)
+    except CLIError as exc:
+        parser.exit(2, f"fastood: error: {exc}\n")
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None)
+        hint = f" Continue it with the same command plus --resume (checkpoints in {out})." if out else ""
+        print(f"\nfastood: interrupted.{hint}", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

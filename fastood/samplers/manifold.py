@@ -1,0 +1,366 @@
+"""Manifold outliers from a conditional VAE (Vernekar et al. 2019, "Out-of-distribution detection in classifiers
+via generation"): type I lie off the data manifold, type II on it but at the edge of each class.
+
+Type I: ``x~ = clip(x + beta v)`` with ``v`` a random unit vector in the left null space of the decoder Jacobian
+``J = dg/dz`` at the mean encoding of x (``v`` is orthogonal to every direction the decoder can move in).
+Type II: decode latent points on the surface of the ellipsoid that holds ``coverage`` (95%) of a class's latent
+means, conditioned on that class.
+"""
+import math
+
+import torch
+from torch import nn
+
+from fastood import ops
+from fastood.trainers.base import model_device
+
+from ._model_state import frozen
+from .noise import bound_tensor, check_bounds, check_count, check_shape
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (float32 if it has none)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def decoder_jacobian(cvae: nn.Module, z: torch.Tensor, cond, chunk_size=None):
+    """Jacobians ``J_b = d g(z_b, c_b) / d z_b`` of the decoder for a whole batch by forward-mode AD.
+
+    One JVP per latent basis vector e_1..e_d, each pushed through the decoder for all B samples at once: the d
+    JVPs run as one ``torch.func.vmap`` over ``torch.func.jvp`` (d forward-mode passes, not D backward passes).
+    The decoder must act on each sample independently (no batch statistics), as :class:`ConditionalVAE` does.
+
+    Args:
+        cvae: a model with ``decode(z [B, d], cond) -> [B, ...]`` (e.g. :class:`fastood.models.ConditionalVAE`).
+        z: latents [B, d].
+        cond: what ``decode`` takes as condition (labels or vectors, not differentiated).
+        chunk_size: passed to ``vmap`` (how many basis vectors per pass; None = all d at once).
+    Returns:
+        ``(J [B, D, d], g [B, D])``: the Jacobians and the decoded images flattened (D = prod of the image shape).
+    """
+    if not isinstance(z, torch.Tensor) or z.dim() != 2 or not z.is_floating_point():
+        got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+        raise ValueError(f"z must be a floating-point latent tensor [B, d], got {got}")
+    b, d = z.shape
+
+    def decode_flat(latent):
+        return cvae.decode(latent, cond).flatten(1)
+
+    def push_forward(tangent):
+        return torch.func.jvp(decode_flat, (z,), (tangent,))
+
+    basis = torch.eye(d, dtype=z.dtype, device=z.device).unsqueeze(1).expand(d, b, d)
+    images, tangents = torch.func.vmap(push_forward, chunk_size=chunk_size)(basis)  # [d, B, D] each
+    return tangents.permute(1, 2, 0), images[0]
+
+
+def _check_number_pair(value, name, low_ok=0.0):
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+        raise ValueError(f"{name} must be a pair (low, high), got {value!r}")
+    lo, hi = (float(v) for v in value)
+    if not (math.isfinite(lo) and math.isfinite(hi) and low_ok <= lo <= hi):
+        raise ValueError(f"{name} must satisfy {low_ok} <= low <= high (finite), got {value!r}")
+    return lo, hi
+
+
+class ManifoldSampler:
+    """Type-I and type-II outliers of a trained conditional VAE (Vernekar et al. 2019).
+
+    - :meth:`fit` (once, on ID training data): per class c, the mean ``m_c`` and covariance ``Sigma_c`` of the
+      encoder means ``mu(x, c)``, ``L_c`` with ``L_c L_c^T = Sigma_c``, and the Mahalanobis radius ``r_c`` below which
+      a fraction ``coverage`` of the class's encoder means lie (``|L_c^-1 (mu - m_c)| <= r_c``).
+    - :meth:`type1` (off-manifold): ``z = mu(x, y)``; ``J = dg/dz`` at z (:func:`decoder_jacobian`, forward mode);
+      ``v = P r / |P r|``, ``P = I - J (J^T J)^-1 J^T``, ``r ~ N(0, I_D)`` (:func:`fastood.ops.nullspace_project`);
+      ``x~ = clip(x + beta v, bounds)``, ``beta ~ U(beta_range)``.
+    - :meth:`type2` (class boundary, on-manifold): ``z = m_c + rho L_c u``, u uniform on the unit sphere,
+      ``rho = r_c`` (or ``r_c * U(1, shell)``), decoded as ``g(z, c)``. ``z`` is on the surface of class c's
+      ``coverage`` ellipsoid (the affine image of the uniform sphere: uniform in the sphere's parameterization).
+    - :meth:`sample` (sampler protocol): type I from the current ID batch for a ``type1_fraction`` of the samples,
+      type II for the rest.
+
+    The CVAE is in eval mode with ``requires_grad`` off while sampling; both are restored afterwards. Random
+    numbers come from torch's default generator of the CVAE's device (``torch.manual_seed`` reproduces them).
+
+    Args:
+        cvae: a trained :class:`fastood.models.ConditionalVAE` (or a model with ``encode``, ``decode``,
+            ``latent_dim``, ``num_classes``, ``image_shape``).
+        beta_range: ``(low, high)`` of the type-I step size beta (paper: (0.1, 1)), image units, 0 <= low <= high.
+        coverage: fraction of each class's latent means inside its ellipsoid (paper: 0.95), in (0, 1].
+        shell: None (paper: on the ellipsoid) or a factor >= 1: radii drawn from ``r_c * U(1, shell)`` (the
+            authors' code used 1.5).
+        bounds: ``(lower, upper)`` data range (scalars or per-channel); outliers are clipped into it.
+        type1_fraction: fraction of :meth:`sample`'s outliers that are type I when an ID batch is given, in [0, 1].
+        anchor: ``"input"`` (paper: ``x~ = x + beta v``) or ``"reconstruction"`` (``x~ = g(mu) + beta v``, the
+            decoded point at which J is taken; it comes free with the Jacobian).
+        batch_size: the most images encoded/decoded at once (bounds the Jacobian's memory: batch_size * D * d).
+    """
+
+    def __init__(self, cvae: nn.Module, beta_range=(0.1, 1.0), coverage=0.95, shell=None, bounds=(-1.0, 1.0),
+                 type1_fraction=0.5, anchor="input", batch_size=256):
+        if not isinstance(cvae, nn.Module):
+            raise TypeError(f"cvae must be a torch.nn.Module (a ConditionalVAE), got {type(cvae).__name__}")
+        for attr in ("encode", "decode", "latent_dim", "num_classes", "image_shape"):
+            if not hasattr(cvae, attr):
+                raise TypeError(f"cvae must provide {attr!r} (as fastood.models.ConditionalVAE does); "
+                                f"{type(cvae).__name__} does not")
+        self.cvae = cvae
+        self.beta_range = _check_number_pair(beta_range, "beta_range")
+        coverage = float(coverage)
+        if not 0.0 < coverage <= 1.0:
+            raise ValueError(f"coverage must be in (0, 1], got {coverage}")
+        self.coverage = coverage
+        if shell is not None:
+            shell = float(shell)
+            if not (math.isfinite(shell) and shell >= 1.0):
+                raise ValueError(f"shell must be None or a finite factor >= 1, got {shell}")
+        self.shell = shell
+        self.lower, self.upper = check_bounds(bounds)
+        check_shape(cvae.image_shape, (self.lower, self.upper))
+        type1_fraction = float(type1_fraction)
+        if not 0.0 <= type1_fraction <= 1.0:
+            raise ValueError(f"type1_fraction must be in [0, 1], got {type1_fraction}")
+        self.type1_fraction = type1_fraction
+        if anchor not in ("input", "reconstruction"):
+            raise ValueError(f"anchor must be 'input' or 'reconstruction', got {anchor!r}")
+        self.anchor = anchor
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.batch_size = batch_size
+        self.means = self.chols = self.radii = self.counts = None
+        self.stats = {}
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def device(self) -> torch.device:
+        return model_device(self.cvae)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return model_dtype(self.cvae)
+
+    @property
+    def fitted(self) -> bool:
+        return self.means is not None
+
+    @property
+    def fitted_classes(self) -> torch.Tensor:
+        """Indices of the classes :meth:`fit` saw at least two encoder means of (long tensor, CPU)."""
+        self._require_fit()
+        return torch.nonzero(self.counts >= 2).flatten()
+
+    def _require_fit(self):
+        if not self.fitted:
+            raise RuntimeError("ManifoldSampler: call fit(loader) on ID training data before drawing type-II "
+                               "outliers (the class ellipsoids are needed)")
+
+    def _clip(self, x):
+        lo = bound_tensor(self.lower, x.dim(), x.device, x.dtype)
+        hi = bound_tensor(self.upper, x.dim(), x.device, x.dtype)
+        return torch.maximum(torch.minimum(x, hi), lo)
+
+    def _labels(self, y, n, name="y"):
+        if isinstance(y, bool):
+            raise TypeError(f"{name} must be an int or an integer tensor [{n}], got bool")
+        if isinstance(y, int):
+            y = torch.full((n,), y, dtype=torch.long)
+        if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            got = y.dtype if isinstance(y, torch.Tensor) else type(y).__name__
+            raise TypeError(f"{name} must be an int or an integer tensor [{n}], got {got}")
+        if y.shape != (n,):
+            raise ValueError(f"{name} must have shape [{n}], got {tuple(y.shape)}")
+        y = y.to(self.device, torch.long)
+        if n and (int(y.min()) < 0 or int(y.max()) >= self.cvae.num_classes):
+            raise ValueError(f"{name} must hold classes in [0, {self.cvae.num_classes - 1}], got values in "
+                             f"[{int(y.min())}, {int(y.max())}]")
+        return y
+
+    # ------------------------------------------------------------------ fit
+    @torch.no_grad()
+    def fit(self, loader, progress: bool = False) -> "ManifoldSampler":
+        """Fit the class ellipsoids to the encoder means of ``loader``'s labeled ID batches ``(x, y)``.
+
+        Per class: mean, covariance (unbiased, plus a ridge of 1e-6 * its mean variance so that fewer samples
+        than latent dimensions still give a positive definite matrix), Cholesky factor and the ``coverage``
+        quantile of the Mahalanobis distances (linear interpolation, ``torch.quantile``). Classes with fewer than
+        two samples are left out (type II cannot be drawn for them). Returns ``self``.
+        """
+        from tqdm.auto import tqdm
+
+        d, n_cls = self.cvae.latent_dim, self.cvae.num_classes
+        latents, labels = [], []
+        with frozen(self.cvae):
+            for batch in tqdm(loader, desc="ManifoldSampler.fit", disable=not progress, leave=False):
+                if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                    raise ValueError("ManifoldSampler.fit needs labeled batches (x, y)")
+                x = batch[0].to(self.device, self.dtype)
+                y = self._labels(torch.as_tensor(batch[1]), x.shape[0])
+                if not bool(torch.isfinite(x).all()):
+                    raise ValueError("ManifoldSampler.fit: the loader yielded NaN/Inf images")
+                latents.append(self.cvae.encode(x, y)[0].double().cpu())
+                labels.append(y.cpu())
+        if not latents or sum(len(y) for y in labels) == 0:
+            raise ValueError("ManifoldSampler.fit: the loader yielded no images")
+        mu, y = torch.cat(latents), torch.cat(labels)
+        means = torch.zeros(n_cls, d, dtype=torch.float64)
+        chols = torch.eye(d, dtype=torch.float64).repeat(n_cls, 1, 1)
+        radii = torch.zeros(n_cls, dtype=torch.float64)
+        counts = torch.bincount(y, minlength=n_cls)
+        if int(counts.max()) < 2:
+            raise ValueError("ManifoldSampler.fit needs at least two images of some class, got at most one per class")
+        for c in torch.nonzero(counts >= 2).flatten().tolist():
+            points = mu[y == c]
+            mean = points.mean(0)
+            centered = points - mean
+            cov = centered.T @ centered / (points.shape[0] - 1)
+            cov = cov + (1e-6 * cov.diagonal().mean() + 1e-12) * torch.eye(d, dtype=cov.dtype)
+            chol = torch.linalg.cholesky(cov)
+            dist = torch.linalg.solve_triangular(chol, centered.T, upper=False).norm(dim=0)
+            means[c], chols[c], radii[c] = mean, chol, torch.quantile(dist, self.coverage)
+        self.means, self.chols, self.radii, self.counts = means, chols, radii, counts
+        return self
+
+    def mahalanobis(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``|L_y^-1 (z - m_y)|`` [B] (float64, CPU) of latents z [B, d] under their classes' Gaussians."""
+        self._require_fit()
+        y = self._labels(y, z.shape[0]).cpu()
+        diff = (z.detach().double().cpu() - self.means[y]).unsqueeze(2)
+        return torch.linalg.solve_triangular(self.chols[y], diff, upper=False).squeeze(2).norm(dim=1)
+
+    def state_dict(self) -> dict:
+        return {"means": self.means, "chols": self.chols, "radii": self.radii, "counts": self.counts}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.means, self.chols, self.radii, self.counts = (state[k] for k in ("means", "chols", "radii", "counts"))
+
+    # ------------------------------------------------------------------ type I
+    def _check_images(self, x, name="x"):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+            raise TypeError(f"{name} must be a floating-point image tensor, got {got}")
+        shape = tuple(self.cvae.image_shape)
+        if x.dim() != 4 or tuple(x.shape[1:]) != shape:
+            raise ValueError(f"{name} must have shape [B, {', '.join(map(str, shape))}] (the CVAE's images), "
+                             f"got {tuple(x.shape)}")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name} contains NaN/Inf")
+        return x
+
+    def type1(self, x: torch.Tensor, y) -> torch.Tensor:
+        """Off-manifold outliers of an ID batch: ``clip(x + beta v)`` [B, C, H, W], on x's device and dtype.
+
+        Args:
+            x: ID images [B, C, H, W] in the data range; y: their labels (int tensor [B] or an int).
+        ``stats`` gets ``beta`` [B], ``labels`` [B] and ``jacobian_norm`` [B] (Frobenius norm of each J).
+        """
+        x = self._check_images(x)
+        y = self._labels(y, x.shape[0])
+        out = torch.empty_like(x)
+        betas, norms = [], []
+        with frozen(self.cvae), torch.no_grad():
+            for start in range(0, x.shape[0], self.batch_size):
+                xb = x[start:start + self.batch_size].to(self.device, self.dtype)
+                yb = y[start:start + self.batch_size]
+                cond = self.cvae.class_vectors(yb) if hasattr(self.cvae, "class_vectors") else yb
+                mu = self.cvae.encode(xb, cond)[0]
+                jac, recon = decoder_jacobian(self.cvae, mu, cond)
+                v = ops.nullspace_project(jac, torch.randn_like(recon))
+                lo, hi = self.beta_range
+                beta = lo + (hi - lo) * torch.rand(xb.shape[0], 1, device=xb.device, dtype=xb.dtype)
+                base = xb.flatten(1) if self.anchor == "input" else recon
+                out[start:start + self.batch_size] = self._clip((base + beta * v).view_as(xb)).to(x.device, x.dtype)
+                betas.append(beta.squeeze(1))
+                norms.append(jac.flatten(1).norm(dim=1))
+        empty = x.new_zeros(0)
+        self.stats = {"type1": x.shape[0], "type2": 0, "labels": y,
+                      "beta": torch.cat(betas) if betas else empty,
+                      "jacobian_norm": torch.cat(norms) if norms else empty}
+        return out
+
+    # ------------------------------------------------------------------ type II
+    def type2_latents(self, n: int, y=None):
+        """``(z [n, d], y [n])``: points on the class ellipsoids' surfaces (or shells), see the class docstring.
+
+        ``y``: None (classes drawn uniformly from :attr:`fitted_classes`), an int, or an int tensor [n].
+        """
+        self._require_fit()
+        n = check_count(n)
+        fitted = self.fitted_classes
+        if y is None:
+            y = fitted[torch.randint(len(fitted), (n,), device=self.device).cpu()].to(self.device)
+        y = self._labels(y, n)
+        missing = sorted(set(y.unique().tolist()) - set(fitted.tolist()))
+        if missing:
+            raise ValueError(f"type-II outliers requested for class(es) {missing} that fit() saw fewer than two "
+                             f"images of; fitted classes: {fitted.tolist()}")
+        d = self.cvae.latent_dim
+        u = torch.randn(n, d, device=self.device, dtype=torch.float64)
+        u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        radius = self.radii.to(self.device)[y]
+        if self.shell is not None:
+            radius = radius * (1.0 + (self.shell - 1.0) * torch.rand(n, device=self.device, dtype=torch.float64))
+        chol, mean = self.chols.to(self.device)[y], self.means.to(self.device)[y]
+        z = mean + radius.unsqueeze(1) * (chol @ u.unsqueeze(2)).squeeze(2)
+        return z.to(self.dtype), y
+
+    def type2(self, n: int, y=None) -> torch.Tensor:
+        """``n`` class-boundary outliers ``g(z, y)`` [n, C, H, W] on the CVAE's device, clipped into ``bounds``.
+
+        ``y``: None (uniform over the fitted classes), an int or an int tensor [n]. ``stats`` gets ``labels`` [n]
+        and ``latents`` [n, d].
+        """
+        z, y = self.type2_latents(n, y)
+        out = torch.empty((z.shape[0],) + tuple(self.cvae.image_shape), device=self.device, dtype=self.dtype)
+        with frozen(self.cvae), torch.no_grad():
+            for start in range(0, z.shape[0], self.batch_size):
+                sl = slice(start, start + self.batch_size)
+                out[sl] = self._clip(self.cvae.decode(z[sl], y[sl]))
+        self.stats = {"type1": 0, "type2": z.shape[0], "labels": y, "latents": z}
+        return out
+
+    # ------------------------------------------------------------------ protocol
+    def sample(self, model, n, shape=None, context=None) -> torch.Tensor:
+        """Sampler protocol: ``n`` outliers [n, C, H, W] (detached).
+
+        With ``context = (x, y)`` (the current ID batch), ``round(type1_fraction * n)`` are type I from images of
+        that batch (drawn without replacement when the batch is large enough, else with replacement), the rest
+        type II (classes uniform over the fitted ones); without context, all are type II. Type I come first.
+        Returned on x's device when a context is given, else on the CVAE's device. ``model`` is ignored;
+        ``shape`` must be None or the CVAE's image shape.
+
+        ``stats``: ``type1``, ``type2`` (counts), ``labels`` [n] (the class each outlier came from), ``beta`` [type1].
+        """
+        n = check_count(n)
+        if shape is not None and tuple(check_shape(shape)) != tuple(self.cvae.image_shape):
+            raise ValueError(f"shape {tuple(shape)} does not match the CVAE's image shape "
+                             f"{tuple(self.cvae.image_shape)}")
+        n1, parts, labels, beta = 0, [], [], None
+        out_device = self.device
+        if context is not None:
+            if not isinstance(context, (tuple, list)) or len(context) < 2:
+                raise ValueError("context must be the ID batch (x, y) with labels (type I needs them)")
+            x, y = context[0], context[1]
+            x = self._check_images(x, "context x")
+            out_device = x.device
+            if x.shape[0] > 0:
+                n1 = int(round(self.type1_fraction * n))
+                if n1 <= x.shape[0]:
+                    idx = torch.randperm(x.shape[0], device=self.device)[:n1]
+                else:
+                    idx = torch.randint(x.shape[0], (n1,), device=self.device)
+                idx = idx.to(x.device)
+                y = torch.as_tensor(y, device=x.device)
+                parts.append(self.type1(x[idx], y[idx]).to(out_device))
+                labels.append(self.stats["labels"])
+                beta = self.stats["beta"]
+        if n - n1 > 0:
+            parts.append(self.type2(n - n1).to(out_device))
+            labels.append(self.stats["labels"])
+        if not parts:
+            self.stats = {"type1": 0, "type2": 0, "labels": torch.zeros(0, dtype=torch.long)}
+            return torch.zeros((0,) + tuple(self.cvae.image_shape), device=out_device, dtype=self.dtype)
+        self.stats = {"type1": n1, "type2": n - n1, "labels": torch.cat([t.to(out_device) for t in labels]),
+                      "beta": beta if beta is not None else torch.zeros(0)}
+        return torch.cat(parts).detach()

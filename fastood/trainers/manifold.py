@@ -1,0 +1,188 @@
+"""The (n+1)-class classifier of Vernekar et al. 2019: class n+1 is trained on the CVAE's manifold outliers."""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Trainer, unwrap
+
+_HEAD_NAMES = ("fc", "classifier", "head", "linear")  # where fastood.models.split_head looks, in its order
+
+
+def grow_linear(layer: nn.Linear, extra: int = 1) -> nn.Linear:
+    """A new ``nn.Linear`` with ``extra`` more outputs than ``layer``: rows 0..n-1 copy ``layer``'s weights and
+    biases, the new rows get PyTorch's default initialization; same device and dtype."""
+    if not isinstance(layer, nn.Linear):
+        raise TypeError(f"expected an nn.Linear final layer, got {type(layer).__name__}")
+    if isinstance(extra, bool) or not isinstance(extra, int) or extra < 1:
+        raise ValueError(f"extra must be a positive int, got {extra!r}")
+    new = nn.Linear(layer.in_features, layer.out_features + extra, bias=layer.bias is not None)
+    new = new.to(device=layer.weight.device, dtype=layer.weight.dtype)
+    with torch.no_grad():
+        new.weight[: layer.out_features] = layer.weight
+        if layer.bias is not None:
+            new.bias[: layer.out_features] = layer.bias
+    return new
+
+
+def grow_head(model: nn.Module, extra: int = 1) -> nn.Linear:
+    """Replace ``model``'s final ``nn.Linear`` (found as :func:`fastood.models.split_head` finds it: the last
+    module of an ``nn.Sequential`` or an attribute fc / classifier / head / linear) by :func:`grow_linear` of it,
+    in place. Returns the new layer."""
+    from fastood.models import split_head
+
+    _, head = split_head(model)
+    new = grow_linear(head, extra)
+    if isinstance(model, nn.Sequential) and model[-1] is head:
+        model[len(model) - 1] = new
+        return new
+    for name in _HEAD_NAMES:
+        if getattr(model, name, None) is head:
+            setattr(model, name, new)
+            return new
+    raise TypeError(f"grow_head: cannot replace the final layer of {type(model).__name__}")
+
+
+def check_ratio(ratio, name="ratio"):
+    """``(id, type1, type2)`` weights: finite, >= 0, id > 0 and type1 + type2 > 0. Returns floats."""
+    if isinstance(ratio, (str, bytes)) or not hasattr(ratio, "__len__") or len(ratio) != 3:
+        raise ValueError(f"{name} must be three numbers (ID, type I, type II), got {ratio!r}")
+    r = tuple(float(v) for v in ratio)
+    if not all(math.isfinite(v) and v >= 0 for v in r) or r[0] <= 0 or r[1] + r[2] <= 0:
+        raise ValueError(f"{name} must be finite and >= 0 with ID > 0 and type I + type II > 0, got {ratio!r}")
+    return r
+
+
+class ManifoldTrainer(Trainer):
+    """Trains an (n+1)-class classifier whose last class is "outlier" (Vernekar et al. 2019).
+
+    Each step takes an ID batch ``(x, y)`` of b images and adds ``round(b * ratio[1] / ratio[0])`` type-I and
+    ``round(b * ratio[2] / ratio[0])`` type-II outliers (default 2:1:1, i.e. b/2 + b/2) from a
+    :class:`~fastood.samplers.manifold.ManifoldSampler` (type I perturb images of this batch off the manifold;
+    type II decode class-boundary latents), all labeled n. It minimizes the class-weighted cross-entropy over the
+    joint batch, weight 1 for the n ID classes and ``ood_weight`` (0.1) for the outlier class::
+
+        loss = sum_i w_{t_i} CE(f(x_i), t_i) / sum_i w_{t_i}       (torch's weighted mean)
+
+    The detector is :class:`~fastood.detectors.ExtraClass`: score = softmax probability of class n+1
+    (higher = more OOD); its predictions are the argmax over the n ID classes.
+
+    Args:
+        model: a classifier with n + 1 outputs (trained from scratch), or with ``extend_head=True`` a trained
+            n-class classifier whose final ``nn.Linear`` is grown to n + 1 outputs in place (:func:`grow_head`;
+            trained rows kept).
+        cvae: a trained :class:`~fastood.models.ConditionalVAE` (wrapped in a ManifoldSampler with default
+            settings and ``bounds``), or a ManifoldSampler, or any sampler of the protocol
+            ``sample(model, n, shape, context=(x, y))`` (it then draws the type-I + type-II total).
+            An unfitted ManifoldSampler is fitted on the training loader when :meth:`fit` starts.
+        ood_weight: CE weight of the outlier class (paper 0.1), > 0.
+        ratio: ID : type I : type II per batch (default (2, 1, 1)).
+        extend_head: grow a trained n-class head to n + 1 outputs (see ``model``).
+        bounds: data range of the default sampler (only with a CVAE).
+        **kwargs: the Trainer options (lr, momentum, weight_decay, optimizer, checkpoint_dir, progress, seed, ...).
+
+    SGD (momentum 0.9, weight decay 5e-4) with lr 0.01 by default. The ID batch and the outliers go through the
+    model in one forward (BatchNorm statistics of the joint batch). ``history`` logs ``loss``, ``ce_id`` (CE of
+    the ID part), ``acc`` (ID accuracy over the n classes), ``type1_rejected`` / ``type2_rejected`` (fraction of
+    each outlier type classified as class n+1; NaN when none were drawn).
+    """
+
+    default_lr = 0.01
+
+    def __init__(self, model, cvae, ood_weight=0.1, ratio=(2, 1, 1), extend_head=False, bounds=None, **kwargs):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not (isinstance(ood_weight, (int, float)) and math.isfinite(ood_weight) and ood_weight > 0):
+            raise ValueError(f"ood_weight must be a finite number > 0, got {ood_weight!r}")
+        self.ratio = check_ratio(ratio)
+        if extend_head:
+            grow_head(model, 1)
+        super().__init__(model, **kwargs)
+        self.sampler = self._make_sampler(cvae, bounds)
+        self.ood_weight = float(ood_weight)
+
+    @staticmethod
+    def _make_sampler(cvae, bounds):
+        from fastood.samplers.manifold import ManifoldSampler
+
+        if isinstance(cvae, nn.Module):
+            return ManifoldSampler(cvae, bounds=(-1.0, 1.0) if bounds is None else bounds)
+        if bounds is not None:
+            raise ValueError("bounds is for the default sampler built around a CVAE; pass it to your sampler instead")
+        if not callable(getattr(cvae, "sample", None)):
+            raise TypeError(f"cvae must be a ConditionalVAE or a sampler with sample(model, n, shape, context), got "
+                            f"{type(cvae).__name__}")
+        return cvae
+
+    @property
+    def _typed(self) -> bool:
+        return all(callable(getattr(self.sampler, a, None)) for a in ("type1", "type2"))
+
+    def on_fit_start(self, loader):
+        if callable(getattr(self.sampler, "fit", None)) and not getattr(self.sampler, "fitted", True):
+            with torch.random.fork_rng(devices=[]):  # fitting must not shift the training run's random stream
+                self.sampler.fit(loader, progress=False)
+
+    def _outliers(self, x, y):
+        b = x.shape[0]
+        n1 = int(round(b * self.ratio[1] / self.ratio[0]))
+        n2 = int(round(b * self.ratio[2] / self.ratio[0]))
+        if not self._typed:
+            gen = self.sampler.sample(unwrap(self.model), n1 + n2, tuple(x.shape[1:]), context=(x, y))
+            return gen.to(device=x.device, dtype=x.dtype), None
+        parts = []
+        if n1:
+            idx = torch.randperm(b, device=x.device)[:n1] if n1 <= b else torch.randint(b, (n1,), device=x.device)
+            parts.append(self.sampler.type1(x[idx], y[idx]).to(device=x.device, dtype=x.dtype))
+        if n2:
+            parts.append(self.sampler.type2(n2).to(device=x.device, dtype=x.dtype))
+        return torch.cat(parts), n1
+
+    def training_step(self, batch):
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise ValueError("ManifoldTrainer needs labeled ID batches (x, y)")
+        x, y = batch[0], batch[1]
+        if x.shape[0] == 0:
+            raise ValueError("ManifoldTrainer got an empty ID batch")
+        generated, n1 = self._outliers(x, y)
+        logits = self.net(torch.cat([x, generated])).float()
+        n_out = logits.shape[1]
+        if n_out < 2:
+            raise ValueError(f"the model must have n + 1 >= 2 outputs (the last is the outlier class), got {n_out}")
+        if int(y.max()) >= n_out - 1 or int(y.min()) < 0:
+            raise ValueError(f"labels must lie in [0, {n_out - 2}]: the model has {n_out} outputs = n ID classes + "
+                             f"the outlier class; got labels up to {int(y.max())} (train from scratch with n + 1 "
+                             "outputs, or pass extend_head=True)")
+        b = x.shape[0]
+        targets = torch.cat([y.long(), y.new_full((generated.shape[0],), n_out - 1, dtype=torch.long)])
+        weight = logits.new_ones(n_out)
+        weight[-1] = self.ood_weight
+        loss = F.cross_entropy(logits, targets, weight=weight)
+        with torch.no_grad():
+            pred = logits.detach().argmax(1)
+            rejected = (pred[b:] == n_out - 1).float()
+            nan = torch.tensor(float("nan"))
+            logs = {"loss": loss, "ce_id": F.cross_entropy(logits[:b].detach(), y),
+                    "acc": (logits[:b, :-1].argmax(1) == y).float().mean()}
+            if n1 is None:
+                logs["rejected"] = rejected.mean() if rejected.numel() else nan
+            else:
+                logs["type1_rejected"] = rejected[:n1].mean() if n1 else nan
+                logs["type2_rejected"] = rejected[n1:].mean() if rejected.numel() > n1 else nan
+        return logs
+
+    def detector(self):
+        """:class:`~fastood.detectors.ExtraClass`: probability of the outlier class (higher = more OOD)."""
+        from fastood.detectors import ExtraClass
+
+        return ExtraClass(unwrap(self.model))
+
+    def extra_state(self):
+        """The sampler's fitted class ellipsoids survive a resume (no refit, same outliers)."""
+        state_dict = getattr(self.sampler, "state_dict", None)
+        return {"sampler": state_dict()} if callable(state_dict) else {}
+
+    def load_extra_state(self, state):
+        if "sampler" in state and callable(getattr(self.sampler, "load_state_dict", None)):
+            self.sampler.load_state_dict(state["sampler"])

@@ -1,0 +1,136 @@
+"""Outlier Exposure (Hendrycks et al., ICLR 2019) and energy-bounded OE (Liu et al., NeurIPS 2020): the auxiliary-
+outlier baselines of the ICE paper."""
+import torch
+
+from fastood.losses import energy, energy_oe_loss_terms, oe_loss_terms
+
+from .base import first_item, unwrap
+from .outliers import OutlierTrainer
+
+MARGIN_MODES = ("fixed", "auto")
+
+
+class OETrainer(OutlierTrainer):
+    """Fine-tunes a classifier with Outlier Exposure: ``CE(f(x_in), y) + lam * mean_out CE(uniform, softmax(f(x_out)))``
+    (:func:`fastood.losses.oe_loss`), lam = 0.5.
+
+    ID and outliers go through the model in one forward pass of their concatenation (``joint_forward``).
+    Defaults follow the paper's fine-tuning recipe: SGD lr 1e-3 (momentum 0.9, wd 5e-4) with cosine decay to 0
+    over the run (``cosine=False`` keeps it constant). Detector: MSP (score ``-max softmax``, higher = more OOD).
+
+    Args:
+        model: a classifier, logits [B, C].
+        outliers: DataLoader of outlier images (or ``(images, ...)``), a sampler, or an OutlierSource.
+        lam: weight of the outlier term.
+        **kwargs: :class:`~fastood.trainers.outliers.OutlierTrainer` / Trainer options.
+    """
+
+    default_lr = 1e-3
+
+    def __init__(self, model, outliers=None, lam: float = 0.5, cosine: bool = True, **kwargs):
+        super().__init__(model, outliers, **kwargs)
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0:
+            raise ValueError(f"lam must be a number >= 0, got {lam!r}")
+        self.lam, self.cosine = float(lam), bool(cosine)
+
+    def configure_scheduler(self, optimizer, total_steps):
+        if not self.cosine or total_steps < 1:
+            return None
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+
+    def training_step(self, batch):
+        self.apply_bn_mode()
+        x, y = batch[0], batch[1]
+        logits_in, logits_out = self.forward_in_out(x, self.draw_outliers(x, y))
+        terms = oe_loss_terms(logits_in, y, logits_out, self.lam)
+        terms["acc"] = (logits_in.detach().argmax(1) == y).float().mean()
+        return terms
+
+
+class EnergyOETrainer(OETrainer):
+    """Energy-bounded outlier exposure: ``CE + lam * (mean relu(E_in - m_in)^2 + mean relu(m_out - E_out)^2)``,
+    ``E = -T logsumexp(f / T)`` (:func:`fastood.losses.energy_oe_loss`); lam = 0.1, T = 1.
+
+    Margins:
+        ``margins="fixed"`` (default): ``m_in`` / ``m_out`` as given (the paper's CIFAR values -25 / -7).
+        ``margins="auto"``: measured once, before the first step, from the model being fine-tuned (eval mode):
+        ``m_in`` = the ``auto_quantiles[0]`` (20th) percentile of its ID training energies and ``m_out`` = the
+        ``auto_quantiles[1]`` (80th) percentile of its outliers' energies, over ``auto_batches`` batches of each
+        (as CMG does). They are stored in the checkpoint (``extra_state``) and never re-measured on resume.
+
+    Same recipe and one-forward-pass as :class:`OETrainer`. Detector: Energy (score ``E(x)``, higher = more OOD).
+    """
+
+    def __init__(self, model, outliers=None, m_in: float = -25.0, m_out: float = -7.0, lam: float = 0.1,
+                 T: float = 1.0, margins: str = "fixed", auto_quantiles=(0.2, 0.8), auto_batches: int = 20, **kwargs):
+        super().__init__(model, outliers, lam=lam, **kwargs)
+        if margins not in MARGIN_MODES:
+            raise ValueError(f"margins must be one of {MARGIN_MODES}, got {margins!r}")
+        if isinstance(T, bool) or not isinstance(T, (int, float)) or not T > 0:
+            raise ValueError(f"T must be a number > 0, got {T!r}")
+        q_in, q_out = auto_quantiles
+        if not (0 <= q_in <= 1 and 0 <= q_out <= 1):
+            raise ValueError(f"auto_quantiles must be two numbers in [0, 1], got {auto_quantiles!r}")
+        if int(auto_batches) < 1:
+            raise ValueError(f"auto_batches must be >= 1, got {auto_batches!r}")
+        self.margins, self.T = margins, float(T)
+        self.auto_quantiles, self.auto_batches = (float(q_in), float(q_out)), int(auto_batches)
+        self.m_in, self.m_out = float(m_in), float(m_out)
+        self.margins_measured = margins == "fixed"
+
+    def on_fit_start(self, loader):
+        if not self.margins_measured:
+            self.m_in, self.m_out = self.measure_margins(loader)
+            self.margins_measured = True
+
+    @torch.no_grad()
+    def measure_margins(self, loader):
+        """``(m_in, m_out)``: quantiles of the current model's energies (eval mode) on the first ``auto_batches``
+        ID batches of ``loader`` (its order fixed by the trainer's seed) and as many outlier batches (drawn from
+        the outlier source, whose position advances). Leaves torch's global RNG as it was."""
+        model = unwrap(self.model)
+        was_training = [(m, m.training) for m in model.modules()]
+        model.eval()
+        e_in, e_out = [], []
+        rng_state = torch.get_rng_state()
+        torch.manual_seed(self.seed * 1_000_003 + 424_242)  # the ID batches measured depend on the seed only
+        try:
+            for i, batch in enumerate(loader):
+                if i >= self.auto_batches:
+                    break
+                x = self.to_device(first_item(batch))
+                e_in.append(energy(model(x), self.T).float().cpu())
+                e_out.append(energy(model(self.draw_outliers(x)), self.T).float().cpu())
+        finally:
+            torch.set_rng_state(rng_state)
+            for m, training in was_training:
+                m.training = training
+        e_in, e_out = torch.cat(e_in), torch.cat(e_out)
+        if e_in.numel() == 0 or e_out.numel() == 0:
+            raise ValueError("margins='auto' needs at least one ID image and one outlier to measure energies")
+        return (float(torch.quantile(e_in.double(), self.auto_quantiles[0])),
+                float(torch.quantile(e_out.double(), self.auto_quantiles[1])))
+
+    def training_step(self, batch):
+        self.apply_bn_mode()
+        x, y = batch[0], batch[1]
+        logits_in, logits_out = self.forward_in_out(x, self.draw_outliers(x, y))
+        terms = energy_oe_loss_terms(logits_in, y, logits_out, self.m_in, self.m_out, self.lam, self.T)
+        terms["acc"] = (logits_in.detach().argmax(1) == y).float().mean()
+        return terms
+
+    def extra_state(self):
+        state = super().extra_state()
+        state["margins"] = {"m_in": self.m_in, "m_out": self.m_out, "measured": self.margins_measured}
+        return state
+
+    def load_extra_state(self, state):
+        super().load_extra_state(state)
+        if "margins" in state:
+            m = state["margins"]
+            self.m_in, self.m_out, self.margins_measured = float(m["m_in"]), float(m["m_out"]), bool(m["measured"])
+
+    def detector(self):
+        from fastood.detectors import Energy
+
+        return Energy(unwrap(self.model), T=self.T)

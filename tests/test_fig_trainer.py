@@ -1,0 +1,244 @@
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fastood.samplers.langevin import LangevinSampler
+from fastood.samplers.noise import GaussianNoiseSampler
+from fastood.trainers.fig import FIGTrainer, GaussianNoiseTrainer, fig_loss
+from fastood.trainers.standard import StandardTrainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPE = (1, 6, 6)
+
+
+def toy_data(n=64, seed=0):
+    """Two classes of 6x6 images in [-1, 1]: bright top half vs bright bottom half, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 2
+    x = torch.full((n,) + SHAPE, -0.8)
+    x[y == 0, :, :3] = 0.8
+    x[y == 1, :, 3:] = 0.8
+    return TensorDataset((x + 0.2 * torch.randn(x.shape, generator=g)).clamp(-1, 1), y)
+
+
+def tiny_cnn(seed=1, batchnorm=True):
+    torch.manual_seed(seed)
+    norm = [nn.BatchNorm2d(4)] if batchnorm else []
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), *norm, nn.ReLU(), nn.Flatten(), nn.Linear(144, 2))
+
+
+def loader(ds, batch_size=16):
+    return DataLoader(ds, batch_size=batch_size, shuffle=True)
+
+
+@pytest.fixture(scope="module")
+def pretrained():
+    ds = toy_data()
+    model = tiny_cnn()
+    StandardTrainer(model, lr=0.1, progress=False).fit(loader(ds), epochs=5)
+    return model.eval(), ds
+
+
+def probe_confidence(model, seed=123):
+    """Mean confidence of fresh Langevin samples from ``model`` (a fixed seed and budget)."""
+    torch.manual_seed(seed)
+    sampler = LangevinSampler(max_steps=5, early_stop=None)
+    sampler.sample(model, 64, SHAPE)
+    return float(sampler.stats["confidence"].mean())
+
+
+def accuracy(model, ds):
+    model.eval()
+    x, y = ds.tensors
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+def clone(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+# ------------------------------------------------------------------------------------------------ the loss
+def test_fig_loss_equals_hand_computation():
+    torch.manual_seed(0)
+    logits_id, labels = torch.randn(5, 3), torch.tensor([0, 2, 1, 1, 0])
+    logits_gen = torch.randn(2, 3) * 2
+    loss, ce, entropy = fig_loss(logits_id, labels, logits_gen, lam=0.7)
+    p_id = torch.softmax(logits_id, 1)
+    hand_ce = -sum(math.log(float(p_id[i, labels[i]])) for i in range(5)) / 5
+    p = torch.softmax(logits_gen, 1)
+    hand_h = -sum(float(p[i, k]) * math.log(float(p[i, k])) for i in range(2) for k in range(3)) / 2
+    assert float(ce) == pytest.approx(hand_ce, rel=1e-5)
+    assert float(entropy) == pytest.approx(hand_h, rel=1e-5)
+    assert float(loss) == pytest.approx(hand_ce - 0.7 * hand_h, rel=1e-5)
+    # no generated samples: plain cross-entropy
+    loss0, _, h0 = fig_loss(logits_id, labels, torch.zeros(0, 3))
+    assert float(h0) == 0 and float(loss0) == pytest.approx(hand_ce, rel=1e-5)
+
+
+def test_training_step_loss_matches_its_parts():
+    """One step's logged loss is CE on the ID batch minus lam * entropy of the generated batch, through the model."""
+    model = tiny_cnn(batchnorm=False)
+    ds = toy_data(16)
+    generated = torch.rand(4, *SHAPE) * 2 - 1
+
+    class Fixed:
+        stats = {}
+
+        def sample(self, model, n, shape, context=None):
+            assert n == 4 and tuple(shape) == SHAPE and context is not None
+            return generated
+
+    trainer = FIGTrainer(model, sampler=Fixed(), k=0.25, lam=0.5, progress=False)
+    model.train()
+    out = trainer.training_step(ds.tensors)
+    with torch.no_grad():
+        ce = F.cross_entropy(model(ds.tensors[0]), ds.tensors[1])
+        p = torch.softmax(model(generated), 1)
+        h = -(p * p.log()).sum(1).mean()
+    assert float(out["loss"].detach()) == pytest.approx(float(ce - 0.5 * h), rel=1e-5)
+    assert float(out["gen_confidence"]) == pytest.approx(float(p.amax(1).mean()), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ training
+def test_fig_lowers_the_confidence_of_generated_samples(pretrained):
+    model, ds = pretrained
+    model = clone(model)
+    before, acc_before = probe_confidence(model), accuracy(model, ds)
+    sampler = LangevinSampler(max_steps=5, early_stop=None)
+    trainer = FIGTrainer(model, sampler=sampler, k=0.5, lr=0.1, progress=False)
+    trainer.fit(loader(ds), steps=12)
+    # the sampler left the model training and trainable
+    assert model.training and all(p.requires_grad for p in model.parameters())
+    after = probe_confidence(model)
+    assert after < before - 0.05, (before, after)
+    assert accuracy(model, ds) >= acc_before - 0.05
+    h = trainer.history
+    assert len(h) == 12
+    for key in ("loss", "ce", "gen_entropy", "gen_confidence", "gen_energy", "sampler_confidence", "sampler_energy",
+                "gen_steps"):
+        assert all(math.isfinite(r[key]) for r in h), key
+    assert all(r["gen_steps"] == 5 for r in h)
+    # the logged confidence of generated samples falls as well (means of the first and last third)
+    first = sum(r["gen_confidence"] for r in h[:4]) / 4
+    last = sum(r["gen_confidence"] for r in h[-4:]) / 4
+    assert last < first
+
+
+@pytest.mark.parametrize("joint", [True, False])
+def test_joint_and_separate_forward_both_train(pretrained, joint):
+    model, ds = pretrained
+    model = clone(model)
+    start = [p.detach().clone() for p in model.parameters()]
+    trainer = FIGTrainer(model, sampler=LangevinSampler(max_steps=2), k=0.25, joint_forward=joint, lr=0.05,
+                         progress=False)
+    trainer.fit(loader(ds), steps=3)
+    assert all(math.isfinite(r["loss"]) for r in trainer.history)
+    assert any(not torch.equal(a, p) for a, p in zip(start, model.parameters()))
+
+
+def _first_loss(model, joint):
+    torch.manual_seed(0)
+    trainer = FIGTrainer(model, sampler=LangevinSampler(max_steps=2), k=0.5, joint_forward=joint, progress=False)
+    model.train()
+    return float(trainer.training_step(toy_data(16).tensors)["loss"].detach())
+
+
+def test_joint_forward_matters_only_through_batchnorm():
+    without_bn = tiny_cnn(batchnorm=False)
+    assert _first_loss(clone(without_bn), True) == pytest.approx(_first_loss(clone(without_bn), False), rel=1e-5)
+    with_bn = tiny_cnn(batchnorm=True)
+    assert _first_loss(clone(with_bn), True) != pytest.approx(_first_loss(clone(with_bn), False), rel=1e-4)
+
+
+def test_checkpoint_resume_restores_replay_buffer_and_matches_uninterrupted(tmp_path, pretrained):
+    base, ds = pretrained
+
+    def trainer(model, directory):
+        sampler = LangevinSampler(max_steps=2, replay_buffer=8)
+        return FIGTrainer(model, sampler=sampler, k=0.25, lr=0.05, progress=False, checkpoint_dir=directory,
+                          checkpoint_every=1)
+
+    torch.manual_seed(0)
+    straight = trainer(clone(base), str(tmp_path / "a")).fit(loader(ds), steps=4)
+
+    torch.manual_seed(0)
+    trainer(clone(base), str(tmp_path / "b")).fit(loader(ds), steps=2)
+    resumed = trainer(clone(base), str(tmp_path / "b"))
+    resumed.fit(loader(ds), steps=4)
+    assert resumed.step == 4
+    assert torch.equal(resumed.sampler.buffer, straight.sampler.buffer)
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    saved = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    assert saved["extra"]["sampler"]["buffer"].shape == (8,) + SHAPE
+
+
+def test_gaussian_noise_trainer_runs_and_uses_gaussian_noise(pretrained):
+    model, ds = pretrained
+    model = clone(model)
+    trainer = GaussianNoiseTrainer(model, k=0.5, lr=0.05, progress=False, bounds=(-0.5, 0.5))
+    assert isinstance(trainer.sampler, GaussianNoiseSampler) and trainer.sampler.lower == (-0.5,)
+    trainer.fit(loader(ds), steps=3)
+    assert len(trainer.history) == 3 and all(math.isfinite(r["loss"]) for r in trainer.history)
+    assert "sampler_confidence" not in trainer.history[-1] and "gen_confidence" in trainer.history[-1]
+    assert trainer.extra_state() == {"sampler": {}}
+
+
+def test_defaults_and_detector():
+    from fastood.detectors import MSP
+
+    trainer = FIGTrainer(tiny_cnn(), progress=False)
+    assert isinstance(trainer.sampler, LangevinSampler) and trainer.lr == 1e-3 and trainer.k == 0.1
+    assert trainer.sampler.max_steps == 20 and trainer.sampler.confidence == 0.9
+    assert isinstance(trainer.optimizer, torch.optim.SGD)
+    group = trainer.optimizer.param_groups[0]
+    assert group["momentum"] == 0.9 and group["weight_decay"] == 5e-4
+    det = trainer.detector()
+    assert isinstance(det, MSP)
+    scores = det.score(torch.rand(3, *SHAPE) * 2 - 1)
+    assert scores.shape == (3,) and bool((scores <= 0).all())     # -max softmax: higher = more OOD
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"k": 0}, ValueError, "k must"),
+    ({"lam": -1.0}, ValueError, "lam must"),
+    ({"sampler": object()}, TypeError, "sample"),
+    ({"sampler": GaussianNoiseSampler(), "bounds": (-1, 1)}, ValueError, "not both"),
+])
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        FIGTrainer(tiny_cnn(), progress=False, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ benchmark smoke
+def test_bench_sampler_quick_writes_table_and_json(tmp_path):
+    out = tmp_path / "sampler.json"
+    script = os.path.join(ROOT, "bench", "bench_sampler.py")
+    proc = subprocess.run([sys.executable, script, "--quick", "--device", "cpu", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "authors-loop" in proc.stdout and "fastood-reference" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["meta"]["device"] == "cpu" and data["meta"]["quick"] is True
+    rows = data["rows"]
+    assert {r["scenario"] for r in rows} == {"equal-steps", "early-stop"}
+    assert {r["impl"] for r in rows} == {"authors-loop", "fastood-reference", "fastood-native"}
+    for r in rows:
+        if r["impl"] == "fastood-native" and not data["meta"]["native"]:
+            assert r["images_per_s"] is None
+            continue
+        assert r["images_per_s"] > 0 and r["seconds"] > 0 and r["in_bounds"]
+        if r["scenario"] == "equal-steps":
+            assert r["mean_steps"] == data["meta"]["steps"]
+    assert any(t["target"].startswith("cpu equal-steps") for t in data["meta"]["targets"])

@@ -1,0 +1,272 @@
+"""ManifoldSampler (forward-mode Jacobian, type I in the null space, type II on the 95% ellipsoid) and
+ManifoldTrainer (the n+1 classifier)."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fastood.detectors import ExtraClass
+from fastood.models import SmallCNN
+from fastood.models.cvae import ConditionalVAE
+from fastood.samplers.manifold import ManifoldSampler, decoder_jacobian
+from fastood.trainers.manifold import ManifoldTrainer, grow_head
+
+
+def tiny_cvae(num_classes=3, latent_dim=4, image_size=28):
+    torch.manual_seed(0)
+    return ConditionalVAE(1, image_size, num_classes, latent_dim, width=4, hidden=16)
+
+
+def labeled(n=60, num_classes=3, seed=0, size=28):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, size, size, generator=g) * 1.6 - 0.8
+    y = torch.arange(n) % num_classes
+    return x, y
+
+
+def loader(n=60, batch_size=12, shuffle=False):
+    return DataLoader(TensorDataset(*labeled(n)), batch_size=batch_size, shuffle=shuffle)
+
+
+def autograd_jacobian(cvae, z, y):
+    """Per-sample Jacobians by reverse mode (torch.autograd.functional.jacobian), [B, D, d]."""
+    return torch.stack([
+        torch.autograd.functional.jacobian(lambda zz: cvae.decode(zz.unsqueeze(0), y[i:i + 1]).flatten(), z[i])
+        for i in range(z.shape[0])])
+
+
+def test_forward_mode_jacobian_equals_autograd():
+    cvae = tiny_cvae(image_size=8)  # D = 64: the reverse-mode reference needs D backward passes per sample
+    z, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 1, 0])
+    jac, images = decoder_jacobian(cvae, z, y)
+    assert jac.shape == (5, 64, 4)
+    torch.testing.assert_close(jac, autograd_jacobian(cvae, z, y), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(images, cvae.decode(z, y).flatten(1))
+    chunked, _ = decoder_jacobian(cvae, z, y, chunk_size=3)
+    torch.testing.assert_close(chunked, jac)
+
+
+def test_type1_lies_in_the_left_null_space():
+    cvae = tiny_cvae(image_size=8)
+    sampler = ManifoldSampler(cvae, bounds=(-100.0, 100.0))  # a wide box: nothing is clipped
+    x, y = labeled(8, size=8)
+    out = sampler.type1(x, y)
+    beta = sampler.stats["beta"]
+    assert out.shape == x.shape and ((beta >= 0.1) & (beta <= 1.0)).all()
+    v = (out - x).flatten(1) / beta[:, None]
+    torch.testing.assert_close(v.norm(dim=1), torch.ones(8), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        mu = cvae.encode(x, y)[0]
+    jac = autograd_jacobian(cvae, mu, y)
+    # |J^T v| is ~1e-7 of |J| (float32), while a random unit vector gives ~|J| sqrt(d / D)
+    residual = (jac.transpose(1, 2) @ v.unsqueeze(2)).squeeze(2).norm(dim=1)
+    assert (residual / jac.flatten(1).norm(dim=1)).max() < 1e-4
+    random_dir = F.normalize(torch.randn(8, 64), dim=1)
+    assert ((jac.transpose(1, 2) @ random_dir.unsqueeze(2)).squeeze(2).norm(dim=1)
+            / jac.flatten(1).norm(dim=1)).min() > 1e-2
+
+
+def test_type1_stays_in_the_data_range_and_restores_the_cvae():
+    cvae = tiny_cvae()
+    cvae.train()
+    sampler = ManifoldSampler(cvae, beta_range=(5.0, 5.0))
+    x = torch.where(torch.rand(6, 1, 28, 28) > 0.5, 1.0, -1.0)  # on the faces of the box
+    out = sampler.type1(x, torch.tensor([0, 1, 2, 0, 1, 2]))
+    assert out.min() >= -1 and out.max() <= 1 and not torch.equal(out, x)
+    assert torch.equal(sampler.stats["beta"], torch.full((6,), 5.0))
+    assert cvae.training and all(p.requires_grad for p in cvae.parameters())
+    assert all(p.grad is None for p in cvae.parameters())
+    lo, hi = ManifoldSampler(cvae, bounds=(-0.5, 0.25)).type1(x, 1).aminmax()
+    assert lo >= -0.5 and hi <= 0.25
+
+
+def test_reconstruction_anchor_starts_from_the_decoded_mean():
+    cvae = tiny_cvae()
+    sampler = ManifoldSampler(cvae, bounds=(-100.0, 100.0), anchor="reconstruction", beta_range=(0.0, 0.0))
+    x, y = labeled(4)
+    with torch.no_grad():
+        expected = cvae.decode(cvae.encode(x, y)[0], y)
+    torch.testing.assert_close(sampler.type1(x, y), expected)
+
+
+def test_fit_ellipsoids_and_type2_on_the_surface():
+    cvae = tiny_cvae()
+    sampler = ManifoldSampler(cvae).fit(loader())
+    x, y = labeled(60)
+    with torch.no_grad():
+        mu = cvae.encode(x, y)[0].double()
+    for c in range(3):
+        points = mu[y == c]
+        torch.testing.assert_close(sampler.means[c], points.mean(0))
+        cov = torch.cov(points.T)
+        torch.testing.assert_close(sampler.chols[c] @ sampler.chols[c].T, cov, rtol=1e-4, atol=1e-6 * cov.trace())
+        # the radius holds 95% of the class's encoder means
+        dist = sampler.mahalanobis(points.float(), torch.full((20,), c))
+        inside = (dist <= sampler.radii[c] + 1e-9).double().mean()
+        assert 0.95 <= inside < 1.0
+    out = sampler.type2(30)
+    assert out.shape == (30, 1, 28, 28) and out.min() >= -1 and out.max() <= 1
+    z, labels = sampler.stats["latents"], sampler.stats["labels"]
+    torch.testing.assert_close(sampler.mahalanobis(z, labels), sampler.radii[labels.cpu()], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(out, cvae.decode(z, labels))
+    assert set(labels.tolist()) == {0, 1, 2}
+
+
+def test_type2_shell_and_requested_classes():
+    cvae = tiny_cvae()
+    sampler = ManifoldSampler(cvae, shell=1.5).fit(loader())
+    sampler.type2(200, torch.full((200,), 1))
+    ratio = sampler.mahalanobis(sampler.stats["latents"], sampler.stats["labels"]) / sampler.radii[1]
+    assert ratio.min() >= 1 - 1e-6 and ratio.max() <= 1.5 + 1e-6 and ratio.std() > 0.1
+    assert (sampler.stats["labels"] == 1).all()
+
+
+def test_fit_leaves_out_classes_without_data():
+    cvae = tiny_cvae(num_classes=4)
+    sampler = ManifoldSampler(cvae).fit(loader())  # labels 0..2 only
+    assert sampler.fitted_classes.tolist() == [0, 1, 2]
+    sampler.type2(10)
+    assert sampler.stats["labels"].max() <= 2
+    with pytest.raises(ValueError, match=r"class\(es\) \[3\]"):
+        sampler.type2(2, 3)
+
+
+def test_sample_protocol_mixes_type1_and_type2():
+    cvae = tiny_cvae()
+    sampler = ManifoldSampler(cvae, type1_fraction=0.25).fit(loader())
+    x, y = labeled(6)
+    out = sampler.sample(None, 8, (1, 28, 28), context=(x, y))
+    assert out.shape == (8, 1, 28, 28) and not out.requires_grad
+    assert sampler.stats["type1"] == 2 and sampler.stats["type2"] == 6 and len(sampler.stats["labels"]) == 8
+    out = sampler.sample(nn.Linear(1, 1), 5, (1, 28, 28))
+    assert out.shape == (5, 1, 28, 28) and sampler.stats["type1"] == 0
+    # more type I than images in the batch: drawn with replacement
+    sampler = ManifoldSampler(cvae, type1_fraction=1.0)
+    assert sampler.sample(None, 10, None, context=(x, y)).shape == (10, 1, 28, 28)
+    assert sampler.sample(None, 0, (1, 28, 28)).shape == (0, 1, 28, 28)
+
+
+def test_sampler_errors():
+    cvae = tiny_cvae()
+    sampler = ManifoldSampler(cvae)
+    with pytest.raises(RuntimeError, match="call fit"):
+        sampler.type2(3)
+    with pytest.raises(ValueError, match="does not match the CVAE's image shape"):
+        sampler.sample(None, 2, (3, 32, 32), context=labeled(2))
+    with pytest.raises(ValueError, match="contains NaN/Inf"):
+        sampler.type1(torch.full((2, 1, 28, 28), float("nan")), 0)
+    with pytest.raises(ValueError, match=r"must have shape \[B, 1, 28, 28\]"):
+        sampler.type1(torch.zeros(2, 28, 28), 0)
+    with pytest.raises(ValueError, match=r"y must hold classes in \[0, 2\]"):
+        sampler.type1(torch.zeros(2, 1, 28, 28), torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match="labeled batches"):
+        sampler.fit([torch.zeros(2, 1, 28, 28)])
+    with pytest.raises(ValueError, match="beta_range"):
+        ManifoldSampler(cvae, beta_range=(1.0, 0.1))
+    with pytest.raises(ValueError, match="coverage"):
+        ManifoldSampler(cvae, coverage=0.0)
+    with pytest.raises(ValueError, match="shell"):
+        ManifoldSampler(cvae, shell=0.5)
+    with pytest.raises(TypeError, match="must provide 'encode'"):
+        ManifoldSampler(nn.Linear(2, 2))
+    assert sampler.type1(torch.zeros(0, 1, 28, 28), torch.zeros(0, dtype=torch.long)).shape == (0, 1, 28, 28)
+
+
+# ---------------------------------------------------------------------------------------------------- trainer
+def tiny_classifier(num_classes):
+    torch.manual_seed(1)
+    return SmallCNN(1, num_classes, 28, width=4, feat_dim=8)
+
+
+class FixedOutliers:
+    """A deterministic stand-in for the manifold sampler: type I = -x, type II = zeros."""
+
+    def type1(self, x, y):
+        return -x
+
+    def type2(self, n, y=None):
+        return torch.zeros(n, 1, 28, 28)
+
+    def sample(self, model, n, shape, context=None):
+        raise AssertionError("the trainer draws typed outliers when the sampler offers them")
+
+
+def test_weighted_loss_matches_hand_computation():
+    model = tiny_classifier(4)
+    before = copy.deepcopy(model)
+    trainer = ManifoldTrainer(model, FixedOutliers(), ood_weight=0.1, ratio=(2, 1, 1), progress=False)
+    x, y = labeled(8)
+    torch.manual_seed(3)
+    logs = trainer.training_step((x, y))
+    torch.manual_seed(3)
+    idx = torch.randperm(8)[:4]  # the ID images the trainer perturbs into type I
+    before.train()
+    logits = before(torch.cat([x, -x[idx], torch.zeros(4, 1, 28, 28)]))
+    targets = torch.cat([y, torch.full((8,), 3)])
+    w = torch.tensor([1.0, 1.0, 1.0, 0.1])[targets]
+    per_sample = -torch.log_softmax(logits, 1).gather(1, targets[:, None]).squeeze(1)
+    torch.testing.assert_close(logs["loss"], (w * per_sample).sum() / w.sum(), rtol=1e-5, atol=1e-6)
+    assert {"ce_id", "acc", "type1_rejected", "type2_rejected"} <= set(logs)
+
+
+def templated(n=60, seed=0):
+    """Three easy classes: horizontal stripes, vertical stripes, a checkerboard (period 4 px), plus a little noise."""
+    g = torch.Generator().manual_seed(seed)
+    i = torch.arange(28)
+    rows, cols = ((i // 2) % 2).view(28, 1).expand(28, 28), ((i // 2) % 2).view(1, 28).expand(28, 28)
+    templates = torch.stack([rows, cols, rows ^ cols]).float().unsqueeze(1) * 1.8 - 0.9
+    y = torch.arange(n) % 3
+    return (templates[y] + 0.05 * torch.randn(n, 1, 28, 28, generator=g)).clamp(-1, 1), y
+
+
+def test_trains_from_scratch_and_rejects_outliers():
+    cvae = tiny_cvae()
+    model = tiny_classifier(4)
+    data = DataLoader(TensorDataset(*templated()), batch_size=12, shuffle=True)
+    trainer = ManifoldTrainer(model, cvae, progress=False, lr=0.05).fit(data, epochs=4)
+    assert trainer.sampler.fitted  # fitted on the training loader when fit started
+    assert len(trainer.history) == 20
+    det = trainer.detector()
+    assert isinstance(det, ExtraClass)
+    x, y = templated(30, seed=1)
+    id_scores = det.score(x)
+    outlier_scores = det.score(trainer.sampler.type2(30))
+    assert id_scores.shape == (30,) and ((id_scores >= 0) & (id_scores <= 1)).all()
+    assert outlier_scores.min() > id_scores.max()  # perfectly separated (AUROC 1)
+    assert (det.predict(x) == y).float().mean() > 0.9
+
+
+def test_extend_head_keeps_the_trained_rows():
+    model = tiny_classifier(3)
+    old = copy.deepcopy(model.fc)
+    trainer = ManifoldTrainer(model, tiny_cvae(), extend_head=True, progress=False)
+    assert model.fc.out_features == 4 and trainer.model is model
+    torch.testing.assert_close(model.fc.weight[:3], old.weight)
+    torch.testing.assert_close(model.fc.bias[:3], old.bias)
+    seq = nn.Sequential(nn.Flatten(), nn.Linear(784, 2))
+    new = grow_head(seq, 2)
+    assert seq[-1] is new and new.out_features == 4
+
+
+def test_resume_restores_the_fitted_sampler(tmp_path):
+    cvae = tiny_cvae()
+    ManifoldTrainer(tiny_classifier(4), cvae, progress=False, checkpoint_dir=str(tmp_path)).fit(loader(), steps=2)
+    fresh = ManifoldTrainer(tiny_classifier(4), cvae, progress=False, checkpoint_dir=str(tmp_path))
+    assert fresh.resume() and fresh.sampler.fitted
+    reference = ManifoldSampler(cvae).fit(loader())
+    torch.testing.assert_close(fresh.sampler.radii, reference.radii)
+
+
+def test_trainer_errors():
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 1\]"):
+        ManifoldTrainer(tiny_classifier(3), FixedOutliers(), progress=False).training_step(labeled(6))
+    with pytest.raises(ValueError, match="ratio"):
+        ManifoldTrainer(tiny_classifier(4), FixedOutliers(), ratio=(0, 1, 1))
+    with pytest.raises(ValueError, match="ood_weight"):
+        ManifoldTrainer(tiny_classifier(4), FixedOutliers(), ood_weight=0)
+    with pytest.raises(TypeError, match="ConditionalVAE or a sampler"):
+        ManifoldTrainer(tiny_classifier(4), object())
