@@ -242,3 +242,19 @@ def test_bench_sampler_quick_writes_table_and_json(tmp_path):
         if r["scenario"] == "equal-steps":
             assert r["mean_steps"] == data["meta"]["steps"]
     assert any(t["target"].startswith("cpu equal-steps") for t in data["meta"]["targets"])
+
+
+@pytest.mark.parametrize("freeze_bn", [True, False])
+def test_freeze_bn_keeps_the_pretrained_running_statistics(pretrained, freeze_bn):
+    model, ds = pretrained
+    model = clone(model)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns, "the toy model has BatchNorm"
+    before = [bn.running_mean.clone() for bn in bns]
+    kwargs = {} if freeze_bn else {"freeze_bn": False}
+    trainer = FIGTrainer(model, sampler=LangevinSampler(max_steps=2), k=0.5, lr=0.05, progress=False, **kwargs)
+    assert trainer.freeze_bn is freeze_bn  # the default is True
+    trainer.fit(loader(ds), steps=2)
+    unchanged = all(torch.equal(b, bn.running_mean) for b, bn in zip(before, bns))
+    assert unchanged is freeze_bn
+    assert any(p.grad is not None for bn in bns for p in bn.parameters())  # affine weights still train

@@ -169,6 +169,9 @@ def test_nan_or_inf_gives_nan_rows_only_there(device):
     v = project(jac, r)
     assert torch.isnan(v[:3]).all()
     assert_close(v[3:], qr_reference64(jac[3:], r[3:]), 1e-10, "the finite sample is unaffected")
+    ref = reference.nullspace_project(jac, r)
+    assert torch.isnan(ref[:3]).all(), "the reference propagates NaN/Inf the same way"
+    assert_close(ref[3:], v[3:], 1e-10, "reference and native agree on the finite sample")
 
 
 @pytest.mark.parametrize("device", DEVICES)

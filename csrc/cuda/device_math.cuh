@@ -3,7 +3,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include "cuda/launch.h"
+#include "cuda/dtype_tag.h"
 
 namespace fastood {
 namespace cuda {

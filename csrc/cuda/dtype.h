@@ -2,7 +2,7 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
-#include "cuda/launch.h"
+#include "cuda/dtype_tag.h"
 
 namespace fastood {
 namespace cuda {

@@ -5,7 +5,7 @@
 
 #include <cstdint>
 
-#include "cuda/launch.h"  // DType
+#include "cuda/dtype_tag.h"  // DType
 
 namespace fastood {
 namespace cuda {

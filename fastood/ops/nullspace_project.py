@@ -29,7 +29,7 @@ def nullspace_project(jac: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     ``P r`` is exactly zero the result is a zero vector (never NaN). Samples whose Gram matrix would leave the
     float64 range (|J| or |r| beyond ~1e+-100, float64 inputs only) are rescaled by powers of two first. NaN or
     Inf in a sample's ``jac`` or ``r`` gives a NaN row. The pure-PyTorch reference (``backend()=="reference"``)
-    uses a reduced QR of J instead (no ridge) and returns zero rows for NaN input.
+    uses a reduced QR of J instead (no ridge) and also returns NaN rows for NaN/Inf input.
     """
     check_tensor("jac", jac, dims=3, dtypes=(torch.float32, torch.float64))
     check_tensor("r", r, dims=2, dtypes=(torch.float32, torch.float64))

@@ -67,10 +67,15 @@ def langevin_step_(x, grad, step_size, noise_std, lower, upper, active=None):
 def nullspace_project(jac: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """Unit vectors ``P r / |P r|`` with P the projector onto the left null space of J, via reduced QR.
 
-    jac [B, D, d], r [B, D] -> [B, D]. A zero projection (r inside the range of J) gives a zero vector.
+    jac [B, D, d], r [B, D] -> [B, D]. A zero projection (r inside the range of J) gives a zero vector;
+    NaN or Inf anywhere in a sample's ``jac`` or ``r`` gives a NaN row (as the native kernels do).
     """
-    q, _ = torch.linalg.qr(_acc(jac), mode="reduced")
-    ra = _acc(r)
+    ja, ra = _acc(jac), _acc(r)
+    bad = ~(torch.isfinite(ja).flatten(1).all(1) & torch.isfinite(ra).all(1))
+    ja = torch.where(bad[:, None, None], torch.zeros_like(ja), ja)
+    ra = torch.where(bad[:, None], torch.zeros_like(ra), ra)
+    q, _ = torch.linalg.qr(ja, mode="reduced")
     p = ra - (q @ (q.transpose(1, 2) @ ra.unsqueeze(2))).squeeze(2)
     norm = p.norm(dim=1, keepdim=True)
-    return torch.where(norm > 0, p / norm.clamp_min(torch.finfo(p.dtype).tiny), torch.zeros_like(p)).to(r.dtype)
+    out = torch.where(norm > 0, p / norm.clamp_min(torch.finfo(p.dtype).tiny), torch.zeros_like(p))
+    return out.masked_fill(bad[:, None], float("nan")).to(r.dtype)

@@ -58,6 +58,10 @@ class Trainer:
         device: where to train; default: the model's device.
         grad_clip: optional max gradient norm.
         amp: on CUDA, run forward passes under bfloat16 autocast (ignored on CPU).
+        freeze_bn: keep every BatchNorm layer in eval mode while training (running statistics fixed and used for
+            normalization; the affine weights still train), so outliers or generated images in a batch cannot
+            shift the ID features' normalization. Default False (fine-tuning trainers that mix outliers into
+            the batch turn it on by default, and say so).
 
     Under ``torchrun`` (an initialized process group) the model is wrapped in
     DistributedDataParallel, checkpoints are written by rank 0 and logged metrics are all-reduced.
@@ -68,7 +72,7 @@ class Trainer:
 
     def __init__(self, model: nn.Module, *, lr=None, momentum=0.9, weight_decay=5e-4, optimizer=None,
                  checkpoint_dir=None, checkpoint_every=100, progress=True, seed=0, device=None, grad_clip=None,
-                 amp=False):
+                 amp=False, freeze_bn=False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
@@ -87,6 +91,7 @@ class Trainer:
         self.seed = int(seed)
         self.grad_clip = grad_clip
         self.amp = bool(amp) and self.device.type == "cuda"
+        self.freeze_bn = bool(freeze_bn)
         self._optimizer = optimizer
         self.scheduler = None
         self.total_steps = None
@@ -303,8 +308,16 @@ class Trainer:
         self.epoch += 1
         self.batch_in_epoch = 0
 
+    def apply_bn_mode(self) -> None:
+        """With ``freeze_bn``, put the BatchNorm layers in eval mode (done before every step, after ``train()``)."""
+        if self.freeze_bn:
+            for module in self.model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+
     def _optimize(self, batch) -> dict:
         self.model.train()
+        self.apply_bn_mode()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
             out = self.training_step(batch)
         loss = out["loss"]

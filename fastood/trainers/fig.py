@@ -42,6 +42,14 @@ class FIGTrainer(Trainer):
             their running statistics from it. False runs two forwards: the ID batch is normalized with ID-only
             statistics (as at pretraining), the generated batch with its own, and the running statistics are
             updated twice (once with each batch). Models without BatchNorm give the same loss either way.
+            With ``freeze_bn`` (the default) BatchNorm normalizes with the pretrained running statistics in both
+            cases and this only changes how the forward is batched.
+        freeze_bn: keep BatchNorm in eval mode while fine-tuning (default True; the affine weights still train).
+            The paper does not say; fastood's default, because the generated batch otherwise drags the running
+            statistics away from the ID data. Measured on mnist5k-0to4 (SmallCNN, 128 steps, seed 0): with
+            ``freeze_bn=False`` ID accuracy fell to 25% at step 32 (58-70% with ``joint_forward=False``) and the
+            mean MSP AUROC ended below the pretrained model's (56 -> 55 / 38); with ``freeze_bn=True`` it rose
+            56 -> 81 with accuracy 98.6 -> 97.6, and the generated samples' confidence fell 0.996 -> 0.34.
         bounds: the default sampler's image box (default (-1, 1)); give either a sampler or bounds, not both.
         **kwargs: the :class:`~fastood.trainers.base.Trainer` options (lr, momentum, weight_decay, checkpoint_dir,
             progress, seed, device, ...).
@@ -54,8 +62,9 @@ class FIGTrainer(Trainer):
 
     default_lr = 1e-3
 
-    def __init__(self, model, sampler=None, k=0.1, lam=1.0, joint_forward=True, bounds=None, **kwargs):
-        super().__init__(model, **kwargs)
+    def __init__(self, model, sampler=None, k=0.1, lam=1.0, joint_forward=True, bounds=None, freeze_bn=True,
+                 **kwargs):
+        super().__init__(model, freeze_bn=freeze_bn, **kwargs)
         if not (isinstance(k, (int, float)) and math.isfinite(k) and k > 0):
             raise ValueError(f"k must be a finite number > 0, got {k!r}")
         if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):

@@ -291,7 +291,7 @@ class OutlierTrainer(Trainer):
 
     def __init__(self, model, outliers, outlier_ratio: float = 1.0, joint_forward: bool = True,
                  freeze_bn: bool = False, **kwargs):
-        super().__init__(model, **kwargs)
+        super().__init__(model, freeze_bn=freeze_bn, **kwargs)
         if outliers is None:
             raise TypeError(f"{type(self).__name__} needs outliers=: a DataLoader of outlier images or a sampler")
         if isinstance(outlier_ratio, bool) or not isinstance(outlier_ratio, (int, float)) \
@@ -300,15 +300,6 @@ class OutlierTrainer(Trainer):
         self.outliers = as_outlier_source(outliers, seed=self.seed)
         self.outlier_ratio = float(outlier_ratio)
         self.joint_forward = bool(joint_forward)
-        self.freeze_bn = bool(freeze_bn)
-
-    def apply_bn_mode(self) -> None:
-        """With ``freeze_bn``, put the BatchNorm layers in eval mode (call at the start of ``training_step``: the
-        Trainer sets the whole model to train mode before every step)."""
-        if self.freeze_bn:
-            for module in self.model.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
 
     def draw_outliers(self, x: torch.Tensor, y=None) -> torch.Tensor:
         """Outlier images for the ID batch ``x`` [b, *shape], on the training device in ``x``'s dtype."""
