@@ -93,7 +93,6 @@ def main(argv=None):
     start = time.perf_counter()
     bench = benchmark("mnist5k-0to4", seed=args.seed)
     c, h, _ = bench.shape
-    n = bench.num_classes
     pretrained = pretrained_small_cnn(cache=args.cache, progress=False)
     train_loader = DataLoader(bench.id_train, batch_size=64, shuffle=True, drop_last=True)
 

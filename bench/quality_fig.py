@@ -86,7 +86,7 @@ class Setup:
         model = copy.deepcopy(self.pretrained)
         torch.manual_seed(seed)
         loader = DataLoader(self.bench.id_train, batch_size=self.args.batch_size, shuffle=True, drop_last=True)
-        return trainer_cls(model, seed=seed, progress=not self.args.quiet), loader
+        return trainer_cls(model, seed=seed, lr=self.args.lr, progress=not self.args.quiet), loader
 
 
 def trajectory(setup, epochs, seed=0):
@@ -109,6 +109,8 @@ def trajectory(setup, epochs, seed=0):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs of FIG and GS (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate of FIG and GS "
+                        "(default: the paper's %(default)s)")
     parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds 0..N-1 (default: %(default)s)")
     parser.add_argument("--trajectory-epochs", type=int, default=4,
                         help="epochs of the FIG trajectory, evaluated every half epoch; 0 skips it "
@@ -180,8 +182,8 @@ def main(argv=None):
     traj = []
     if args.trajectory_epochs:
         traj = trajectory(setup, args.trajectory_epochs)
-        print(f"\nFIG trajectory (seed 0), evaluated every half epoch; mean AUROC and ID accuracy in %, the generated "
-              f"samples' mean confidence and Langevin steps over the preceding steps:")
+        print("\nFIG trajectory (seed 0), evaluated every half epoch; mean AUROC and ID accuracy in %, the generated "
+              "samples' mean confidence and Langevin steps over the preceding steps:")
         print(f"{'step':>6s}{'AUROC':>9s}{'ID acc':>9s}{'gen conf':>11s}{'LDS conf':>11s}{'LDS steps':>11s}")
         for row in traj:
             print(f"{row['step']:6d}{100 * row['auroc']:9.2f}{100 * row['id_accuracy']:9.2f}"

@@ -53,10 +53,17 @@ def _check_labels(y, batch: int) -> torch.Tensor:
     return y.long()
 
 
-def _check_same_classes(name_a, a, name_b, b):
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"{name_a} and {name_b} must have the same number of classes, "
-                         f"got {a.shape[1]} and {b.shape[1]}")
+def _check_id_and_outliers(names, scores_in, y, scores_out):
+    """Checks the (ID scores [B, C] with B >= 1, labels [B], outlier scores [M, C]) triple of an outlier loss;
+    ``names`` = (name of the ID scores, name of the outlier scores). Returns the three, validated."""
+    name_in, name_out = names
+    scores_in = _check_scores(name_in, scores_in, allow_empty=False)
+    y = _check_labels(y, scores_in.shape[0])
+    scores_out = _check_scores(name_out, scores_out)
+    if scores_in.shape[1] != scores_out.shape[1]:
+        raise ValueError(f"{name_in} and {name_out} must have the same number of classes, "
+                         f"got {scores_in.shape[1]} and {scores_out.shape[1]}")
+    return scores_in, y, scores_out
 
 
 def _check_weight(name: str, value) -> float:
@@ -89,10 +96,7 @@ def uniform_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
 def oe_loss_terms(logits_in, y, logits_out, lam: float = 0.5) -> dict:
     """Terms of :func:`oe_loss`: ``{"loss", "ce", "outlier"}`` (``outlier`` = mean uniform cross-entropy)."""
     lam = _check_weight("lam", lam)
-    logits_in = _check_scores("logits_in", logits_in, allow_empty=False)
-    y = _check_labels(y, logits_in.shape[0])
-    logits_out = _check_scores("logits_out", logits_out)
-    _check_same_classes("logits_in", logits_in, "logits_out", logits_out)
+    logits_in, y, logits_out = _check_id_and_outliers(("logits_in", "logits_out"), logits_in, y, logits_out)
     ce = F.cross_entropy(logits_in, y)
     outlier = uniform_cross_entropy(logits_out).mean() if logits_out.shape[0] else _zero_like_graph(logits_out)
     return {"loss": ce + lam * outlier, "ce": ce, "outlier": outlier}
@@ -142,10 +146,7 @@ def energy_oe_loss_terms(logits_in, y, logits_out, m_in: float = -25.0, m_out: f
     """Terms of :func:`energy_oe_loss`: ``{"loss", "ce", "margin", "energy_in", "energy_out"}`` (the last two
     are the mean energies, detached, for logging)."""
     lam = _check_weight("lam", lam)
-    logits_in = _check_scores("logits_in", logits_in, allow_empty=False)
-    y = _check_labels(y, logits_in.shape[0])
-    logits_out = _check_scores("logits_out", logits_out)
-    _check_same_classes("logits_in", logits_in, "logits_out", logits_out)
+    logits_in, y, logits_out = _check_id_and_outliers(("logits_in", "logits_out"), logits_in, y, logits_out)
     ce = F.cross_entropy(logits_in, y)
     e_in, e_out = energy(logits_in, T), energy(logits_out, T)
     margin = energy_margin_loss(e_in, e_out, m_in, m_out)
@@ -222,10 +223,7 @@ def ice_loss_terms(h_in, y, h_out, lam: float = 1.0, eps: float = 1e-6) -> dict:
     """Terms of :func:`ice_loss`: ``{"loss", "ce", "id_nll", "outlier_nll"}`` with ``id_nll = mean -h_y(z)`` and
     ``outlier_nll = mean -log(1 - exp(max_i h_i(z_out)))``."""
     lam = _check_weight("lam", lam)
-    h_in = _check_scores("h_in", h_in, allow_empty=False)
-    y = _check_labels(y, h_in.shape[0])
-    h_out = _check_scores("h_out", h_out)
-    _check_same_classes("h_in", h_in, "h_out", h_out)
+    h_in, y, h_out = _check_id_and_outliers(("h_in", "h_out"), h_in, y, h_out)
     ce = F.cross_entropy(h_in, y)
     id_nll = -h_in.gather(1, y.unsqueeze(1)).mean()
     outlier_nll = ice_outlier_nll(h_out, eps).mean() if h_out.shape[0] else _zero_like_graph(h_out)

@@ -38,3 +38,18 @@ def layouts(t):
 def native_ops():
     """Context: force the native backend (tests comparing it against the reference)."""
     return ops.use_backend("native")
+
+
+def all_layouts(t):
+    """layouts() plus a contiguous view whose data pointer is not 16-byte aligned (the unpacked CUDA path)."""
+    yield from layouts(t)
+    flat = torch.zeros(t.numel() + 1, dtype=t.dtype, device=t.device)
+    shifted = flat[1:].view(t.shape)
+    shifted.copy_(t)
+    yield "misaligned", shifted
+
+
+def sample_logits(shape, dtype, device, scale):
+    """Gaussian logits of standard deviation ``scale``, drawn in float64 on the CPU (the same values for every
+    dtype and device under one seed), then cast and moved."""
+    return (torch.randn(shape, dtype=torch.float64) * scale).to(device=device, dtype=dtype)

@@ -13,6 +13,7 @@ from fastood.models.cvae import ConditionalVAE
 from fastood.samplers.class_mix import ClassMixSampler
 from fastood.trainers import StandardTrainer
 from fastood.trainers.cmg import CMGTrainer, cmg_energy_loss, energy_score, mlp_head_split
+from toy_images import stripes
 
 
 def tiny_cvae(num_classes=3, conditioning="embedding"):
@@ -33,16 +34,6 @@ def tiny_classifier():
     model = SmallCNN(1, 3, 28, width=4, feat_dim=8)
     model.load_state_dict(_pretrained_state())
     return model.eval()
-
-
-def stripes(n=40, seed=0):
-    """Three easy classes: horizontal stripes, vertical stripes, a checkerboard (period 4 px), plus a little noise."""
-    g = torch.Generator().manual_seed(seed)
-    i = torch.arange(28)
-    rows, cols = ((i // 2) % 2).view(28, 1).expand(28, 28), ((i // 2) % 2).view(1, 28).expand(28, 28)
-    templates = torch.stack([rows, cols, rows ^ cols]).float().unsqueeze(1) * 1.8 - 0.9
-    y = torch.arange(n) % 3
-    return (templates[y] + 0.05 * torch.randn(n, 1, 28, 28, generator=g)).clamp(-1, 1), y
 
 
 def loader(n=40, batch_size=10):

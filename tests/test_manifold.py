@@ -13,6 +13,7 @@ from fastood.models import SmallCNN
 from fastood.models.cvae import ConditionalVAE
 from fastood.samplers.manifold import ManifoldSampler, decoder_jacobian
 from fastood.trainers.manifold import ManifoldTrainer, grow_head
+from toy_images import stripes
 
 
 def tiny_cvae(num_classes=3, latent_dim=4, image_size=28):
@@ -213,26 +214,16 @@ def test_weighted_loss_matches_hand_computation():
     assert {"ce_id", "acc", "type1_rejected", "type2_rejected"} <= set(logs)
 
 
-def templated(n=60, seed=0):
-    """Three easy classes: horizontal stripes, vertical stripes, a checkerboard (period 4 px), plus a little noise."""
-    g = torch.Generator().manual_seed(seed)
-    i = torch.arange(28)
-    rows, cols = ((i // 2) % 2).view(28, 1).expand(28, 28), ((i // 2) % 2).view(1, 28).expand(28, 28)
-    templates = torch.stack([rows, cols, rows ^ cols]).float().unsqueeze(1) * 1.8 - 0.9
-    y = torch.arange(n) % 3
-    return (templates[y] + 0.05 * torch.randn(n, 1, 28, 28, generator=g)).clamp(-1, 1), y
-
-
 def test_trains_from_scratch_and_rejects_outliers():
     cvae = tiny_cvae()
     model = tiny_classifier(4)
-    data = DataLoader(TensorDataset(*templated()), batch_size=12, shuffle=True)
+    data = DataLoader(TensorDataset(*stripes(60)), batch_size=12, shuffle=True)
     trainer = ManifoldTrainer(model, cvae, progress=False, lr=0.05).fit(data, epochs=4)
     assert trainer.sampler.fitted  # fitted on the training loader when fit started
     assert len(trainer.history) == 20
     det = trainer.detector()
     assert isinstance(det, ExtraClass)
-    x, y = templated(30, seed=1)
+    x, y = stripes(30, seed=1)
     id_scores = det.score(x)
     outlier_scores = det.score(trainer.sampler.type2(30))
     assert id_scores.shape == (30,) and ((id_scores >= 0) & (id_scores <= 1)).all()

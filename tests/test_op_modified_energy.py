@@ -7,24 +7,16 @@ from torch.library import opcheck
 
 import fastood.ops as ops
 from fastood.ops import reference
-from op_helpers import DEVICES, HALF_DTYPES, TOLERANCE, assert_close, layouts, native_ops, needs_native
+import op_helpers
+from op_helpers import DEVICES, HALF_DTYPES, TOLERANCE, all_layouts, assert_close, native_ops, needs_native
 
 ALL_DTYPES = [torch.float32, torch.float64] + HALF_DTYPES
 # B = 0, C = 0, C = 1, C below / above one CPU vector (16 floats), C above one CUDA warp's row (1024).
 SHAPES = [(0, 10), (4, 0), (1, 1), (7, 1), (33, 10), (128, 100), (5, 1000), (3, 2053), (2, 4096)]
 
 
-def all_layouts(t):
-    """layouts() plus a contiguous view whose data pointer is not 16-byte aligned (the unpacked CUDA path)."""
-    yield from layouts(t)
-    flat = torch.zeros(t.numel() + 1, dtype=t.dtype, device=t.device)
-    shifted = flat[1:].view(t.shape)
-    shifted.copy_(t)
-    yield "misaligned", shifted
-
-
 def sample_logits(shape, dtype, device, scale=4.0):
-    return (torch.randn(shape, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+    return op_helpers.sample_logits(shape, dtype, device, scale)
 
 
 @needs_native

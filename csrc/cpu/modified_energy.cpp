@@ -21,138 +21,12 @@
 #include <vector>
 
 #include "checks.h"
-
-#if defined(__F16C__)
-#include <immintrin.h>
-#endif
+#include "cpu/row_math.h"
 
 namespace fastood {
 namespace {
 
-// ---- Row helpers (the same in softmax_entropy.cpp) ----
-
-template <typename acc_t>
-constexpr int kLanes = 64 / sizeof(acc_t);
-
-// Rows per task: about 16K elements, so small inputs stay on one thread.
-inline int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)); }
-
-// Sum of the kLanes values of a (destroyed), as a tree of vector steps rather than a serial chain.
-template <typename acc_t>
-__attribute__((always_inline)) inline acc_t tree_sum(acc_t* a) {
-#pragma GCC unroll 8
-  for (int w = kLanes<acc_t> / 2; w >= 1; w /= 2) {
-#pragma omp simd
-    for (int l = 0; l < w; ++l) a[l] += a[l + w];
-  }
-  return a[0];
-}
-
-// n values scalar_t -> acc_t and back, rounding to nearest even like torch's casts. Written so the loops
-// vectorize: bfloat16 by bit shifts, float16 with the F16C instructions where the target has them.
-template <typename acc_t, typename scalar_t>
-inline void to_acc(const scalar_t* src, acc_t* dst, int64_t n) {
-#pragma omp simd
-  for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<acc_t>(src[k]);
-}
-
-template <typename acc_t, typename scalar_t>
-inline void from_acc(const acc_t* src, scalar_t* dst, int64_t n) {
-#pragma omp simd
-  for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<scalar_t>(src[k]);
-}
-
-template <>
-inline void from_acc(const float* src, c10::BFloat16* dst, int64_t n) {
-#pragma omp simd
-  for (int64_t k = 0; k < n; ++k) {
-    uint32_t bits;
-    std::memcpy(&bits, &src[k], sizeof(bits));
-    const uint32_t rounded = (bits + ((bits >> 16) & 1u) + 0x7FFFu) >> 16;
-    dst[k].x = src[k] != src[k] ? uint16_t(0x7FC0) : static_cast<uint16_t>(rounded);  // NaN -> quiet NaN
-  }
-}
-
-#if defined(__F16C__)
-template <>
-inline void to_acc(const c10::Half* src, float* dst, int64_t n) {
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8) {
-    _mm256_storeu_ps(dst + k, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k))));
-  }
-  for (; k < n; ++k) dst[k] = static_cast<float>(src[k]);
-}
-
-template <>
-inline void from_acc(const float* src, c10::Half* dst, int64_t n) {
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + k),
-                     _mm256_cvtps_ph(_mm256_loadu_ps(src + k), _MM_FROUND_TO_NEAREST_INT));
-  }
-  for (; k < n; ++k) dst[k] = static_cast<c10::Half>(src[k]);
-}
-#endif
-
-// ---- Math ----
-
-// exp(x), float: Cephes polynomial on x = n ln2 + r (~1 ulp), branch-free so it vectorizes. 0 below -87.3
-// (where exp is subnormal) and +inf above 88.37 (where exp(x) > 2^127.5: every use here multiplies it by
-// |s| > 88, which overflows float anyway, as in the reference); NaN stays NaN.
-__attribute__((always_inline)) inline float exp_lanes(float x) {
-  float xc = x < -87.3f ? -87.3f : x;  // NaN passes both clamps and stays NaN through the arithmetic
-  xc = xc > 88.37f ? 88.37f : xc;
-  const float shifted = std::fma(xc, 1.44269504088896341f, 12582912.0f);  // 1.5 * 2^23 + round(x / ln2)
-  const float n = shifted - 12582912.0f;
-  float r = std::fma(n, -0.693359375f, xc);
-  r = std::fma(n, 2.12194440e-4f, r);
-  float p = 1.9875691500e-4f;
-  p = std::fma(p, r, 1.3981999507e-3f);
-  p = std::fma(p, r, 8.3334519073e-3f);
-  p = std::fma(p, r, 4.1665795894e-2f);
-  p = std::fma(p, r, 1.6666665459e-1f);
-  p = std::fma(p, r, 5.0000001201e-1f);
-  p = std::fma(p * r, r, r) + 1.0f;
-  uint32_t bits;
-  std::memcpy(&bits, &shifted, sizeof(bits));
-  bits = (bits - 0x4B400000u + 127u) << 23;  // the low mantissa bits of `shifted` hold n: 2^n as a float
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  const float out = x > 88.37f ? std::numeric_limits<float>::infinity() : p * scale;
-  return x < -87.3f ? 0.0f : out;
-}
-
-// exp(x), double: the same scheme with a degree-13 Taylor polynomial on |r| <= ln2 / 2 (< 1 ulp); 0 below
-// -708 and +inf above 709 (multiplied by |s| > 709 it overflows double anyway); NaN stays NaN.
-__attribute__((always_inline)) inline double exp_lanes(double x) {
-  double xc = x < -708.0 ? -708.0 : x;
-  xc = xc > 709.0 ? 709.0 : xc;
-  const double shifted = std::fma(xc, 1.4426950408889634074, 6755399441055744.0);  // 1.5 * 2^52 + round(x / ln2)
-  const double n = shifted - 6755399441055744.0;
-  double r = std::fma(n, -6.93147180369123816490e-01, xc);
-  r = std::fma(n, -1.90821492927058770002e-10, r);
-  double p = 1.0 / 6227020800.0;
-  p = std::fma(p, r, 1.0 / 479001600.0);
-  p = std::fma(p, r, 1.0 / 39916800.0);
-  p = std::fma(p, r, 1.0 / 3628800.0);
-  p = std::fma(p, r, 1.0 / 362880.0);
-  p = std::fma(p, r, 1.0 / 40320.0);
-  p = std::fma(p, r, 1.0 / 5040.0);
-  p = std::fma(p, r, 1.0 / 720.0);
-  p = std::fma(p, r, 1.0 / 120.0);
-  p = std::fma(p, r, 1.0 / 24.0);
-  p = std::fma(p, r, 1.0 / 6.0);
-  p = std::fma(p, r, 0.5);
-  p = std::fma(p, r, 1.0);
-  p = std::fma(p, r, 1.0);
-  uint64_t bits;
-  std::memcpy(&bits, &shifted, sizeof(bits));
-  bits = (bits - 0x4338000000000000ull + 1023ull) << 52;
-  double scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  const double out = x > 709.0 ? std::numeric_limits<double>::infinity() : p * scale;
-  return x < -708.0 ? 0.0 : out;
-}
+using namespace cpu;  // row helpers and exp_lanes (cpu/row_math.h)
 
 // ---- Kernels ----
 
@@ -170,7 +44,7 @@ __attribute__((always_inline)) inline acc_t energy_row(const acc_t* row, int64_t
 #pragma omp simd
     for (int l = 0; l < W; ++l) {
       const acc_t s = row[k + l] * inv_c;
-      const acc_t e = exp_lanes(s);
+      const acc_t e = exp_lanes<true>(s);
       if constexpr (kEnergy) terms[l] += s * (acc_t(1) - e);
       if constexpr (kGrad) out[k + l] = g * (acc_t(1) - (acc_t(1) + s) * e);
     }
@@ -185,7 +59,7 @@ __attribute__((always_inline)) inline acc_t energy_row(const acc_t* row, int64_t
 #pragma omp simd
     for (int l = 0; l < W; ++l) {
       const acc_t s = l < rem ? tail[l] * inv_c : acc_t(0);
-      const acc_t e = exp_lanes(s);
+      const acc_t e = exp_lanes<true>(s);
       if constexpr (kEnergy) terms[l] += s * (acc_t(1) - e);
       if constexpr (kGrad) tail_out[l] = g * (acc_t(1) - (acc_t(1) + s) * e);
     }

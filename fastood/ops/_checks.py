@@ -34,3 +34,20 @@ def check_positive(name, value):
     if not value > 0.0 or value == float("inf"):
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return value
+
+
+def float_values(name, value) -> tuple:
+    """A number, a sequence of numbers or a tensor as a tuple of floats (a per-channel bound, for instance).
+    Raises TypeError (not a number or an iterable) or ValueError (items that are not numbers, such as the
+    characters of a string), naming ``name``."""
+    if isinstance(value, torch.Tensor):
+        return tuple(float(v) for v in value.detach().cpu().reshape(-1).tolist())
+    if isinstance(value, (int, float)):
+        return (float(value),)
+    expected = f"{name} must be a number, a sequence of numbers or a tensor, got {value!r}"
+    try:
+        return tuple(float(v) for v in value)
+    except TypeError:
+        raise TypeError(expected) from None
+    except ValueError:
+        raise ValueError(expected) from None

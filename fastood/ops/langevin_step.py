@@ -6,7 +6,7 @@ import torch
 
 from . import reference
 from ._backend import use_native
-from ._checks import check_nonnegative, check_same_device, check_tensor
+from ._checks import check_nonnegative, check_same_device, check_tensor, float_values
 
 
 @functools.lru_cache(maxsize=64)
@@ -23,15 +23,7 @@ def _bound_tensor(values: tuple, device: torch.device) -> torch.Tensor:
 
 def _bound_values(name, value, channels):
     """Bounds as a tuple of floats of length 1 or ``channels``."""
-    if isinstance(value, torch.Tensor):
-        values = tuple(float(v) for v in value.detach().cpu().reshape(-1).tolist())
-    elif isinstance(value, (int, float)):
-        values = (float(value),)
-    else:
-        try:
-            values = tuple(float(v) for v in value)
-        except TypeError:
-            raise TypeError(f"{name} must be a number, a sequence or a tensor, got {type(value).__name__}") from None
+    values = float_values(name, value)
     if len(values) not in (1, channels):
         raise ValueError(f"{name} must be a scalar or have one value per channel ({channels}), got {len(values)} values")
     if any(v != v for v in values):

@@ -8,7 +8,7 @@ from torch import nn
 from fastood.trainers.base import model_device
 
 from ._model_state import frozen
-from .manifold import model_dtype
+from .manifold import check_cvae, model_dtype
 from .noise import check_count, check_shape
 
 
@@ -34,12 +34,7 @@ class ClassMixSampler:
     """
 
     def __init__(self, cvae: nn.Module, sigma: float = 5.0, p: float = 0.5, batch_size: int = 256):
-        if not isinstance(cvae, nn.Module):
-            raise TypeError(f"cvae must be a torch.nn.Module (a ConditionalVAE), got {type(cvae).__name__}")
-        for attr in ("class_vectors", "decode", "latent_dim", "num_classes", "image_shape"):
-            if not hasattr(cvae, attr):
-                raise TypeError(f"cvae must provide {attr!r} (as fastood.models.ConditionalVAE does); "
-                                f"{type(cvae).__name__} does not")
+        check_cvae(cvae, ("class_vectors", "decode", "latent_dim", "num_classes", "image_shape"))
         if cvae.num_classes < 2:
             raise ValueError(f"class mixing needs a CVAE with at least 2 classes, got num_classes={cvae.num_classes}")
         if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):

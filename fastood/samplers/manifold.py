@@ -26,6 +26,16 @@ def model_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def check_cvae(cvae, attrs) -> None:
+    """TypeError unless ``cvae`` is an nn.Module with every attribute in ``attrs`` (as ConditionalVAE has)."""
+    if not isinstance(cvae, nn.Module):
+        raise TypeError(f"cvae must be a torch.nn.Module (a ConditionalVAE), got {type(cvae).__name__}")
+    for attr in attrs:
+        if not hasattr(cvae, attr):
+            raise TypeError(f"cvae must provide {attr!r} (as fastood.models.ConditionalVAE does); "
+                            f"{type(cvae).__name__} does not")
+
+
 def decoder_jacobian(cvae: nn.Module, z: torch.Tensor, cond, chunk_size=None):
     """Jacobians ``J_b = d g(z_b, c_b) / d z_b`` of the decoder for a whole batch by forward-mode AD.
 
@@ -100,12 +110,7 @@ class ManifoldSampler:
 
     def __init__(self, cvae: nn.Module, beta_range=(0.1, 1.0), coverage=0.95, shell=None, bounds=(-1.0, 1.0),
                  type1_fraction=0.5, anchor="input", batch_size=256):
-        if not isinstance(cvae, nn.Module):
-            raise TypeError(f"cvae must be a torch.nn.Module (a ConditionalVAE), got {type(cvae).__name__}")
-        for attr in ("encode", "decode", "latent_dim", "num_classes", "image_shape"):
-            if not hasattr(cvae, attr):
-                raise TypeError(f"cvae must provide {attr!r} (as fastood.models.ConditionalVAE does); "
-                                f"{type(cvae).__name__} does not")
+        check_cvae(cvae, ("encode", "decode", "latent_dim", "num_classes", "image_shape"))
         self.cvae = cvae
         self.beta_range = _check_number_pair(beta_range, "beta_range")
         coverage = float(coverage)

@@ -9,6 +9,7 @@ import operator
 import torch
 from torch import nn
 
+from fastood.ops._checks import float_values
 from fastood.trainers.base import model_device
 
 
@@ -23,15 +24,7 @@ def check_bounds(bounds, name="bounds"):
         raise ValueError(f"{name} must be a pair (lower, upper), got {bounds!r}")
     out = []
     for side, value in zip(("lower", "upper"), bounds):
-        if isinstance(value, torch.Tensor):
-            values = tuple(float(v) for v in value.detach().cpu().reshape(-1).tolist())
-        elif isinstance(value, (int, float)):
-            values = (float(value),)
-        else:
-            try:
-                values = tuple(float(v) for v in value)
-            except (TypeError, ValueError):
-                raise TypeError(f"{name}: {side} must be a number or a sequence of numbers, got {value!r}") from None
+        values = float_values(f"{name}: {side}", value)
         if not values or not all(math.isfinite(v) for v in values):
             raise ValueError(f"{name}: {side} must be finite and non-empty, got {values}")
         out.append(values)

@@ -123,11 +123,16 @@ class Trainer:
         """Called once per :meth:`fit` before the first step (after a resume, if any)."""
 
     def extra_state(self) -> dict:
-        """Method state to checkpoint beside the model (margins, replay buffers, ...)."""
-        return {}
+        """Method state to checkpoint beside the model (margins, replay buffers, ...). Default: the state of the
+        trainer's ``sampler`` attribute, when it has one with ``state_dict()`` (a Langevin replay buffer, fitted
+        class ellipsoids), so a resumed run draws from the same sampler state."""
+        state_dict = getattr(getattr(self, "sampler", None), "state_dict", None)
+        return {"sampler": state_dict()} if callable(state_dict) else {}
 
     def load_extra_state(self, state: dict) -> None:
-        pass
+        load = getattr(getattr(self, "sampler", None), "load_state_dict", None)
+        if "sampler" in state and callable(load):
+            load(state["sampler"])
 
     def detector(self):
         """The method's own OOD detector; the base returns maximum softmax probability."""

@@ -114,15 +114,6 @@ class FIGTrainer(Trainer):
 
         return MSP(unwrap(self.model))
 
-    def extra_state(self):
-        """The sampler's state (its replay buffer, if any) survives a resume."""
-        state_dict = getattr(self.sampler, "state_dict", None)
-        return {"sampler": state_dict()} if callable(state_dict) else {}
-
-    def load_extra_state(self, state):
-        if "sampler" in state and callable(getattr(self.sampler, "load_state_dict", None)):
-            self.sampler.load_state_dict(state["sampler"])
-
 
 class GaussianNoiseTrainer(FIGTrainer):
     """GS, FIG's baseline: the same loop and loss with clamped Gaussian noise

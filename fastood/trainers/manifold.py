@@ -177,12 +177,3 @@ class ManifoldTrainer(Trainer):
         from fastood.detectors import ExtraClass
 
         return ExtraClass(unwrap(self.model))
-
-    def extra_state(self):
-        """The sampler's fitted class ellipsoids survive a resume (no refit, same outliers)."""
-        state_dict = getattr(self.sampler, "state_dict", None)
-        return {"sampler": state_dict()} if callable(state_dict) else {}
-
-    def load_extra_state(self, state):
-        if "sampler" in state and callable(getattr(self.sampler, "load_state_dict", None)):
-            self.sampler.load_state_dict(state["sampler"])

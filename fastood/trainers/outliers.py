@@ -26,7 +26,6 @@ which the Trainer's checkpoint restores.
 import math
 
 import torch
-from torch import nn
 
 from .base import Trainer, unwrap
 
