@@ -62,12 +62,28 @@ def _worker(rank, port, out_dir):
         weighted = D.all_reduce_mean(torch.tensor([float(rank), 2.0]), weight=rank + 1)
         gathered = D.all_gather_tensor(torch.full((rank + 1, 2), float(rank)))
         fig = _fig_under_ddp(info.device)
-        torch.save({"params": [p.detach().clone() for p in model.parameters()],
+        rng = _resume_restores_each_ranks_rng(info.device, loader, out_dir)
+        torch.save({"rng": rng, "params": [p.detach().clone() for p in model.parameters()],
                     "losses": [h["loss"] for h in trainer.history], "seen": seen, "draw": draw,
                     "metrics": metrics, "weighted": weighted, "gathered": gathered, "fig": fig},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         D.cleanup()
+
+
+def _resume_restores_each_ranks_rng(device, loader, out_dir):
+    """Train with per-rank seeds and checkpoints, scramble the RNG, resume: returns (this rank's state at the
+    end of training, whether resuming restored exactly it)."""
+    directory = os.path.join(out_dir, "ckpt_rng")
+    first, second = _model(), _model()  # _model() seeds the global RNG: build both before the per-rank seeding
+    D.seed_everything(5, per_rank=True)
+    StandardTrainer(first, lr=0.1, progress=False, checkpoint_dir=directory, checkpoint_every=1,
+                    device=device).fit(loader, steps=2)
+    expected = torch.get_rng_state()
+    torch.manual_seed(1234)
+    resumed = StandardTrainer(second, lr=0.1, progress=False, checkpoint_dir=directory, device=device)
+    assert resumed.resume()
+    return expected, torch.equal(torch.get_rng_state(), expected)
 
 
 class _Recording:
@@ -158,6 +174,13 @@ def test_ddp_two_ranks_equal_single_process_on_same_global_batches(tmp_path):
     torch.testing.assert_close(r0["weighted"], torch.tensor([2 / 3, 2.0]))
     expected = torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
     assert torch.equal(r0["gathered"], expected) and torch.equal(r1["gathered"], expected)
+
+    # The checkpoint holds every rank's RNG state, and resuming gives each rank back its own.
+    assert r0["rng"][1] and r1["rng"][1]
+    assert not torch.equal(r0["rng"][0], r1["rng"][0])
+    saved = torch.load(tmp_path / "ckpt_rng" / "checkpoint.pt", weights_only=False)
+    assert len(saved["rng_per_rank"]) == WORLD
+    assert torch.equal(saved["rng_per_rank"][1]["torch"], r1["rng"][0])
 
     # FIG under DDP: every rank draws its own Langevin samples, yet the ranks' parameters stay identical.
     f0, f1 = r0["fig"], r1["fig"]

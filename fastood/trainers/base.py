@@ -43,6 +43,21 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+def _rng_state() -> dict:
+    """This process's torch, numpy, python and CUDA random states."""
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(rng: dict) -> None:
+    # .cpu(): a checkpoint loaded with map_location="cuda" carries the state tensors on the GPU.
+    torch.set_rng_state(rng["torch"].cpu())
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([state.cpu() for state in rng["cuda"]])
+
+
 class Trainer:
     """Base trainer.
 
@@ -173,8 +188,7 @@ class Trainer:
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "history": list(self.history),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "rng": _rng_state(),
             "extra": self.extra_state(),
         }
 
@@ -185,12 +199,11 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.history = list(state["history"])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        if rng.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        per_rank = state.get("rng_per_rank")
+        if per_rank is not None and is_distributed() and len(per_rank) == world_size():
+            _set_rng_state(per_rank[rank()])  # each rank continues its own random stream (per-rank sampler seeds)
+        else:
+            _set_rng_state(state["rng"])
         self.load_extra_state(state.get("extra", {}))
 
     @property
@@ -198,12 +211,22 @@ class Trainer:
         return None if self.checkpoint_dir is None else os.path.join(self.checkpoint_dir, "checkpoint.pt")
 
     def save_checkpoint(self) -> None:
-        """Write the checkpoint atomically (rank 0 only)."""
-        if self.checkpoint_path is None or rank() != 0:
+        """Write the checkpoint atomically (rank 0 writes; under DDP every rank must call it, since the ranks'
+        RNG states are gathered into it so that a resumed run continues each rank's own random stream)."""
+        if self.checkpoint_path is None:
             return
+        per_rank = None
+        if is_distributed():
+            per_rank = [None] * world_size()
+            dist.all_gather_object(per_rank, _rng_state())
+        if rank() != 0:
+            return
+        state = self.state_dict()
+        if per_rank is not None:
+            state["rng_per_rank"] = per_rank
         os.makedirs(self.checkpoint_dir, exist_ok=True)
         tmp = self.checkpoint_path + ".tmp"
-        torch.save(self.state_dict(), tmp)
+        torch.save(state, tmp)
         os.replace(tmp, self.checkpoint_path)
 
     def resume(self) -> bool:
