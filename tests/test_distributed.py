@@ -116,11 +116,19 @@ def _fig_under_ddp(device):
     images = torch.rand(32, 1, 4, 4) * 2 - 1
     data = TensorDataset(images, torch.arange(32) % 3)
     sampler = _Recording(LangevinSampler(max_steps=3, early_stop=None))
+    class Recording(FIGTrainer):
+        wrapped = []
+
+        def training_step(self, batch):
+            self.wrapped.append(isinstance(self.net, nn.parallel.DistributedDataParallel))
+            return super().training_step(batch)
+
     D.seed_everything(1, per_rank=True)
-    trainer = FIGTrainer(net, sampler=sampler, k=0.5, lr=0.05, progress=False, device=device)
+    trainer = Recording(net, sampler=sampler, k=0.5, lr=0.05, progress=False, device=device)
     trainer.fit(D.distributed_loader(data, 4, seed=0), steps=3)
-    return {"params": {k: v.detach().clone() for k, v in net.named_parameters()},
-            "drawn": torch.cat(sampler.drawn), "is_ddp": isinstance(trainer.net, nn.parallel.DistributedDataParallel)}
+    # DDP-wrapped while training; the wrapper is released when fit returns (it must not outlive the process group).
+    return {"params": {k: v.detach().clone() for k, v in net.named_parameters()}, "drawn": torch.cat(sampler.drawn),
+            "is_ddp": all(trainer.wrapped) and len(trainer.wrapped) == 3 and trainer._net is None}
 
 
 def _run_two_ranks(out_dir, timeout_s=120):
