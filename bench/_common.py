@@ -148,3 +148,19 @@ def write_json(path, rows, meta):
     os.makedirs(directory, exist_ok=True)
     with open(path, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
+
+
+def print_per_set_auroc(reports, title="per-set AUROC:"):
+    """One line per report (name -> fastood.evaluation.Report): its AUROC on each OOD set, in percent."""
+    print(title)
+    for name, r in reports.items():
+        print(f"  {name:26s} " + ", ".join(f"{k} {100 * v['auroc']:.1f}" for k, v in r.metrics.items()))
+
+
+def write_reports_json(path, reports):
+    """Write ``{name: report.to_dict()}`` to ``path``; nothing when ``path`` is None."""
+    if path is None:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({k: r.to_dict() for k, r in reports.items()}, f, indent=2)

@@ -15,7 +15,6 @@ type-II outliers, class-mixed images. Epoch counts are small on purpose (about 6
 """
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -24,7 +23,9 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from _common import print_per_set_auroc, write_reports_json  # noqa: E402
 from fastood.data import benchmark  # noqa: E402
 from fastood.detectors import MSP, Energy  # noqa: E402
 from fastood.evaluation import compare, evaluate  # noqa: E402
@@ -123,15 +124,11 @@ def main(argv=None):
     reports = {name: evaluate(det, id_test, ood, progress=False) for name, det in detectors.items()}
     print(f"\nmnist5k-0to4, mean over OOD sets {list(ood)} (percent)")
     print(compare(reports))
-    print("\nper-set AUROC:")
-    for name, r in reports.items():
-        print(f"  {name:26s} " + ", ".join(f"{k} {100 * v['auroc']:.1f}" for k, v in r.metrics.items()))
+    print_per_set_auroc(reports, "\nper-set AUROC:")
     grid = sample_grid(args.png, bench, manifold, ClassMixSampler(cvae_embed))
     print(f"\nsample grid (rows: ID, type I, type-I step stretched, type II, class-mixed): {grid}")
     print(f"total time {time.perf_counter() - start:.0f} s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({k: r.to_dict() for k, r in reports.items()}, f, indent=2)
+    write_reports_json(args.json, reports)
     return reports
 
 

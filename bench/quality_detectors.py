@@ -6,7 +6,6 @@ ODIN's (T, epsilon) and Mahalanobis' epsilon are picked on a validation split --
 images vs auxiliary "blobs" outliers -- never on the test OOD sets.
 """
 import argparse
-import json
 import os
 import sys
 
@@ -14,7 +13,9 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from _common import print_per_set_auroc, write_reports_json  # noqa: E402
 from fastood.data import auxiliary_outliers, benchmark  # noqa: E402
 from fastood.detectors import MSP, ODIN, Energy, Mahalanobis, tune_detector  # noqa: E402
 from fastood.evaluation import compare, evaluate  # noqa: E402
@@ -46,11 +47,8 @@ def main(argv=None):
                f"Mahalanobis {maha_params}": evaluate(maha, id_test, ood, progress=False)}
     print("SmallCNN pretrained by StandardTrainer on mnist5k-0to4; mean over OOD sets", list(ood))
     print(compare(reports))
-    for name, r in reports.items():
-        print(f"\n{name}: per-set AUROC " + ", ".join(f"{k} {100 * v['auroc']:.1f}" for k, v in r.metrics.items()))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({k: r.to_dict() for k, r in reports.items()}, f, indent=2)
+    print_per_set_auroc(reports, "\nper-set AUROC:")
+    write_reports_json(args.json, reports)
     return reports
 
 

@@ -53,3 +53,16 @@ def sample_logits(shape, dtype, device, scale):
     """Gaussian logits of standard deviation ``scale``, drawn in float64 on the CPU (the same values for every
     dtype and device under one seed), then cast and moved."""
     return (torch.randn(shape, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+
+def check_backward_matches_reference(op, reference_op, logits, tol):
+    """Gradient of ``sum(w * op(logits))`` with the native backend vs ``reference_op`` under autograd, for random
+    row weights w; the gradient keeps the logits' dtype."""
+    a = logits.clone().requires_grad_()
+    b = logits.clone().requires_grad_()
+    w = torch.randn(logits.shape[0], device=logits.device, dtype=logits.dtype)
+    with native_ops():
+        (op(a) * w).sum().backward()
+    (reference_op(b) * w).sum().backward()
+    assert a.grad.dtype == logits.dtype
+    assert_close(a.grad, b.grad, tol, "backward")

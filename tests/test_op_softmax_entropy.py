@@ -75,14 +75,7 @@ def test_gradcheck(device, seed):
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.float64, 1e-10), (torch.bfloat16, 1e-1)])
 def test_backward_matches_reference_autograd(device, dtype, tol):
     logits = sample_logits((32, 10), dtype, device)
-    a = logits.clone().requires_grad_()
-    b = logits.clone().requires_grad_()
-    w = torch.randn(32, device=device, dtype=dtype)
-    with native_ops():
-        (ops.softmax_entropy(a) * w).sum().backward()
-    (reference.softmax_entropy(b) * w).sum().backward()
-    assert a.grad.dtype == dtype
-    assert_close(a.grad, b.grad, tol, "backward")
+    op_helpers.check_backward_matches_reference(ops.softmax_entropy, reference.softmax_entropy, logits, tol)
 
 
 @needs_native
