@@ -378,6 +378,24 @@ def test_tune_detector_picks_best_on_validation(model):
     assert params_fpr == min(results, key=lambda r: r[1]["fpr95"])[0]
     text = tuning_table(results)
     assert "epsilon" in text and "auroc" in text and len(text.splitlines()) == 6
+    from_generators, params_gen, _ = tune_detector(lambda **p: ODIN(model, **p),
+                                                   {k: (v for v in values) for k, values in grid.items()},
+                                                   id_val, ood_val)
+    assert params_gen == params  # grid values given as generators are read once, not used up by the checks
+
+
+def test_detectors_restore_the_modes_a_head_view_keeps_outside_its_children():
+    from fastood.models import SmallCNN
+
+    net = SmallCNN(in_channels=1, num_classes=3, image_size=28, width=4)
+    classifier = GaussianClassifier.from_model(net)
+    classifier.train()
+    net.body[1].eval()  # a BatchNorm the user froze on purpose
+    modes = {name: m.training for name, m in net.named_modules()}
+    ICELikelihood(classifier).score(torch.rand(2, 1, 28, 28) * 2 - 1)
+    assert {name: m.training for name, m in net.named_modules()} == modes
+    classifier.init_from_loader([(torch.rand(8, 1, 28, 28) * 2 - 1, torch.arange(8) % 3)], ridge=0.1)
+    assert {name: m.training for name, m in net.named_modules()} == modes
 
 
 def test_tune_mahalanobis_with_fit_loader_or_replace():

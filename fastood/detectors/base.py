@@ -1,23 +1,11 @@
 """Detector base class: OOD scores (higher = more OOD) computed batch by batch on the model's device."""
-import contextlib
 import copy
 
 import torch
 from torch import nn
 
+from fastood._modes import eval_mode  # noqa: F401  (re-exported: fastood.detectors.eval_mode)
 from fastood.trainers.base import first_item, model_device
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Put ``model`` in eval mode, restoring every submodule's own train/eval flag afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:

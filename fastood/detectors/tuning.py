@@ -31,8 +31,12 @@ def tune_detector(make_detector, grid: dict, id_val_loader, ood_val_loader, fit_
     if not isinstance(grid, dict) or not grid:
         raise ValueError(f"grid must be a non-empty dict {{name: [values]}}, got {grid!r}")
     for key, values in grid.items():
-        if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__") or len(list(values)) == 0:
+        if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
             raise ValueError(f"grid[{key!r}] must be a non-empty list of values, got {values!r}")
+    grid = {key: list(values) for key, values in grid.items()}  # once: a generator would be used up by a check
+    for key, values in grid.items():
+        if not values:
+            raise ValueError(f"grid[{key!r}] must be a non-empty list of values, got []")
     from tqdm.auto import tqdm
 
     keys = list(grid)

@@ -2,6 +2,8 @@
 import torch
 from torch import nn
 
+from fastood._modes import eval_mode
+
 from ._checks import positive_int
 
 
@@ -151,16 +153,13 @@ class GaussianClassifier(nn.Module):
         """:meth:`GaussianHead.init_from_features` on the backbone's features (eval mode) of a labeled loader
         yielding ``(images, labels)``; batches go to the head's device. Returns ``self``."""
         device = self.head.means.device
-        feats, labels, was_training = [], [], self.backbone.training
-        self.backbone.eval()
-        try:
+        feats, labels = [], []
+        with eval_mode(self.backbone):  # restores each submodule's own flag (a BatchNorm the user froze stays so)
             for batch in loader:
                 if not isinstance(batch, (tuple, list)) or len(batch) < 2:
                     raise ValueError("init_from_loader needs a labeled loader yielding (images, labels)")
                 feats.append(self.backbone(batch[0].to(device)).double())
                 labels.append(torch.as_tensor(batch[1], device=device).reshape(-1))
-        finally:
-            self.backbone.train(was_training)
         if not feats:
             raise ValueError("init_from_loader: the loader yielded no batch")
         self.head.init_from_features(torch.cat(feats), torch.cat(labels), ridge=ridge)

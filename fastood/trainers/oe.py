@@ -2,6 +2,7 @@
 outlier baselines of the ICE paper."""
 import torch
 
+from fastood._modes import eval_mode
 from fastood.losses import energy, energy_oe_loss_terms, oe_loss_terms
 
 from .base import first_item, unwrap
@@ -89,22 +90,19 @@ class EnergyOETrainer(OETrainer):
         ID batches of ``loader`` (its order fixed by the trainer's seed) and as many outlier batches (drawn from
         the outlier source, whose position advances). Leaves torch's global RNG as it was."""
         model = unwrap(self.model)
-        was_training = [(m, m.training) for m in model.modules()]
-        model.eval()
         e_in, e_out = [], []
         rng_state = torch.get_rng_state()
         torch.manual_seed(self.seed * 1_000_003 + 424_242)  # the ID batches measured depend on the seed only
         try:
-            for i, batch in enumerate(loader):
-                if i >= self.auto_batches:
-                    break
-                x = self.to_device(first_item(batch))
-                e_in.append(energy(model(x), self.T).float().cpu())
-                e_out.append(energy(model(self.draw_outliers(x)), self.T).float().cpu())
+            with eval_mode(model):
+                for i, batch in enumerate(loader):
+                    if i >= self.auto_batches:
+                        break
+                    x = self.to_device(first_item(batch))
+                    e_in.append(energy(model(x), self.T).float().cpu())
+                    e_out.append(energy(model(self.draw_outliers(x)), self.T).float().cpu())
         finally:
             torch.set_rng_state(rng_state)
-            for m, training in was_training:
-                m.training = training
         e_in, e_out = torch.cat(e_in), torch.cat(e_out)
         if e_in.numel() == 0 or e_out.numel() == 0:
             raise ValueError("margins='auto' needs at least one ID image and one outlier to measure energies")
