@@ -431,6 +431,18 @@ def test_folded_view_follows_weight_updates_in_place():
     torch.testing.assert_close(st["energy"], ops.reference.modified_energy(logits), rtol=1e-4, atol=1e-5)
 
 
+def test_folded_view_is_rebuilt_when_the_model_changes_dtype():
+    model, init = _randomize_batchnorm(tiny_cnn()), uniform_init(8)
+    sampler = LangevinSampler(max_steps=0)
+    run(sampler, model, init)
+    model.double()  # same modules (ids unchanged), new weights in float64
+    _, st = run(sampler, model, init.double())
+    assert st["folded"] == 1
+    with torch.no_grad():
+        logits = model.eval()(init.double())
+    torch.testing.assert_close(st["energy"].double(), ops.reference.modified_energy(logits), rtol=1e-5, atol=1e-5)
+
+
 class SkipAroundBN(nn.Module):
     """The convolution's output also feeds a skip connection: folding the BN into it would be wrong."""
 

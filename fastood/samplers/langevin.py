@@ -84,7 +84,13 @@ class _FoldedView:
         return tuple(id(m) for m in model.modules())
 
     def matches(self, model):
-        return self.model_ref() is model and self.structure == self.structure_of(model)
+        """The view still runs ``model``: same object, same modules, and every folded convolution still on its
+        source convolution's device and dtype (``model.to(...)`` / ``.double()`` keep module ids but move the
+        weights, so the view must be rebuilt then)."""
+        if self.model_ref() is not model or self.structure != self.structure_of(model):
+            return False
+        return all(folded.weight.device == conv.weight.device and folded.weight.dtype == conv.weight.dtype
+                   for conv, _, folded in self.pairs)
 
     @torch.no_grad()
     def refresh(self):
@@ -464,7 +470,7 @@ class LangevinSampler:
                 n_running = int(running.sum())
                 if n_running == xw.shape[0]:
                     running = None
-                elif n_running < _REFORWARD_BELOW * xw.shape[0]:
+                elif n_running < min(_REFORWARD_BELOW, compact_below) * xw.shape[0]:
                     del grad_fn
                     xw, idx = self._compact(x, xw, idx, running)
                     running = None

@@ -100,7 +100,7 @@ class FIGTrainer(Trainer):
         gen = logits_gen.detach().float()
         logs = {"loss": loss, "ce": ce, "gen_entropy": entropy.detach(),
                 "gen_confidence": torch.softmax(gen, 1).amax(1).mean(),
-                "gen_energy": ops.modified_energy(gen).mean()}
+                "gen_energy": ops.modified_energy(gen, getattr(self.sampler, "c", 5.0)).mean()}
         stats = getattr(self.sampler, "stats", None) or {}
         if "confidence" in stats and len(stats["confidence"]):
             logs["sampler_confidence"] = stats["confidence"].float().mean()
