@@ -185,3 +185,35 @@ def test_real_noise_sampler_and_passthrough():
     assert x.shape == (6, 1, 4, 4) and x.min() >= -1 and x.max() <= 1
     assert as_outlier_source(source) is source
     assert isinstance(source, OutlierSource)
+
+
+class _Augmented(torch.utils.data.Dataset):
+    """Numbered images plus global-RNG noise drawn in __getitem__ (as main-process augmentation does)."""
+
+    def __init__(self, n=10):
+        self.x, _ = _numbered(n)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i] + 0.01 * torch.rand(1)
+
+
+def test_resume_leaves_the_global_rng_where_a_straight_run_has_it():
+    def source():
+        return LoaderOutlierSource(DataLoader(_Augmented(), batch_size=3, shuffle=True), seed=3)
+
+    torch.manual_seed(0)
+    straight = source()
+    for _ in range(2):
+        straight.draw(3, None, None)
+    state, rng = straight.state_dict(), torch.get_rng_state()
+    expected = [straight.draw(3, None, None) for _ in range(3)] + [torch.rand(2)]
+
+    resumed = source()
+    resumed.load_state_dict(state)
+    torch.set_rng_state(rng)  # what Trainer.resume restores with the checkpoint
+    got = [resumed.draw(3, None, None) for _ in range(3)] + [torch.rand(2)]
+    for a, b in zip(expected, got):
+        assert torch.equal(a, b)

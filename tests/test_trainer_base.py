@@ -122,3 +122,39 @@ def test_fit_ending_on_an_epoch_boundary_can_be_continued():
     assert continued.step == straight.step == 12 and continued.epoch == 2
     for a, b in zip(continued.model.parameters(), straight.model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+class _Augmented(torch.utils.data.Dataset):
+    """Adds global-RNG noise in __getitem__, as random crops and flips do (loaded in the main process)."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        x, y = self.ds[i]
+        return x + 0.1 * torch.randn_like(x), y
+
+
+def test_resume_is_exact_when_the_dataset_augments_with_the_global_rng(tmp_path):
+    ds = _Augmented(_problem())
+
+    class Interrupt(Exception):
+        pass
+
+    class Crashing(StandardTrainer):
+        def training_step(self, batch):
+            if self.step == 8:
+                raise Interrupt
+            return super().training_step(batch)
+
+    full = StandardTrainer(_model(), progress=False).fit(_loader(ds), steps=10)
+    crashed = Crashing(_model(), progress=False, checkpoint_dir=tmp_path, checkpoint_every=4)
+    with pytest.raises(Interrupt):
+        crashed.fit(_loader(ds), steps=10)
+    resumed = StandardTrainer(_model(seed=5), progress=False, checkpoint_dir=tmp_path).fit(_loader(ds), steps=10)
+    assert resumed.step == 10
+    for a, b in zip(full.model.parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -43,13 +43,13 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
-def _rng_state() -> dict:
+def capture_rng() -> dict:
     """This process's torch, numpy, python and CUDA random states."""
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
-def _set_rng_state(rng: dict) -> None:
+def restore_rng(rng: dict) -> None:
     # .cpu(): a checkpoint loaded with map_location="cuda" carries the state tensors on the GPU.
     torch.set_rng_state(rng["torch"].cpu())
     np.random.set_state(rng["numpy"])
@@ -188,7 +188,7 @@ class Trainer:
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "history": list(self.history),
-            "rng": _rng_state(),
+            "rng": capture_rng(),
             "extra": self.extra_state(),
         }
 
@@ -201,9 +201,9 @@ class Trainer:
         self.history = list(state["history"])
         per_rank = state.get("rng_per_rank")
         if per_rank is not None and is_distributed() and len(per_rank) == world_size():
-            _set_rng_state(per_rank[rank()])  # each rank continues its own random stream (per-rank sampler seeds)
+            restore_rng(per_rank[rank()])  # each rank continues its own random stream (per-rank sampler seeds)
         else:
-            _set_rng_state(state["rng"])
+            restore_rng(state["rng"])
         self.load_extra_state(state.get("extra", {}))
 
     @property
@@ -218,7 +218,7 @@ class Trainer:
         per_rank = None
         if is_distributed():
             per_rank = [None] * world_size()
-            dist.all_gather_object(per_rank, _rng_state())
+            dist.all_gather_object(per_rank, capture_rng())
         if rank() != 0:
             return
         state = self.state_dict()
@@ -242,6 +242,10 @@ class Trainer:
         sampler = getattr(loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(self.epoch)
+        skip = self.batch_in_epoch
+        # Resumed mid-epoch: re-loading the skipped batches must not move the random streams (a dataset may
+        # augment in __getitem__ with the global RNG), so they are put back before the first batch trained on.
+        before_skip = capture_rng() if skip else None
         rng_state = torch.get_rng_state()
         torch.manual_seed(self.seed * 1_000_003 + self.epoch)
         try:
@@ -253,7 +257,9 @@ class Trainer:
         if first is _END:
             return
         for index, batch in enumerate(itertools.chain([first], iterator)):
-            if index < self.batch_in_epoch:
+            if index < skip:
+                if index == skip - 1:
+                    restore_rng(before_skip)
                 continue
             yield batch
 

@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from .base import Trainer, unwrap
+from .base import Trainer, capture_rng, restore_rng, unwrap
 
 _FIRST = object()
 
@@ -103,10 +103,14 @@ class LoaderOutlierSource(OutlierSource):
     def _next_batch(self) -> torch.Tensor:
         """The next image batch, starting a new pass at the end of the loader (or fast-forwarding after a resume)."""
         if self._iterator is None:
+            skip = self.batch_in_epoch
+            before_skip = capture_rng() if skip else None
             self._iterator, item = self._start_pass(self.epoch)
             if item is _FIRST:
                 raise ValueError("outlier loader yielded no batches")
-            for _ in range(self.batch_in_epoch):  # resumed mid-pass: skip what the interrupted run consumed
+            for index in range(skip):  # resumed mid-pass: skip what the interrupted run consumed
+                if index == skip - 1:  # re-loading skipped batches must not move the random streams
+                    restore_rng(before_skip)
                 item = next(self._iterator, _FIRST)
                 if item is _FIRST:
                     raise ValueError(f"cannot resume the outlier loader at batch {self.batch_in_epoch} of pass "
