@@ -211,6 +211,20 @@ def test_resume_keeps_the_margins(tmp_path):
     assert (other.m_in, other.m_out) == (first.m_in, first.m_out) and other.step == 5
 
 
+def test_resume_continues_on_the_same_cached_order_whatever_the_global_rng(tmp_path):
+    data = loader()  # shuffles: its order comes from torch's global RNG
+    torch.manual_seed(1)
+    straight = CMGTrainer(tiny_classifier(), FixedImages(), progress=False).fit(data, steps=6)
+    torch.manual_seed(1)
+    CMGTrainer(tiny_classifier(), FixedImages(), progress=False, checkpoint_dir=str(tmp_path)).fit(data, steps=3)
+    torch.manual_seed(2)  # a new process: another global RNG state when the features are cached again
+    resumed = CMGTrainer(tiny_classifier(), FixedImages(), progress=False, checkpoint_dir=str(tmp_path))
+    resumed.fit(data, steps=6)
+    assert torch.equal(resumed.id_labels, straight.id_labels)
+    for a, b in zip(straight.head.parameters(), resumed.head.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+
+
 def test_explicit_split_and_default_class_mix_sampler():
     model = tiny_classifier()
     backbone = nn.Sequential(*list(model.body))

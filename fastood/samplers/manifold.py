@@ -238,7 +238,10 @@ class ManifoldSampler:
         return {"means": self.means, "chols": self.chols, "radii": self.radii, "counts": self.counts}
 
     def load_state_dict(self, state: dict) -> None:
-        self.means, self.chols, self.radii, self.counts = (state[k] for k in ("means", "chols", "radii", "counts"))
+        # on the CPU, where fit keeps them (a checkpoint loaded with map_location="cuda" brings them to the GPU)
+        self.means, self.chols, self.radii, self.counts = (
+            state[k].cpu() if isinstance(state[k], torch.Tensor) else state[k]
+            for k in ("means", "chols", "radii", "counts"))
 
     # ------------------------------------------------------------------ type I
     def _check_images(self, x, name="x"):

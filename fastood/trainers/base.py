@@ -43,6 +43,16 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+def broadcast_from_rank0(*values):
+    """``values`` as rank 0 has them, on every rank (picklable Python objects; unchanged outside a process
+    group). For quantities each rank measures on its own shard that must agree, such as energy margins."""
+    if not is_distributed():
+        return values
+    values = list(values)
+    dist.broadcast_object_list(values, src=0)
+    return tuple(values)
+
+
 def capture_rng() -> dict:
     """This process's torch, numpy, python and CUDA random states."""
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
@@ -323,7 +333,7 @@ class Trainer:
                         # Close the epoch as soon as its last batch is trained, so a fit that ends exactly
                         # on an epoch boundary leaves the counters pointing at the next epoch.
                         self._next_epoch()
-                    if self.step % self.checkpoint_every == 0 or self.step >= total:
+                    if self.step % self.checkpoint_every == 0 and self.step < total:
                         self.save_checkpoint()
                     if self.step >= total:
                         break

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Trainer, first_item, unwrap
+from .base import Trainer, broadcast_from_rank0, first_item, unwrap
 from .manifold import grow_head, grow_linear
 
 MODES = ("energy", "softmax")
@@ -246,7 +246,15 @@ class CMGTrainer(Trainer):
             return self.backbone(x.to(self.device)).flatten(1)
 
     def cache_id_features(self, loader):
-        """Compute and keep ``backbone(x)`` and the labels of every batch ``(x, y)`` of ``loader`` (once)."""
+        """Compute and keep ``backbone(x)`` and the labels of every batch ``(x, y)`` of ``loader`` (once), in an
+        order fixed by the trainer's seed (a shuffling loader is iterated under it), so that a resumed run caches
+        the same order and its seeded feature batches pick the same samples."""
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed * 1_000_003 + 104_729)
+            return self._cache_id_features(loader)
+
+    def _cache_id_features(self, loader):
         feats, labels = [], []
         for batch in loader:
             if not isinstance(batch, (tuple, list)) or len(batch) < 2:
@@ -318,8 +326,8 @@ class CMGTrainer(Trainer):
         with eval_mode(self.head):
             e_id = energy_score(self.head(self.id_features).float(), self.T)
             e_ood = energy_score(self.head(self.ood_features()).float(), self.T)
-        self.m_in = float(torch.quantile(e_id.double(), self.quantiles[0]))
-        self.m_out = float(torch.quantile(e_ood.double(), self.quantiles[1]))
+        self.m_in, self.m_out = broadcast_from_rank0(float(torch.quantile(e_id.double(), self.quantiles[0])),
+                                                     float(torch.quantile(e_ood.double(), self.quantiles[1])))
         return self.m_in, self.m_out
 
     def on_fit_start(self, loader):
@@ -363,8 +371,9 @@ class CMGTrainer(Trainer):
         return Energy(self.classifier, T=self.T) if self.mode == "energy" else ExtraClass(self.classifier)
 
     def extra_state(self):
-        return {"m_in": self.m_in, "m_out": self.m_out}
+        return {**super().extra_state(), "m_in": self.m_in, "m_out": self.m_out}
 
     def load_extra_state(self, state):
+        super().load_extra_state(state)
         if "m_in" in state:
             self.m_in, self.m_out = state["m_in"], state["m_out"]

@@ -5,7 +5,7 @@ import torch
 from fastood._modes import eval_mode
 from fastood.losses import energy, energy_oe_loss_terms, oe_loss_terms
 
-from .base import first_item, unwrap
+from .base import broadcast_from_rank0, first_item, unwrap
 from .outliers import OutlierTrainer
 
 MARGIN_MODES = ("fixed", "auto")
@@ -91,23 +91,22 @@ class EnergyOETrainer(OETrainer):
         the outlier source, whose position advances). Leaves torch's global RNG as it was."""
         model = unwrap(self.model)
         e_in, e_out = [], []
-        rng_state = torch.get_rng_state()
-        torch.manual_seed(self.seed * 1_000_003 + 424_242)  # the ID batches measured depend on the seed only
-        try:
-            with eval_mode(model):
-                for i, batch in enumerate(loader):
-                    if i >= self.auto_batches:
-                        break
-                    x = self.to_device(first_item(batch))
-                    e_in.append(energy(model(x), self.T).float().cpu())
-                    e_out.append(energy(model(self.draw_outliers(x)), self.T).float().cpu())
-        finally:
-            torch.set_rng_state(rng_state)
+        # every CUDA device: manual_seed reseeds them all, and fork_rng restores only those listed
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices), eval_mode(model):
+            torch.manual_seed(self.seed * 1_000_003 + 424_242)  # the ID batches measured depend on the seed only
+            for i, batch in enumerate(loader):
+                if i >= self.auto_batches:
+                    break
+                x = self.to_device(first_item(batch))
+                e_in.append(energy(model(x), self.T).float().cpu())
+                e_out.append(energy(model(self.draw_outliers(x)), self.T).float().cpu())
         e_in, e_out = torch.cat(e_in), torch.cat(e_out)
         if e_in.numel() == 0 or e_out.numel() == 0:
             raise ValueError("margins='auto' needs at least one ID image and one outlier to measure energies")
-        return (float(torch.quantile(e_in.double(), self.auto_quantiles[0])),
-                float(torch.quantile(e_out.double(), self.auto_quantiles[1])))
+        # under DDP each rank measured its own shard: every rank uses rank 0's margins (as the checkpoint holds)
+        return broadcast_from_rank0(float(torch.quantile(e_in.double(), self.auto_quantiles[0])),
+                                    float(torch.quantile(e_out.double(), self.auto_quantiles[1])))
 
     def training_step(self, batch):
         self.apply_bn_mode()
