@@ -174,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "source tree (they are not installed with the package). Other arguments (best after '--', e.g. "
                     "'fastood bench ops -- --quick') go to the script.")
     bench.add_argument("which", type=_choice("benchmark", BENCHES), metavar="WHICH", help=", ".join(BENCHES))
-    bench.add_argument("--device", type=_device, default=None, help="device passed to the script (default: its own)")
+    bench.add_argument("--device", type=_choice("device", ("cpu", "cuda")), default=None,
+                       help="cpu or cuda, passed to the script (default: its own)")
     bench.add_argument("--out", default=None, help="write the script's JSON to OUT/bench_WHICH.json")
     return parser
 

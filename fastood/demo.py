@@ -228,6 +228,9 @@ def _resolve_device(name: str, info_device: torch.device) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PipelineError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is not None and D.world_size() > 1:
+        raise PipelineError(f"--device {name}: under torchrun each rank uses cuda:LOCAL_RANK; pass --device cuda "
+                            "(or auto) instead of a fixed GPU")
     return device
 
 
@@ -608,6 +611,7 @@ def _train_method(ctx: Context, name: str, model_path: str):
     method = METHODS[name]
     if method.fine_tunes and ctx.config.pretrained is None:
         ctx.pretrained()  # pretrain (or load) before the method's own messages
+    D.seed_everything(ctx.config.seed)  # new parameters (a grown or second head) do not depend on earlier methods
     built = method.build(ctx)
     budget = _budget(ctx.config, method)
     length = ", ".join(f"{v} {k}" for k, v in budget.items())

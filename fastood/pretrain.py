@@ -17,7 +17,7 @@ def pretrained_small_cnn(benchmark_name: str = "mnist5k-0to4", epochs: int = 6, 
     """A :class:`~fastood.models.SmallCNN` trained with :class:`~fastood.trainers.StandardTrainer` on the ID
     training set of a built-in benchmark (SGD lr 0.1, momentum 0.9, wd 5e-4, steps at 50%/75%).
 
-    The weights are cached as ``<cache>/smallcnn-<benchmark>-w<width>-e<epochs>-s<seed>.pt``; a second call loads
+    The weights are cached as ``<cache>/smallcnn-<benchmark>-w<width>-e<epochs>-b<batch_size>-s<seed>.pt``; a second call loads
     them. Returns the model in eval mode on the CPU.
     """
     from fastood.data import benchmark
@@ -28,7 +28,7 @@ def pretrained_small_cnn(benchmark_name: str = "mnist5k-0to4", epochs: int = 6, 
     c, h, _ = bench.shape
     torch.manual_seed(seed)
     model = SmallCNN(in_channels=c, num_classes=bench.num_classes, image_size=h, width=width)
-    path = os.path.join(cache_dir(cache), f"smallcnn-{benchmark_name}-w{width}-e{epochs}-s{seed}.pt")
+    path = os.path.join(cache_dir(cache), f"smallcnn-{benchmark_name}-w{width}-e{epochs}-b{batch_size}-s{seed}.pt")
     if os.path.exists(path):
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return model.eval()
