@@ -3,19 +3,18 @@ import contextlib
 
 from torch import nn
 
+from fastood._modes import eval_mode
+
 
 @contextlib.contextmanager
 def frozen(model: nn.Module):
     """Eval mode and ``requires_grad=False`` on every parameter; both restored on exit, also on exceptions."""
-    modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.eval()
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield model
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        for m, training in modes:
-            m.training = training
+    with eval_mode(model):
+        for p, _ in flags:
+            p.requires_grad_(False)
+        try:
+            yield model
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)

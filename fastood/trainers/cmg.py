@@ -6,6 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastood._modes import eval_mode
+from fastood.losses import energy as energy_score  # noqa: F401  (also re-exported: fastood.trainers.cmg.energy_score)
+from fastood.losses import energy_margin_loss
+
 from .base import Trainer, broadcast_from_rank0, first_item, unwrap
 from .manifold import grow_head, grow_linear
 
@@ -68,23 +72,17 @@ def _grow_split_head(head: nn.Module) -> nn.Module:
                     f"{type(head).__name__} that does not end in one")
 
 
-def energy_score(logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:
-    """Free energy ``E = -T logsumexp(f / T)`` [B] of logits [B, C] (higher = more OOD)."""
-    return -T * torch.logsumexp(logits / T, dim=1)
-
-
 def cmg_energy_loss(logits_id, labels, logits_ood, m_in, m_out, lam=0.1, T=1.0):
     """CMG-energy's objective (Eq. of Wang et al., as Liu et al.'s energy fine-tuning)::
 
         CE(f(x_id), y) + lam * ( mean relu(E(x_id) - m_in)^2 + mean relu(m_out - E(x_ood))^2 )
 
-    with ``E = -T logsumexp(f / T)``. logits_id [b, n], labels [b], logits_ood [g, n] (g may be 0).
+    with ``E = -T logsumexp(f / T)`` (:func:`fastood.losses.energy`, regularizer
+    :func:`fastood.losses.energy_margin_loss`). logits_id [b, n], labels [b], logits_ood [g, n] (g may be 0).
     Returns ``(loss, ce, regularizer)`` scalars.
     """
     ce = F.cross_entropy(logits_id, labels)
-    reg = F.relu(energy_score(logits_id, T) - m_in).square().mean()
-    if logits_ood.shape[0]:
-        reg = reg + F.relu(m_out - energy_score(logits_ood, T)).square().mean()
+    reg = energy_margin_loss(energy_score(logits_id, T), energy_score(logits_ood, T), m_in, m_out)
     return ce + lam * reg, ce, reg
 
 
@@ -240,8 +238,6 @@ class CMGTrainer(Trainer):
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Features [B, F] of images x from the frozen extractor (eval mode; each module's mode restored)."""
-        from fastood.detectors.base import eval_mode
-
         with eval_mode(self.backbone):
             return self.backbone(x.to(self.device)).flatten(1)
 
@@ -270,8 +266,6 @@ class CMGTrainer(Trainer):
         if not feats:
             raise ValueError("loader is empty: it yields no images")
         features, labels = torch.cat(feats), torch.cat(labels)
-        from fastood.detectors.base import eval_mode
-
         with torch.no_grad(), eval_mode(self.head):
             outputs = self.head(features[:1]).shape[1]
         n_id = outputs - 1 if self.mode == "softmax" else outputs
@@ -321,8 +315,6 @@ class CMGTrainer(Trainer):
     def measure_margins(self):
         """``(m_in, m_out)``: the ``quantiles`` of the energies of all cached ID features and of the current epoch's
         pseudo-OOD features under the current head (eval mode). Stored on the trainer."""
-        from fastood.detectors.base import eval_mode
-
         with eval_mode(self.head):
             e_id = energy_score(self.head(self.id_features).float(), self.T)
             e_ood = energy_score(self.head(self.ood_features()).float(), self.T)

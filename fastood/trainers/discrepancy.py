@@ -72,7 +72,6 @@ class DiscrepancyTrainer(OutlierTrainer):
         return self.outliers
 
     def training_step(self, batch):
-        self.apply_bn_mode()
         x, y = batch[0], batch[1]
         if self.step < self.pretrain_steps:
             l1, l2 = _two_logits(self.net(x), "the labeled batch")

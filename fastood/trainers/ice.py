@@ -108,7 +108,6 @@ class ICETrainer(OutlierTrainer):
             self.initialize_head(loader)
 
     def training_step(self, batch):
-        self.apply_bn_mode()
         x, y = batch[0], batch[1]
         h_in, h_out = self.forward_in_out(x, self.draw_outliers(x, y))
         terms = ice_loss_terms(h_in, y, h_out, self.lam, self.eps)

@@ -40,7 +40,6 @@ class OETrainer(OutlierTrainer):
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
 
     def training_step(self, batch):
-        self.apply_bn_mode()
         x, y = batch[0], batch[1]
         logits_in, logits_out = self.forward_in_out(x, self.draw_outliers(x, y))
         terms = oe_loss_terms(logits_in, y, logits_out, self.lam)
@@ -109,7 +108,6 @@ class EnergyOETrainer(OETrainer):
                                     float(torch.quantile(e_out.double(), self.auto_quantiles[1])))
 
     def training_step(self, batch):
-        self.apply_bn_mode()
         x, y = batch[0], batch[1]
         logits_in, logits_out = self.forward_in_out(x, self.draw_outliers(x, y))
         terms = energy_oe_loss_terms(logits_in, y, logits_out, self.m_in, self.m_out, self.lam, self.T)
