@@ -117,6 +117,23 @@ def test_nullspace_project_grads_of_degenerate_rows():
 
 
 @needs_native
+def test_nullspace_project_grads_with_rank_deficient_jacobian():
+    """J = 0 gives v = r / |r| (the kernels' ridge), so dL/dr = (I - v v^T) g / |r| and no gradient for J; a zero
+    column still gives finite gradients."""
+    g = torch.Generator().manual_seed(11)
+    jac = torch.randn(2, 10, 3, generator=g, dtype=torch.float64)
+    jac[0] = 0.0
+    jac[1, :, 1] = 0.0
+    r = torch.randn(2, 10, generator=g, dtype=torch.float64)
+    weight = torch.randn(2, 10, generator=g, dtype=torch.float64)
+    g_j, g_r = grads(native_project, jac.requires_grad_(), r.requires_grad_(), weight)
+    v = r[0].detach() / r[0].detach().norm()
+    assert_close(g_r[0], (weight[0] - v * (v @ weight[0])) / r[0].detach().norm(), 1e-12, "d/dr at J = 0")
+    assert torch.equal(g_j[0], torch.zeros_like(g_j[0]))
+    assert torch.isfinite(g_j[1]).all() and torch.isfinite(g_r[1]).all()
+
+
+@needs_native
 def test_nullspace_project_opcheck_with_grad():
     jac, r = project_inputs(8, dtype=torch.float32)
     opcheck(torch.ops.fastood.nullspace_project.default, (jac, r),

@@ -62,7 +62,8 @@ def nullspace_project_vjp(jac: torch.Tensor, r: torch.Tensor, grad_v: torch.Tens
     ``J^+ = (J^T J)^-1 J^T``. Computed in float64 with the native kernels' ridge
     ``delta = 1e-10 trace(J^T J) / d`` on J and r divided by per-sample powers of two (exact; v is
     scale-invariant), and written in differentiable torch ops, so double backward works. Rows where P r = 0
-    (v = 0, no gradient defined) get zero gradients; rows with NaN/Inf input get NaN gradients.
+    (v = 0, no gradient defined) get zero gradients; rows with NaN/Inf input (or, never seen, a Gram matrix the
+    ridge leaves indefinite) get NaN gradients.
     """
     jd, rd, gd = jac.double(), r.double(), grad_v.double()
     bad = ~(torch.isfinite(jd).flatten(1).all(1) & torch.isfinite(rd).all(1))
@@ -74,7 +75,10 @@ def nullspace_project_vjp(jac: torch.Tensor, r: torch.Tensor, grad_v: torch.Tens
     gram = jt @ jn
     d = gram.shape[-1]
     ridge = 1e-10 * gram.diagonal(dim1=1, dim2=2).sum(-1) / d + 1e-290
-    chol = torch.linalg.cholesky(gram + ridge[:, None, None] * torch.eye(d, dtype=gram.dtype, device=gram.device))
+    # cholesky_ex: a factorization the ridge cannot rescue gives that sample NaN gradients, not an exception
+    chol, info = torch.linalg.cholesky_ex(gram + ridge[:, None, None] * torch.eye(d, dtype=gram.dtype,
+                                                                                  device=gram.device))
+    bad = bad | (info != 0)
 
     def pinv(y):   # J^+ y [B, d] for y [B, D], refined once (as the kernels do) against the ridge's bias
         coef = torch.cholesky_solve((jt @ y.unsqueeze(2)), chol)
