@@ -133,7 +133,7 @@ void launch_langevin_step_kernel(DType dtype, const LangevinStepParams& p, const
     const bool vector_io = reinterpret_cast<uintptr_t>(p.x) % sizeof(Pack<T>) == 0 &&
                            reinterpret_cast<uintptr_t>(p.grad) % sizeof(Pack<T>) == 0;
     auto kernel = p.noise_std > 0 ? &langevin_step_kernel<T, true> : &langevin_step_kernel<T, false>;
-    kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+    FASTOOD_LAUNCH(kernel, static_cast<unsigned>(blocks), kThreads, 0, stream)(
         static_cast<T*>(p.x), static_cast<const T*>(p.grad), p.numel, p.per_row, p.inner, p.channels, p.half_step,
         p.noise_std, p.lower, p.upper, p.nbounds, p.active, vector_io, rng);
   });

@@ -238,13 +238,13 @@ void launch_nullspace_project_kernel(DType dtype, const void* jac, const void* r
                                      int64_t dim, int64_t latent, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(batch));
   if (dtype == DType::kDouble) {
-    nullspace_project_kernel<double><<<grid, kThreads, 0, stream>>>(
-        static_cast<const double*>(jac), static_cast<const double*>(r), static_cast<double*>(out), dim,
-        static_cast<int>(latent));
+    auto kernel = &nullspace_project_kernel<double>;
+    FASTOOD_LAUNCH(kernel, grid, kThreads, 0, stream)(static_cast<const double*>(jac), static_cast<const double*>(r),
+                                                      static_cast<double*>(out), dim, static_cast<int>(latent));
   } else {
-    nullspace_project_kernel<float><<<grid, kThreads, 0, stream>>>(
-        static_cast<const float*>(jac), static_cast<const float*>(r), static_cast<float*>(out), dim,
-        static_cast<int>(latent));
+    auto kernel = &nullspace_project_kernel<float>;
+    FASTOOD_LAUNCH(kernel, grid, kThreads, 0, stream)(static_cast<const float*>(jac), static_cast<const float*>(r),
+                                                      static_cast<float*>(out), dim, static_cast<int>(latent));
   }
 }
 
