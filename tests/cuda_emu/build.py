@@ -41,13 +41,16 @@ def _flags(src_root):
             ["-I", os.path.join(HERE, "include"), "-I", os.path.dirname(src_root), "-isystem", torch_include()])
 
 
-def _digest(paths, extra):
+def _digest(paths, extra, src_root=None):
+    """Hash of the command words and file contents; paths inside src_root count by their relative name, so a
+    mutated copy of csrc/cuda shares the objects of the files it leaves unchanged."""
+    rel = (lambda p: os.path.relpath(p, src_root) if src_root and p.startswith(src_root + os.sep) else p)
     h = hashlib.sha256()
     for part in extra:
-        h.update(part.encode())
+        h.update((part.replace(os.path.dirname(src_root), "<SRC>") if src_root else part).encode())
         h.update(b"\0")
-    for path in sorted(paths):
-        h.update(path.encode())
+    for path in sorted(paths, key=rel):
+        h.update(rel(path).encode())
         with open(path, "rb") as f:
             h.update(f.read())
     return h.hexdigest()[:24]
@@ -89,7 +92,7 @@ def build(src_root=CUDA_SRC, out_dir=None, jobs=2):
     jobs_list = []
     for src, extra in units:
         cmd = [cxx] + flags + extra + ["-c", src]
-        key = _digest(headers + [src], [version] + cmd[1:-1] + [os.path.basename(src)])
+        key = _digest(headers + [src], [version] + cmd[1:-1] + [os.path.basename(src)], src_root)
         jobs_list.append((cmd, os.path.join(obj_dir, f"{os.path.basename(src)}.{key}.o")))
     todo = [(c, o) for c, o in jobs_list if not os.path.exists(o)]
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
