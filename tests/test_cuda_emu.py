@@ -394,3 +394,89 @@ def test_results_do_not_depend_on_the_thread_schedule(driver, tmp_path, schedule
         outs.append(s.run())
     assert torch.equal(outs[0]["h"], outs[1]["h"])
     assert torch.equal(outs[0]["p"], outs[1]["p"])
+
+
+# ----------------------------------------------------------------------------------------- the harness bites
+
+# (name, kernel file, original text, mutated text, the test that must now fail, what its failure must say)
+MUTATIONS = [
+    ("off-by-one row index", "softmax_entropy_kernel.cu", "reinterpret_cast<const PackT*>(logits + row * cols)",
+     "reinterpret_cast<const PackT*>(logits + (row + 1) * cols)", "softmax_entropy",
+     r"heap-buffer-overflow|max error|NaN positions"),
+    ("wrong shuffle width", "nullspace_project_kernel.cu", "__shfl_xor_sync(0xffffffffu, v, offset)",
+     "__shfl_xor_sync(0xffffffffu, v, offset, 16)", "nullspace", r"max error|NaN positions"),
+    ("divergent __syncthreads", "nullspace_project_kernel.cu", "  __syncthreads();  // scratch is free",
+     "  if (threadIdx.x < 128) __syncthreads();", "nullspace", r"divergent __syncthreads"),
+    ("missing __syncthreads", "nullspace_project_kernel.cu", "  __syncthreads();\n  double total = scratch[0];",
+     "  double total = scratch[0];", "nullspace", r"max error|NaN positions|divergent __syncthreads"),
+    ("shuffle mask names an exited lane", "modified_energy_kernel.cu",
+     "  const int lane = threadIdx.x % kThreadsPerRow;\n",
+     "  const int lane = threadIdx.x % kThreadsPerRow;\n  if (lane >= 16) return;\n", "modified_energy",
+     r"names lane 16; but thread \d+ has exited"),
+    ("off-by-one active row", "langevin_step_kernel.cu", "!active[c.row]", "!active[c.row + 1]", "langevin",
+     r"heap-buffer-overflow"),
+]
+
+PROBES = {
+    "softmax_entropy": lambda drv, tmp: test_softmax_entropy_kernels(drv, tmp, torch.float32),
+    "modified_energy": lambda drv, tmp: test_modified_energy_kernels(drv, tmp, torch.float32),
+    "langevin": lambda drv, tmp: test_langevin_step_kernel_without_noise(drv, tmp, torch.float32),
+    "nullspace": lambda drv, tmp: test_nullspace_project_kernel(drv, tmp, torch.float64),
+}
+
+
+@pytest.mark.parametrize("mutation", MUTATIONS, ids=[m[0] for m in MUTATIONS])
+def test_mutated_kernel_fails(tmp_path, mutation):
+    """A copy of csrc/cuda with one deliberate bug must fail the emulated tests with the expected diagnosis
+    (only the mutated translation unit is recompiled; the others come from the cache)."""
+    name, filename, original, mutated, probe, expected = mutation
+    src = tmp_path / "src" / "cuda"
+    shutil.copytree(emu_build.CUDA_SRC, src)
+    path = src / filename
+    text = path.read_text()
+    assert text.count(original) == 1, f"mutation {name!r}: {original!r} must occur once in {filename}"
+    path.write_text(text.replace(original, mutated))
+    mutant = emu_build.build(src_root=str(src))
+    with pytest.raises((AssertionError, EmulationError)) as failure:
+        PROBES[probe](mutant, tmp_path / "run")
+    assert re.search(expected, str(failure.value)), f"{name}: unexpected failure:\n{str(failure.value)[:3000]}"
+
+
+# ------------------------------------------------------------------------------------------------ make gpu-check
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_gpu_check_says_no_gpu_visible(tmp_path):
+    """Dry run of scripts/gpu_check.sh with no GPU visible: a clear message, exit status 2, nothing built or
+    written (on a GPU machine too: CUDA_VISIBLE_DEVICES hides the devices from torch)."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHON=sys.executable)
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), str(out)], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "gpu-check: no GPU visible" in proc.stderr
+    assert not out.exists()
+
+
+def test_gpu_check_report_writes_one_json_and_one_table(tmp_path):
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "steps.tsv").write_text("build\tpassed\t0\t81.5\tpython setup.py build_ext\n"
+                                        "cuda-tests\tfailed\t1\t12.0\tpytest\n"
+                                        "cuda-tests-x\tskipped\t-\t0\tpytest is not installed\n"
+                                        "bench-ops\ttimeout\t124\t60.0\tbench_ops\n")
+    (tmp_path / "logs" / "cuda-tests.log").write_text("...\n1 failed, 40 passed in 12.0s\n")
+    (tmp_path / "logs" / "bench-ops.log").write_text("op | ms\nsoftmax | 0.01\n")
+    (tmp_path / "bench-ops.json").write_text('{"rows": [{"op": "softmax", "ms": 0.01}]}')
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_check_report.py"), str(tmp_path),
+                    "--gpu", "Test GPU", "--arch", "9.0", "--seconds", "200"], check=True, capture_output=True)
+    import json
+
+    report = json.loads((tmp_path / "gpu-check.json").read_text())
+    assert report["ok"] is False
+    assert [s["status"] for s in report["steps"]] == ["passed", "failed", "skipped", "timeout"]
+    assert report["steps"][1]["log_tail"][-1] == "1 failed, 40 passed in 12.0s"
+    assert report["benchmarks"]["bench-ops"]["rows"][0]["op"] == "softmax"
+    table = (tmp_path / "gpu-check.md").read_text()
+    assert "SOME STEPS DID NOT PASS" in table and "| cuda-tests | failed | 1 | 12.0 | 1 failed, 40 passed" in table
+    assert "softmax | 0.01" in table
