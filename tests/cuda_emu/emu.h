@@ -121,8 +121,11 @@ Launch<P...> make_launch(void (*fn)(P...), dim3 grid, dim3 block, size_t smem, c
 
 // kernel<<<grid, block, smem, stream>>>(args) in the host code of csrc/cuda is written
 // FASTOOD_LAUNCH(kernel, grid, block, smem, stream)(args); csrc/cuda/launch.cuh maps it to <<<>>> under nvcc.
-#define FASTOOD_LAUNCH(kernel, grid, block, smem, stream) \
-  ::fastood_emu::make_launch(kernel, dim3(grid), dim3(block), smem, stream, #kernel " (" __FILE__ ")")
+#define FASTOOD_EMU_STR2(x) #x
+#define FASTOOD_EMU_STR(x) FASTOOD_EMU_STR2(x)
+#define FASTOOD_LAUNCH(kernel, grid, block, smem, stream)                                        \
+  ::fastood_emu::make_launch(kernel, dim3(grid), dim3(block), smem, stream,                      \
+                             "kernel launched at " __FILE__ ":" FASTOOD_EMU_STR(__LINE__))
 
 #define threadIdx (::fastood_emu::current()->idx)
 #define blockIdx (::fastood_emu::g_block_idx)
