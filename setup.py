@@ -141,7 +141,7 @@ def extensions():
                             "nvcc": ["-O3", "-DFASTOOD_WITH_CUDA"]})]
 
 
-BUILD_LOG = os.path.join(ROOT, "build", "fastood-build.log")
+BUILD_LOG = os.environ.get("FASTOOD_BUILD_LOG") or os.path.join(ROOT, "build", "fastood-build.log")
 
 
 def report_config(cfg):
