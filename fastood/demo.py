@@ -618,7 +618,7 @@ def _train_method(ctx: Context, name: str, model_path: str):
     ctx.say(f"training {method.label} ({method.paper}; {length}) -> {ctx.checkpoint_dir(name)}")
     D.seed_everything(ctx.config.seed, per_rank=True)  # per-rank outlier samples under DDP
     t0 = time.perf_counter()
-    built.trainer.fit(ctx.train_loader, resume=ctx.config.resume, **budget)
+    built.trainer.fit(ctx.train_loader, resume="auto" if ctx.config.resume else False, **budget)
     seconds = time.perf_counter() - t0
     ctx.timings[f"train {name}"] = round(seconds, 3)
     own = built.trainer.detector()
