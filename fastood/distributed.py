@@ -93,8 +93,11 @@ def init_from_env(backend: str | None = None, device=None, timeout_s: float = 18
     Args:
         backend: ``"nccl"`` or ``"gloo"``; default ``nccl`` when the device is CUDA, else ``gloo``.
         device: the device to train on; default ``cuda:LOCAL_RANK`` when CUDA is available, else CPU.
-        timeout_s: collective timeout in seconds.
+        timeout_s: how long a collective waits for the other ranks before it fails (torch's default, 30 minutes,
+            leaves the surviving ranks blocked that long when one rank dies or hangs; the CLI's ``--ddp-timeout``).
     """
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < float("inf"):
+        raise ValueError(f"timeout_s must be a number of seconds > 0, got {timeout_s!r}")
     if backend is not None and backend not in ("nccl", "gloo", "mpi"):
         raise ValueError(f"backend must be 'nccl', 'gloo' or 'mpi', got {backend!r}")
     local = int(os.environ.get("LOCAL_RANK", 0))
