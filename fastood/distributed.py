@@ -18,6 +18,13 @@ seed each rank's samplers differently, and combine metrics. This module does tho
 Launch with ``torchrun --nproc_per_node=N script.py``. ``batch_size`` is per rank, so a global batch
 holds ``N * batch_size`` examples; DDP averages gradients over ranks, which equals the gradient of the
 mean loss over the global batch when every rank's batch has the same size.
+
+BatchNorm caveat: a BatchNorm layer in training mode normalizes each rank's shard with that shard's statistics,
+and DDP copies rank 0's running statistics to every rank before each forward, so with BatchNorm training an
+N-rank run is *not* one process on the global batch (parameters 2e-2 apart after a few steps). Pass
+``sync_bn=True`` to the trainer (CLI ``--sync-bn``) for global-batch statistics (:mod:`fastood.sync_batchnorm`),
+or keep BatchNorm frozen (``freeze_bn=True``). A rank that dies or hangs makes the others fail after
+``init_from_env(timeout_s=...)`` seconds (CLI ``--ddp-timeout``).
 """
 from __future__ import annotations
 
