@@ -218,11 +218,14 @@ def _version() -> str:
 def _user_errors():
     """Turn the errors a user can fix (bad options, missing files or optional packages) into :class:`CLIError`."""
     from fastood.demo import PipelineError
+    from fastood.trainers.checkpoint import CheckpointError, NonFiniteStateError
+    from fastood.trainers.resume import ResumeMismatch
 
     try:
         yield
-    except (PipelineError, FileNotFoundError, ImportError) as exc:
-        raise CLIError(str(exc)) from exc
+    except (PipelineError, FileNotFoundError, ImportError, CheckpointError, NonFiniteStateError,
+            ResumeMismatch) as exc:
+        raise CLIError(" ".join(str(exc).split())) from exc
 
 
 def _check_out(path: str) -> None:

@@ -99,6 +99,18 @@ def test_sigterm_writes_the_checkpoint_before_the_process_ends(tmp_path):
     assert load_checkpoint_file(tmp_path / "checkpoint.pt")["step"] == 3
 
 
+def test_sigint_then_sigterm_is_one_request_and_a_repeated_signal_aborts():
+    from fastood.trainers.interrupt import StopSignals
+
+    with StopSignals(announce=False) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)  # torchrun's SIGTERM after the terminal's SIGINT
+        assert stop.received == "SIGINT"
+        with pytest.raises(KeyboardInterrupt, match="twice"):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 def test_checkpoint_minutes_writes_on_wall_clock_time(tmp_path, monkeypatch):
     clock = [1000.0]
 
@@ -234,6 +246,9 @@ def test_cli_errors_are_one_line(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "standard", "--lr", "1e39"])
     assert "--lr: expected a finite number > 0" in capsys.readouterr().err
+
+    with pytest.raises(ValueError, match="lr must be a finite number > 0 .at most 3.4e"):
+        _trainer(lr=1e39)
 
     def diverged(args):
         raise FloatingPointError("StandardTrainer: non-finite loss nan at step 3\nsecond line")

@@ -110,10 +110,12 @@ class Trainer(metaclass=RecordsHyperparameters):
             the batch turn it on by default, and say so).
         skip_nonfinite: on a non-finite loss, skip the batch (no update; the BatchNorm buffers restored), count it
             in ``skipped_batches`` and the ``skipped_nonfinite`` log, warn, and go on. Default False: raise a
-            ``FloatingPointError`` naming the step, the batch and whether the input itself was non-finite.
+            ``FloatingPointError`` naming the step, the batch and whether the input itself was non-finite. A skipped
+            batch counts as a step of the budget (so the schedule and resume stay aligned); method state the
+            forward changed outside the model (a sampler's replay buffer) and the random streams are not rolled back.
         handle_signals: while :meth:`fit` runs (in the main thread), SIGINT/SIGTERM finish the current step,
             write the checkpoint and raise :class:`~fastood.trainers.interrupt.TrainingInterrupted` (a
-            ``KeyboardInterrupt``); a second signal aborts at once. Default True.
+            ``KeyboardInterrupt``); the same signal again aborts at once. Default True.
         sync_bn: under DDP, normalize BatchNorm layers with the statistics of the global batch (all ranks), so a
             run on N ranks equals one process on the same global batches (:mod:`fastood.sync_batchnorm`).
             Default False: each rank normalizes with its own shard's statistics and DDP copies rank 0's running
@@ -138,8 +140,13 @@ class Trainer(metaclass=RecordsHyperparameters):
         self.device = torch.device(device) if device is not None else model_device(model)
         self.model.to(self.device)
         self.lr = self.default_lr if lr is None else float(lr)
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a finite number > 0, got {lr}")
+        # Beyond the parameters' largest value the SGD update overflows with torch's cryptic "value cannot be
+        # converted to type float without overflow" at the first step.
+        largest = min((torch.finfo(p.dtype).max for p in model.parameters() if p.is_floating_point()),
+                      default=math.inf)
+        if not (math.isfinite(self.lr) and 0 < self.lr <= largest):
+            raise ValueError(f"lr must be a finite number > 0 (at most {largest:.3g} for these parameters' dtype), "
+                             f"got {lr}")
         self.momentum = momentum
         self.weight_decay = weight_decay
         self.checkpoint_dir = checkpoint_dir

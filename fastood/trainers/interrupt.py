@@ -2,7 +2,9 @@
 
 While :meth:`Trainer.fit` runs, :class:`StopSignals` turns the first SIGINT/SIGTERM into a request: the step
 in progress finishes, the trainer writes its checkpoint and raises :class:`TrainingInterrupted`. A second
-signal aborts at once with a plain ``KeyboardInterrupt`` (nothing more is written; the last checkpoint stays).
+signal of a kind already received aborts at once with a plain ``KeyboardInterrupt`` (nothing more is written;
+the last checkpoint stays). A SIGINT followed by a SIGTERM is still one request: that is what one Ctrl-C under
+``torchrun`` delivers (the terminal's SIGINT, then torchrun's SIGTERM to its workers).
 """
 from __future__ import annotations
 
@@ -41,13 +43,17 @@ class StopSignals:
     def __init__(self, enabled: bool = True, announce: bool = True):
         self.enabled, self.announce = enabled, announce
         self.received = None
+        self._seen = set()
         self._previous = {}
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
-        if self.received is not None:  # second signal: stop now
+        if name in self._seen:  # asked again: stop now
             self._restore()
             raise KeyboardInterrupt(f"{name} received twice: aborted without writing a checkpoint")
+        self._seen.add(name)
+        if self.received is not None:
+            return
         self.received = name
         if self.announce:
             print(f"\nfastood: {name} received: finishing the current step and writing the checkpoint "
