@@ -416,6 +416,8 @@ MUTATIONS = [
      r"names lane 16; but thread \d+ has exited"),
     ("off-by-one active row", "langevin_step_kernel.cu", "!active[c.row]", "!active[c.row + 1]", "langevin",
      r"heap-buffer-overflow"),
+    ("out-of-bounds shared store", "nullspace_project_kernel.cu", "  if (lane == 0) scratch[warp] = v;",
+     "  if (lane == 0) scratch[warp + 1] = v;", "nullspace", r"global-buffer-overflow|insufficient space"),
 ]
 
 PROBES = {
