@@ -418,6 +418,8 @@ MUTATIONS = [
      r"heap-buffer-overflow"),
     ("out-of-bounds shared store", "nullspace_project_kernel.cu", "  if (lane == 0) scratch[warp] = v;",
      "  if (lane == 0) scratch[warp + 1] = v;", "nullspace", r"global-buffer-overflow|insufficient space"),
+    ("endless loop (watchdog)", "langevin_step_kernel.cu", "base < numel; base += stride)",
+     "base < numel; base += 0 * stride)", "langevin", r"watchdog"),
 ]
 
 PROBES = {
@@ -429,10 +431,11 @@ PROBES = {
 
 
 @pytest.mark.parametrize("mutation", MUTATIONS, ids=[m[0] for m in MUTATIONS])
-def test_mutated_kernel_fails(tmp_path, mutation):
+def test_mutated_kernel_fails(tmp_path, monkeypatch, mutation):
     """A copy of csrc/cuda with one deliberate bug must fail the emulated tests with the expected diagnosis
     (only the mutated translation unit is recompiled; the others come from the cache)."""
     name, filename, original, mutated, probe, expected = mutation
+    monkeypatch.setenv("FASTOOD_EMU_WATCHDOG_S", "10")  # per launch; the probes' launches take well under 1 s
     src = tmp_path / "src" / "cuda"
     shutil.copytree(emu_build.CUDA_SRC, src)
     path = src / filename

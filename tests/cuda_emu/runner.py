@@ -61,7 +61,7 @@ class Session:
     def call(self, *words):
         self.lines.append(" ".join(_word(w) for w in words))
 
-    def run(self, timeout=300):
+    def run(self, timeout=900):
         script = os.path.join(self.workdir, "script.txt")
         with open(script, "w") as f:
             f.write("\n".join(self.lines) + "\n")
