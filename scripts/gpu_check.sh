@@ -128,7 +128,7 @@ if [ $BUILT -eq 1 ]; then
     FILTER=()
     "$SAN" --help 2>&1 | grep -q -- "--kernel-name" && FILTER=(--kernel-name kns=fastood)
     for tool in memcheck racecheck synccheck; do
-      step "sanitizer-$tool" 45 "$SAN" --tool "$tool" --error-exitcode 99 "${FILTER[@]}" \
+      step "sanitizer-$tool" 45 "$SAN" --tool "$tool" --error-exitcode 99 ${FILTER[@]+"${FILTER[@]}"} \
         "$PY" scripts/gpu_sanitize_subset.py
     done
   else
