@@ -331,7 +331,9 @@ def _interrupted_message(exc: BaseException, out) -> str:
 
     checkpoint = getattr(exc, "checkpoint", None)
     if checkpoint is not None and os.path.exists(checkpoint):
-        return (f"fastood: {exc}. Continue with the same command plus --resume.")
+        total = getattr(exc, "total_steps", None)
+        return (f"fastood: stopped by {exc.signal} after step {exc.step}" + (f" of {total}" if total else "")
+                + f"; checkpoint written to {checkpoint}. Continue with the same command plus --resume.")
     found = sorted(glob.glob(os.path.join(out, "checkpoints", "*", "checkpoint.pt"))) if out else []
     if found:
         return (f"fastood: interrupted. Continue with the same command plus --resume (checkpoints: "

@@ -599,7 +599,9 @@ class Trainer(metaclass=RecordsHyperparameters):
             input_finite = bool(torch.isfinite(images).all())
         value = float(loss.detach()) if loss.numel() == 1 else float("nan")
         where = f"step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch} of the epoch)"
-        if input_finite is False:
+        if bool(torch.isfinite(loss.detach()).all()):
+            cause = "another rank's batch gave a non-finite loss (this rank's loss and input are fine)"
+        elif input_finite is False:
             cause = (f"the input batch itself holds {describe_non_finite(images)} non-finite: clean the data "
                      "(or skip such batches with skip_nonfinite=True)")
         elif input_finite is True:
