@@ -158,3 +158,43 @@ def test_resume_is_exact_when_the_dataset_augments_with_the_global_rng(tmp_path)
     assert resumed.step == 10
     for a, b in zip(full.model.parameters(), resumed.model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+class _IdleWhenFlagged(StandardTrainer):
+    """A trainer whose 'mechanism' is a logged flag: idle when every step of the window logged flag == 0."""
+
+    def __init__(self, model, flag, **kwargs):
+        super().__init__(model, **kwargs)
+        self.flag = flag
+        self.windows = []
+
+    def training_step(self, batch):
+        out = super().training_step(batch)
+        out["flag"] = self.flag
+        return out
+
+    def mechanism_idle(self, logs):
+        self.windows.append(len(logs))
+        return None if any(h["flag"] for h in logs) else "flag stayed 0"
+
+
+def test_mechanism_check_warns_once_per_trainer_over_each_epoch():
+    from fastood.trainers import MechanismIdleWarning
+
+    trainer = _IdleWhenFlagged(_model(), flag=0.0, progress=False)
+    with pytest.warns(MechanismIdleWarning, match="flag stayed 0") as caught:
+        trainer.fit(_loader(_problem()), epochs=2)  # 6 batches per epoch
+    assert len([w for w in caught if issubclass(w.category, MechanismIdleWarning)]) == 1
+    assert trainer.windows[0] == 6  # judged over a whole epoch
+
+
+def test_mechanism_check_silent_when_engaged_and_judges_short_fits_whole():
+    import warnings
+
+    from fastood.trainers import MechanismIdleWarning
+
+    trainer = _IdleWhenFlagged(_model(), flag=1.0, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MechanismIdleWarning)
+        trainer.fit(_loader(_problem()), steps=3)
+    assert trainer.windows == [3]  # a fit shorter than an epoch is judged as a whole

@@ -1,5 +1,5 @@
 """Trainers: the shared :class:`Trainer` loop and one module per method."""
-from .base import Trainer
+from .base import MechanismIdleWarning, Trainer
 from .cmg import CMGTrainer
 from .cvae import CVAETrainer
 from .discrepancy import DiscrepancyTrainer
@@ -13,5 +13,5 @@ from .standard import StandardTrainer
 __all__ = [
     "Trainer", "StandardTrainer", "FIGTrainer", "GaussianNoiseTrainer", "CVAETrainer", "ManifoldTrainer",
     "CMGTrainer", "DiscrepancyTrainer", "ICETrainer", "OETrainer", "EnergyOETrainer",
-    "OutlierSource", "OutlierTrainer", "as_outlier_source",
+    "OutlierSource", "OutlierTrainer", "as_outlier_source", "MechanismIdleWarning",
 ]

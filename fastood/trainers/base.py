@@ -20,6 +20,11 @@ from fastood.batches import BatchReader, check_device, describe, first_item, mod
 _END = object()
 
 
+class MechanismIdleWarning(RuntimeWarning):
+    """A trainer's method-specific mechanism (Langevin updates, an outlier term, ...) stayed off for a whole
+    epoch (or a whole fit shorter than one): the run trains, but not the way its paper does."""
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a DistributedDataParallel wrapper (or the model itself)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -115,6 +120,8 @@ class Trainer:
     """
 
     default_lr = 0.1
+    #: log keys shown in the progress bar (None: the first four of each step's logs)
+    progress_keys = None
 
     def __init__(self, model: nn.Module, *, lr=None, momentum=0.9, weight_decay=5e-4, optimizer=None,
                  scheduler="auto", checkpoint_dir=None, checkpoint_every=100, progress=True, seed=0, device=None,
@@ -162,6 +169,7 @@ class Trainer:
         self.batch_in_epoch = 0
         self.history = []
         self._net = None
+        self._mechanism_warned = False
 
     # ----------------------------------------------------------------- to override
     def training_step(self, batch) -> dict:
@@ -181,6 +189,21 @@ class Trainer:
         """The method's own LR schedule for a run of ``total_steps`` optimizer steps, stepped after every step, or
         None (default: constant LR). Used only when fastood builds the optimizer and ``scheduler="auto"``."""
         return None
+
+    def mechanism_idle(self, logs: list) -> "str | None":
+        """Whether the method's own mechanism was off over ``logs`` (the history entries of one epoch, or of a
+        whole fit shorter than an epoch). Return None when it was engaged, else a message saying what stayed
+        off, why it matters and what to change; :meth:`fit` warns once per trainer with it
+        (:class:`MechanismIdleWarning`). Default: None (plain cross-entropy has no mechanism to check)."""
+        return None
+
+    def _check_mechanism(self, logs: list) -> None:
+        if self._mechanism_warned or not logs:
+            return
+        message = self.mechanism_idle(logs)
+        if message:
+            self._mechanism_warned = True
+            warnings.warn(f"{type(self).__name__}: {message}", MechanismIdleWarning, stacklevel=3)
 
     def on_fit_start(self, loader) -> None:
         """Called once per :meth:`fit` before the first step (after a resume, if any)."""
@@ -477,6 +500,7 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=total, initial=self.step, desc=type(self).__name__, leave=False)
+        fit_start = window = len(self.history)  # logs of the current epoch (mechanism check)
         try:
             while self.step < total:
                 trained_this_epoch = False
@@ -486,11 +510,14 @@ class Trainer:
                     trained_this_epoch = True
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix({k: f"{v:.3g}" for k, v in list(logs.items())[:4]})
+                        keys = self.progress_keys or list(logs)[:4]
+                        bar.set_postfix({k: f"{logs[k]:.3g}" for k in keys if k in logs})
                     if per_epoch is not None and self.batch_in_epoch >= per_epoch:
                         # Close the epoch as soon as its last batch is trained, so a fit that ends exactly
                         # on an epoch boundary leaves the counters pointing at the next epoch.
                         self._next_epoch()
+                        self._check_mechanism(self.history[window:])
+                        window = len(self.history)
                     if self.step % self.checkpoint_every == 0 and self.step < total:
                         self.save_checkpoint()
                     if self.step >= total:
@@ -498,6 +525,8 @@ class Trainer:
                 else:
                     if self.batch_in_epoch > 0:  # loaders without len(): the epoch ends when they run dry
                         self._next_epoch()
+                        self._check_mechanism(self.history[window:])
+                        window = len(self.history)
                 if not trained_this_epoch and self.step < total:
                     raise ValueError("loader yielded no batches")
         finally:
@@ -506,6 +535,8 @@ class Trainer:
             # Drop the DDP wrapper (the next fit makes a new one): a DistributedDataParallel reducer that outlives
             # destroy_process_group() aborted rank 0 at interpreter exit in about 1 run in 10 (gloo, torch 2.13).
             self._net = None
+        if fit_start == window:  # no epoch closed in this fit: judge the whole (shorter) fit
+            self._check_mechanism(self.history[window:])
         self.save_checkpoint()
         return self
 
