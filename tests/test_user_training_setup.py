@@ -87,7 +87,8 @@ def test_scheduler_and_optimizer_arguments_are_checked():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="lr=0.5 is for the optimizer fastood builds"):
         StandardTrainer(model, optimizer=opt, lr=0.5)
-    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer, got list"):
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer or a callable params -> optimizer, "
+                                        "got list"):
         StandardTrainer(model, optimizer=[opt])
     with pytest.raises(TypeError, match="scheduler must be 'auto', None, a callable"):
         StandardTrainer(model, scheduler="cosine")
@@ -102,13 +103,11 @@ def test_ice_with_an_optimizer_built_before_the_head_was_replaced_is_refused():
     model = _model()
     stale = torch.optim.SGD(model.parameters(), lr=0.01)
     trainer = ICETrainer(model, outliers=_outliers(), optimizer=stale, progress=False)
-    with pytest.raises(ValueError, match=r"does not hold .*head.*build your optimizer after constructing the trainer"):
+    with pytest.raises(ValueError, match=r"does not hold .*head.*optimizer=lambda params: torch.optim.SGD"):
         trainer.fit(_loader(), steps=2)
-    # built from trainer.model after construction: the Gaussian head trains
-    trainer = ICETrainer(_model(), outliers=_outliers(), progress=False)
-    trainer._optimizer = None
-    opt = torch.optim.SGD(trainer.model.parameters(), lr=0.01)
-    trainer = ICETrainer(trainer.model, outliers=_outliers(), optimizer=opt, progress=False)
+    # the callable form is built over the final model: the Gaussian head trains
+    trainer = ICETrainer(_model(), outliers=_outliers(), optimizer=lambda params: torch.optim.SGD(params, lr=0.01),
+                         progress=False)
     head = [p for n, p in trainer.model.named_parameters() if n.startswith("head")]
     before = [p.detach().clone() for p in head]
     trainer.fit(_loader(), steps=3)

@@ -88,10 +88,12 @@ class Trainer:
         model: the network to train (its parameters are optimized in place).
         lr, momentum, weight_decay: SGD hyperparameters used by :meth:`configure_optimizer` (when fastood builds
             the optimizer; with ``optimizer=`` set them on your optimizer).
-        optimizer: your optimizer, used as it is (learning rate, groups, schedule untouched). It must hold every
-            parameter the method trains (:meth:`trainable_parameters`), including heads a trainer adds or replaces
-            (ICE's Gaussian head, an n+1 head, a second head): build it from ``trainer.model.parameters()`` after
-            constructing the trainer; :meth:`fit` refuses an optimizer that misses any, naming them.
+        optimizer: your optimizer, used as it is (learning rate, groups, schedule untouched), or a callable
+            ``params -> optimizer`` (e.g. ``lambda params: torch.optim.AdamW(params, lr=3e-4)``) that the trainer
+            calls with :meth:`trainable_parameters` once its model is final. An optimizer must hold every parameter
+            the method trains, including heads a trainer adds or replaces (ICE's Gaussian head, an n+1 head, a
+            second head), which an optimizer built on the model before the trainer does not: pass the callable
+            form then. :meth:`fit` refuses an optimizer that misses any, naming them.
         scheduler: the LR schedule, stepped after every optimizer step. ``"auto"`` (default): the method's paper
             schedule when fastood builds the optimizer, none with your ``optimizer=`` (fastood never attaches its
             schedule to your optimizer); ``None``: constant LR; a callable ``optimizer -> scheduler`` (e.g.
@@ -128,14 +130,18 @@ class Trainer:
                  grad_clip=None, amp=False, freeze_bn=False, batch_fn=None, batch_keys=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if optimizer is not None and not (isinstance(optimizer, torch.optim.Optimizer) or callable(optimizer)):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer or a callable params -> optimizer, got "
+                            f"{type(optimizer).__name__}")
         if optimizer is not None and lr is not None:
             raise ValueError(f"lr={lr!r} is for the optimizer fastood builds; with optimizer= set the learning rate on "
                              "your optimizer")
         if not (scheduler is None or scheduler == "auto" or callable(scheduler) or _is_scheduler(scheduler)):
             raise TypeError(f"scheduler must be 'auto', None, a callable optimizer -> LR scheduler or an LR scheduler, "
                             f"got {scheduler!r}")
+        if _is_scheduler(scheduler) and not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError("a scheduler instance needs the optimizer it schedules as optimizer=; with a callable "
+                             "optimizer= pass scheduler=lambda opt: ... instead")
         if _is_scheduler(scheduler) and scheduler.optimizer is not optimizer:
             raise ValueError("scheduler was built on another optimizer than optimizer=: pass the optimizer it "
                              "schedules, or a callable optimizer -> scheduler")
@@ -231,6 +237,11 @@ class Trainer:
     def optimizer(self) -> torch.optim.Optimizer:
         if self._optimizer is None:
             self._optimizer = self.configure_optimizer()
+        elif not isinstance(self._optimizer, torch.optim.Optimizer):  # a user's callable params -> optimizer
+            built = self._optimizer(self.trainable_parameters())
+            if not isinstance(built, torch.optim.Optimizer):
+                raise TypeError(f"optimizer(params) must return a torch.optim.Optimizer, got {type(built).__name__}")
+            self._optimizer = built
         return self._optimizer
 
     @property
@@ -309,8 +320,9 @@ class Trainer:
             shown = ", ".join(missing[:6]) + (f", ... ({len(missing)} in all)" if len(missing) > 6 else "")
             raise ValueError(f"{type(self).__name__}: the optimizer does not hold {len(missing)} trainable "
                              f"parameter(s) of trainer.model: {shown}. This trainer may have added or replaced "
-                             "modules (a new head); build your optimizer after constructing the trainer, from "
-                             "trainer.model.parameters() (or trainer.trainable_parameters())")
+                             "modules (a new head) after your optimizer was built: pass optimizer=lambda params: "
+                             "torch.optim.SGD(params, lr=...) (any optimizer), which the trainer builds over its "
+                             "final model")
 
     def data_box(self):
         """``(lower, upper)`` (tuples of floats, scalar or per channel) where the method generates images, or None.
