@@ -26,7 +26,7 @@ _SUBMODULES = (
 __all__ = list(_SUBMODULES) + ["__version__", "save_model"]
 
 
-def save_model(model, path, **meta):
+def save_model(model, path, /, **meta):
     """Write ``model`` and ``meta`` to ``path`` for ``fastood eval`` (:func:`fastood.model_files.save_model`)."""
     from fastood.model_files import save_model as save
 

@@ -25,7 +25,7 @@ class ModelFileError(ValueError):
     what would make it work. The CLI prints it as one ``fastood: error:`` line."""
 
 
-def save_model(model: nn.Module, path, **meta) -> str:
+def save_model(model: nn.Module, path, /, **meta) -> str:
     """Write ``model`` (a copy on the CPU in eval mode, unwrapped from DDP) with ``meta`` to ``path``, atomically, in
     the format ``fastood eval`` reads. Useful metadata: ``data`` (the built-in benchmark to evaluate on),
     ``detector`` (``fastood eval``'s default detector), ``image_shape``, ``num_classes``, ``method``; any other
@@ -112,16 +112,20 @@ def load_model(path, factory=None) -> dict:
         return dict(meta, **obj)
     if isinstance(obj, nn.Module):
         return dict(meta, format=MODEL_FORMAT, module=obj.eval(), kind="torch.save(model)")
+    checkpoint = isinstance(obj, dict) and "optimizer" in obj
+    hint = (" It looks like a trainer checkpoint (checkpoint.pt): use the model.pt written beside the run's report"
+            + (", or pass --model MODULE:FACTORY to rebuild the model from its 'model' entry" if checkpoint
+               and _state_dict_of(obj) is not None else "") + "." if checkpoint else "")
     state = _state_dict_of(obj)
     if state is None:
-        raise ModelFileError(f"{path!r} holds a {type(obj).__name__}, not a model: expected a file of "
-                             "fastood.save_model / fastood train, a torch.save(model) file, or a state_dict with "
-                             "--model MODULE:FACTORY")
+        raise ModelFileError(f"{path!r} is not a fastood model file: it holds a {type(obj).__name__}, not a model "
+                             "(expected a file of fastood.save_model / fastood train, a torch.save(model) file, or a "
+                             f"state_dict with --model MODULE:FACTORY).{hint}")
     if factory is None:
-        hint = " (it looks like a trainer checkpoint: its 'model' entry is used)" if "optimizer" in obj else ""
-        raise ModelFileError(f"{path!r} holds a state_dict{hint}: pass --model MODULE:FACTORY, a function returning "
-                             "the untrained nn.Module (e.g. --model mypkg.models:make_net), or save the whole model "
-                             "with fastood.save_model(model, path)")
+        raise ModelFileError(f"{path!r} holds a state_dict (weights without the model's code): pass --model "
+                             "MODULE:FACTORY, a function returning the untrained nn.Module (e.g. --model "
+                             "mypkg.models:make_net), or save the whole model with fastood.save_model(model, path)."
+                             f"{hint}")
     build = _import_factory(factory) if isinstance(factory, str) else factory
     module = build()
     if not isinstance(module, nn.Module):

@@ -1,7 +1,8 @@
 """fastood inside a real project, played as a new user would (issue 14, "Done when").
 
 A torchvision ResNet-18 (10 classes, no download) on CIFAR-shaped data normalized with mean/std, loaders that yield
-dicts, the user's own SGD and scheduler, FIG with bounds from mean/std, ICE with a user optimizer, and
+dicts, the user's own SGD and scheduler, FIG with bounds from mean/std, a resume that refuses a changed
+hyperparameter, ICE with a user optimizer, and
 ``fastood eval`` on a ``torch.save(model)`` file, a state_dict and image folders. Tiny inputs and a few steps
 keep it fast; the numbers mean nothing, the behaviour does.
 """
@@ -20,6 +21,7 @@ from fastood import cli  # noqa: E402
 from fastood.data import bounds_for  # noqa: E402
 from fastood.samplers.langevin import LangevinSampler  # noqa: E402
 from fastood.trainers import FIGTrainer, ICETrainer, StandardTrainer  # noqa: E402
+from fastood.trainers.resume import ResumeMismatch  # noqa: E402
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 SIZE = 16  # CIFAR-shaped, smaller: ResNet-18's stride-32 trunk still ends in a 1x1 map
@@ -63,7 +65,7 @@ def test_own_sgd_and_scheduler_on_dict_batches():
     assert trainer.optimizer is opt and lrs == pytest.approx([0.05, 0.05, 0.005])
 
 
-def test_fig_with_bounds_from_mean_and_std():
+def test_fig_with_bounds_from_mean_and_std_and_a_resume_that_refuses_other_settings(tmp_path):
     bounds = bounds_for(MEAN, STD)
     data = FakeCifar().images
     lower, upper = (torch.tensor(v).view(1, 3, 1, 1) for v in bounds)
@@ -72,10 +74,17 @@ def test_fig_with_bounds_from_mean_and_std():
     with pytest.warns(UserWarning, match=r"bounds=fastood.data.bounds_for\(mean, std\)"):
         FIGTrainer(_resnet(), sampler=LangevinSampler(max_steps=1), progress=False).fit(_loader(), steps=1)
     sampler = LangevinSampler(bounds=bounds, max_steps=2)
-    trainer = FIGTrainer(_resnet(), sampler=sampler, progress=False)
+    trainer = FIGTrainer(_resnet(), sampler=sampler, progress=False, checkpoint_dir=tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         trainer.fit(_loader(), steps=1)
+    # the same checkpoint_dir with another lam: refused, naming the difference, before anything is loaded
+    fresh = _resnet(seed=1)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(ResumeMismatch, match=r"written with lam=1\.0, but this trainer has lam=5\.0"):
+        FIGTrainer(fresh, sampler=LangevinSampler(bounds=bounds, max_steps=2), lam=5.0, checkpoint_dir=tmp_path,
+                   progress=False).fit(_loader(), steps=2)
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
     generated = sampler.sample(trainer.model, 4, (3, SIZE, SIZE))
     assert bool((generated >= lower - 1e-6).all() and (generated <= upper + 1e-6).all())
     assert float(generated.amin()) < -1.2 and float(generated.amax()) > 1.2  # the per-channel box, not [-1, 1]
@@ -180,9 +189,11 @@ def test_save_model_is_read_by_fastood_eval(tmp_path, capsys):
     from fastood.model_files import load_model
 
     model = _resnet().eval()
-    path = fastood.save_model(model, tmp_path / "m.pt", detector="energy", image_shape=(3, SIZE, SIZE), note="mine")
+    path = fastood.save_model(model, tmp_path / "m.pt", detector="energy", image_shape=(3, SIZE, SIZE), note="mine",
+                              model="resnet18")  # metadata may use any name, "model" included
     payload = load_model(path)
     assert payload["detector"] == "energy" and payload["note"] == "mine" and payload["method"] is None
+    assert payload["model"] == "resnet18" and payload["image_shape"] == (3, SIZE, SIZE)
     x = torch.randn(2, 3, SIZE, SIZE)
     torch.testing.assert_close(payload["module"](x), model(x))
     with pytest.raises(ValueError, match="reserved"):

@@ -477,7 +477,7 @@ class Trainer(metaclass=RecordsHyperparameters):
         for name, value in model.state_dict().items():
             yield f"model tensor {name!r}", value
         names = {id(p): n for n, p in model.named_parameters()}
-        if self._optimizer is not None:
+        if isinstance(self._optimizer, torch.optim.Optimizer):  # not a user's callable that was never built
             for param, slots in self._optimizer.state.items():
                 for slot, value in slots.items():
                     yield f"optimizer state {slot!r} of parameter {names.get(id(param), '?')!r}", value
