@@ -2,6 +2,9 @@
 formulas written here independently of fastood (issue 14, section 5)."""
 import decimal
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -183,3 +186,18 @@ def test_dict_batches_for_detectors_mahalanobis_and_evaluate():
     assert report.id_accuracy is not None
     with pytest.raises(TypeError, match=r"must be a DataLoader .*got the dataset TensorDataset"):
         MSP(net).score_loader(TensorDataset(x))
+
+
+def test_detectors_and_samplers_do_not_import_the_trainers():
+    # Before: detectors.base imported first_item/model_device from trainers.base, whose package imports every
+    # trainer (an import circle: trainers import detectors). fastood.batches owns them now.
+    code = ("import sys, fastood.detectors, fastood.samplers, fastood.evaluation; "
+            "print(sorted(m for m in sys.modules if m.startswith('fastood.trainers')))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+    from fastood.batches import first_item, model_device
+    from fastood.trainers import base
+
+    assert base.first_item is first_item and base.model_device is model_device  # old names still work
