@@ -19,9 +19,9 @@ __all__ = ["RecordsHyperparameters", "RUN_SETTINGS", "ResumeMismatch", "Resumed"
 
 # Constructor arguments that say how a run is carried out rather than what it computes: they may differ between a
 # run and its resume. ``amp`` goes with the device (bf16 autocast is CUDA-only, so a CPU resume of a CUDA run turns
-# it off) and ``sync_bn`` with the number of ranks.
+# it off), ``sync_bn`` with the number of ranks, ``batch_fn``/``batch_keys`` with how the loader is read.
 RUN_SETTINGS = frozenset({"checkpoint_dir", "checkpoint_every", "checkpoint_minutes", "progress", "device", "amp",
-                          "skip_nonfinite", "handle_signals", "sync_bn"})
+                          "skip_nonfinite", "handle_signals", "sync_bn", "batch_fn", "batch_keys"})
 
 _SIMPLE = (bool, int, float, str, type(None))
 _SKIP = object()
