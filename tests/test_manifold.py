@@ -52,7 +52,7 @@ def test_forward_mode_jacobian_equals_autograd():
 
 def test_type1_lies_in_the_left_null_space():
     cvae = tiny_cvae(image_size=8)
-    sampler = ManifoldSampler(cvae, bounds=(-100.0, 100.0))  # a wide box: nothing is clipped
+    sampler = ManifoldSampler(cvae, bounds=(-100.0, 100.0), beta_range=(0.1, 1.0))  # wide box: nothing clipped
     x, y = labeled(8, size=8)
     out = sampler.type1(x, y)
     beta = sampler.stats["beta"]
