@@ -3,6 +3,7 @@
 #   make test    Python tests (CPU; CUDA tests run where a GPU is present) + the CMake/ctest C++ test
 #   make build   (re)build fastood._C in place (CUDA kernels when torch has CUDA and a toolkit is found)
 #   make bench   kernel benchmark table (bench/bench_ops.py)
+#   make gpu-check  on a GPU machine: build for it, CUDA tests, compute-sanitizer, CUDA benchmarks -> gpu-check/
 PYTHON_SYS ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,7 +12,7 @@ CUDA_HOME ?= $(shell [ -d /usr/local/cuda ] && echo /usr/local/cuda)
 export CUDA_HOME
 PYTEST_ARGS ?=
 
-.PHONY: setup venv build test pytest ctest bench clean
+.PHONY: setup venv build test pytest ctest bench gpu-check clean
 
 setup: venv build
 
@@ -44,6 +45,11 @@ ctest:
 
 bench:
 	$(PY) bench/bench_ops.py --json bench-ops.json
+
+# Needs no venv: scripts/gpu_check.sh takes $$PYTHON, else .venv/bin/python, else python3 (any with torch).
+GPU_CHECK_OUT ?= gpu-check
+gpu-check:
+	bash scripts/gpu_check.sh $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf build build-cmake fastood/_C*.so *.egg-info

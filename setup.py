@@ -1,16 +1,24 @@
 """Build fastood and its native extension ``fastood._C``.
 
-Switches (environment variables, printed at build start):
+Switches (environment variables; the configuration is printed to stderr at build start and written to
+build/fastood-build.log, which stays readable after a quiet ``pip install``):
   FASTOOD_CUDA=0|1        0: CPU-only build. 1: CUDA build, error if no toolkit. Unset: CUDA when
                           torch has CUDA and a toolkit (CUDA_HOME / nvcc) is found.
-  TORCH_CUDA_ARCH_LIST    CUDA archs; default "8.0;9.0" when no GPU is visible.
-  FASTOOD_MARCH           extra -march for the CPU kernels (default "native"; "" disables).
+  TORCH_CUDA_ARCH_LIST    CUDA archs; default "8.0;9.0+PTX" when no GPU is visible (PTX of the newest arch lets
+                          newer GPUs JIT-compile the kernels instead of failing with "no kernel image").
+  FASTOOD_CPU_CAPABILITIES which instruction sets to compile the CPU kernels for, e.g. "default;avx2"
+                          (default on x86-64: "default;avx2;avx512"; elsewhere "default"). The best one the CPU
+                          supports is chosen at run time; FASTOOD_CPU_CAPABILITY=default|avx2|avx512 forces one.
+  FASTOOD_MARCH           -march for the non-kernel C++ (default "": portable; "native" ties the build to this
+                          CPU's instruction set, which then dies with an illegal instruction on an older one).
   MAX_JOBS                parallel compile jobs (default: number of cores).
   CUDA_HOME               the CUDA toolkit (default: /usr/local/cuda when it exists, else torch's guess).
+  FASTOOD_ALLOW_SERIAL=1  build without ninja (one file at a time: a CUDA build then takes about half an hour).
   FASTOOD_NO_EXTENSION=1  install the Python package only (``make build`` builds the extension in place first).
 """
 import glob
 import os
+import platform
 import sys
 
 from setuptools import setup
@@ -55,16 +63,50 @@ def build_config():
             "Install a CUDA build of torch and set CUDA_HOME to the toolkit (e.g. /usr/local/cuda).")
     with_cuda = request != "0" and torch_cuda and toolkit is not None
     if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
+    from torch.utils.cpp_extension import is_ninja_available
+
     return {
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "cuda_home": toolkit,
         "with_cuda": with_cuda,
         "arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if with_cuda else None,
-        "march": os.environ.get("FASTOOD_MARCH", "native"),
+        "cpu_capabilities": cpu_capabilities(),
+        "march": os.environ.get("FASTOOD_MARCH", ""),
         "max_jobs": os.environ.get("MAX_JOBS", str(os.cpu_count())),
+        "ninja": is_ninja_available(),
     }
+
+
+# Used when no GPU is visible at build time: Ampere and Hopper SASS, plus Hopper PTX that the driver JIT-compiles
+# on newer GPUs (tests/test_build_config.py reads this value).
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
+
+# The CPU kernels (csrc/cpu/kernels/) are compiled once per capability with these flags, ATen-style; the rest of
+# the C++ stays portable. All capability units get -O3, no errno from math builtins, FMA contraction, and
+# `omp simd` without an OpenMP runtime.
+CPU_CAPABILITY_COMMON_FLAGS = ["-O3", "-fno-math-errno", "-ffp-contract=fast", "-fopenmp-simd"]
+CPU_CAPABILITY_FLAGS = {
+    "default": [],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
+               "-mprefer-vector-width=512"],
+}
+
+
+def cpu_capabilities():
+    """Capabilities to compile: $FASTOOD_CPU_CAPABILITIES (";"- or ","-separated) or all of this architecture's."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
+    available = list(CPU_CAPABILITY_FLAGS) if x86 else ["default"]
+    request = os.environ.get("FASTOOD_CPU_CAPABILITIES", "").replace(",", ";").strip()
+    if not request:
+        return available
+    names = [n.strip() for n in request.split(";") if n.strip()]
+    bad = [n for n in names if n not in available]
+    if bad:
+        raise SystemExit(f"FASTOOD_CPU_CAPABILITIES must list capabilities of {available}, got {request!r}")
+    return ["default"] + [n for n in available if n in names and n != "default"]
 
 
 def extensions():
@@ -72,15 +114,20 @@ def extensions():
 
     cfg = build_config()
     os.environ.setdefault("MAX_JOBS", cfg["max_jobs"])
-    print("fastood build configuration:")
-    for key, value in cfg.items():
-        print(f"  {key:11s} {value}")
+    report_config(cfg)
+    if not cfg["ninja"] and os.environ.get("FASTOOD_ALLOW_SERIAL") != "1":
+        raise SystemExit(
+            "fastood: ninja is not installed, so the extension would compile one file at a time (a CUDA build then "
+            "takes about half an hour, silently). Install it first: `pip install ninja pybind11` (with "
+            "--no-build-isolation the build-system requirements are not installed for you), or set "
+            "FASTOOD_ALLOW_SERIAL=1 to build serially anyway.")
 
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
     sources = rel("csrc/python_module.cpp") + rel("csrc/ops.cpp") + rel("csrc/cpu/*.cpp")
     cxx = ["-O3", "-fopenmp", "-fno-math-errno"]  # OpenMP: at::parallel_for threads + `omp simd` loops
     if cfg["march"]:
         cxx.append(f"-march={cfg['march']}")
+    cxx += [f"-DFASTOOD_CPU_HAVE_{cap.upper()}" for cap in cfg["cpu_capabilities"] if cap != "default"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not cfg["with_cuda"]:
         return [CppExtension("fastood._C", sources, include_dirs=include_dirs,
@@ -94,10 +141,42 @@ def extensions():
                             "nvcc": ["-O3", "-DFASTOOD_WITH_CUDA"]})]
 
 
+BUILD_LOG = os.environ.get("FASTOOD_BUILD_LOG") or os.path.join(ROOT, "build", "fastood-build.log")
+
+
+def report_config(cfg):
+    """Print the build configuration to stderr and write it to BUILD_LOG: pip shows neither stream of a
+    successful build without -v, but the log stays."""
+    lines = ["fastood build configuration:"] + [f"  {key:17s} {value}" for key, value in cfg.items()]
+    lines.append(f"  (also written to {BUILD_LOG})")
+    if not cfg["ninja"]:
+        lines.append("  WARNING: ninja is missing: serial build (pip install ninja)")
+    print("\n".join(lines), file=sys.stderr, flush=True)
+    os.makedirs(os.path.dirname(BUILD_LOG), exist_ok=True)
+    with open(BUILD_LOG, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def cmdclass():
     from torch.utils.cpp_extension import BuildExtension
 
-    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    class BuildWithCpuCapabilities(BuildExtension):
+        """Compiles csrc/cpu/kernels/kernels_<cap>.cpp once per capability with that capability's flags (setuptools
+        applies one flag set per extension), then links the objects into fastood._C with the other sources."""
+
+        def build_extension(self, ext):
+            objects = []
+            for cap in cpu_capabilities():
+                source = os.path.join("csrc", "cpu", "kernels", f"kernels_{cap}.cpp")
+                flags = ["-std=c++17", "-fPIC"] + CPU_CAPABILITY_COMMON_FLAGS + CPU_CAPABILITY_FLAGS[cap]
+                objects += self.compiler.compile(
+                    [source], output_dir=os.path.join(self.build_temp, f"cpu_{cap}"), include_dirs=ext.include_dirs,
+                    extra_postargs={"cxx": flags, "nvcc": []}, depends=glob.glob(os.path.join(ROOT, "csrc", "cpu",
+                                                                                              "kernels", "*.h")))
+            ext.extra_objects = list(ext.extra_objects or []) + objects
+            super().build_extension(ext)
+
+    return {"build_ext": BuildWithCpuCapabilities.with_options(use_ninja=True)}
 
 
 if os.environ.get("FASTOOD_NO_EXTENSION") == "1":

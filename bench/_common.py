@@ -164,3 +164,76 @@ def write_reports_json(path, reports):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump({k: r.to_dict() for k, r in reports.items()}, f, indent=2)
+
+
+# ---- Machine peaks: how close a measurement is to the limit ----
+
+# Published peak figures of the GPUs we report against (dense, no sparsity; NVIDIA datasheets): HBM bandwidth in
+# GB/s, FP32 (CUDA cores) and BF16 (tensor cores) TFLOP/s. Matched by substring of the device name, in this order.
+GPU_PEAKS = [
+    ("H200", {"gbs": 4800.0, "fp32_tflops": 66.9, "bf16_tflops": 989.4, "source": "NVIDIA H200 SXM datasheet"}),
+    ("H100 NVL", {"gbs": 3900.0, "fp32_tflops": 60.0, "bf16_tflops": 835.0, "source": "NVIDIA H100 NVL datasheet"}),
+    ("H100 PCIe", {"gbs": 2000.0, "fp32_tflops": 51.2, "bf16_tflops": 756.0, "source": "NVIDIA H100 PCIe datasheet"}),
+    ("H100", {"gbs": 3350.0, "fp32_tflops": 66.9, "bf16_tflops": 989.4, "source": "NVIDIA H100 SXM datasheet"}),
+    ("A100-SXM4-80GB", {"gbs": 2039.0, "fp32_tflops": 19.5, "bf16_tflops": 312.0, "source": "NVIDIA A100 datasheet"}),
+    ("A100", {"gbs": 1555.0, "fp32_tflops": 19.5, "bf16_tflops": 312.0, "source": "NVIDIA A100 40GB datasheet"}),
+]
+
+# float32 lanes of one FMA instruction per CPU capability of the fastood kernels.
+CPU_FMA_LANES = {"avx512": 16, "avx2": 8, "default": 4}
+CPU_FMA_PIPES = 2  # FMA units per core: Intel since Haswell and AMD since Zen 2 issue two FMAs per cycle
+
+
+def cpu_clock_ghz():
+    """The CPU clock in GHz as /proc/cpuinfo reports it (the first core's "cpu MHz"), or None."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("cpu mhz"):
+                    return float(line.split(":")[1]) / 1000.0
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def cpu_capability():
+    """The instruction set of fastood's CPU kernels now ("default", "avx2", "avx512"), or None without them."""
+    try:
+        import fastood.ops as ops
+
+        return ops.build_info().get("cpu_capability")
+    except Exception:  # noqa: BLE001 - a report must not fail on a missing extension
+        return None
+
+
+def machine_peak(device, dtype=torch.float32, capability=None):
+    """Peak figures of ``device``: {"flops": FLOP/s or None, "gbs": GB/s or None, "basis": how they were derived}.
+
+    CPU: cores (torch's threads) x float32 lanes of the kernels' capability x FMA pipes x 2 FLOPs x clock; the
+    bandwidth is unknown (None). bfloat16 counts at the float32 rate (the kernels compute in float32). GPU: the
+    published figures of GPU_PEAKS (FP32 CUDA-core peak, or the BF16 tensor-core peak for bfloat16).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in GPU_PEAKS:
+            if key in name:
+                tflops = peak["bf16_tflops"] if dtype == torch.bfloat16 else peak["fp32_tflops"]
+                kind = "BF16 tensor" if dtype == torch.bfloat16 else "FP32"
+                return {"flops": tflops * 1e12, "gbs": peak["gbs"],
+                        "basis": f"{name}: {kind} {tflops} TFLOP/s, {peak['gbs']:.0f} GB/s ({peak['source']})"}
+        return {"flops": None, "gbs": None, "basis": f"{name}: no published figures in bench/_common.py"}
+    capability = capability or cpu_capability() or "default"
+    lanes = CPU_FMA_LANES.get(capability, 4)
+    ghz, cores = cpu_clock_ghz(), torch.get_num_threads()
+    if ghz is None:
+        return {"flops": None, "gbs": None, "basis": "CPU clock unknown"}
+    flops = cores * lanes * CPU_FMA_PIPES * 2 * ghz * 1e9
+    return {"flops": flops, "gbs": None,
+            "basis": (f"CPU: {cores} cores x {lanes} fp32 lanes ({capability}) x {CPU_FMA_PIPES} FMA pipes x 2 FLOP "
+                      f"x {ghz:.2f} GHz = {flops / 1e9:.0f} GFLOP/s; memory bandwidth not known")}
+
+
+def percent(value, peak):
+    """100 * value / peak, or None when either is unknown."""
+    return None if value is None or not peak else 100.0 * value / peak

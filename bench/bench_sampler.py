@@ -3,17 +3,20 @@
     python bench/bench_sampler.py [--device cpu|cuda] [--json PATH] [--quick] [--cache DIR] [--steps 10]
                                   [--max-steps 20] [--pretrain-epochs 2] [--repeats N] [--min-time S]
                                   [--threads N] [--models smallcnn resnet18_cifar]
+                                  [--dtype fp32|bf16] [--cuda-graphs on|off] [--channels-last]
 
 Implementations, side by side, on the same model, batch and step budget:
 
-- ``authors-loop``: a re-creation of the FIG authors' sampling loop -- autograd on the batch-summed modified
-  energy with the parameters' gradients enabled (``energy.sum().backward()`` also computes every parameter's
-  .grad), a second forward per step for the confidence, and their batch-wide stop (mean confidence > 0.9).
+- ``authors-loop``: a re-creation of the FIG authors' sampling loop -- the input gradient of the batch-summed
+  modified energy (``torch.autograd.grad(E.sum(), [x])``, as their code takes it: no parameter gradients), a
+  second forward per step for the confidence, and their batch-wide stop (mean confidence > 0.9).
 - ``fastood-reference``: :class:`fastood.samplers.langevin.LangevinSampler` with the pure-PyTorch ops (one
   forward and one input-only backward per step, no parameter gradients, confidence from the same forward,
   BatchNorm folded into the convolutions, channels-last on CPU, frozen chains compacted out of the batch).
 - ``fastood-native``: the same with the fused C++/CUDA ops (n/a when the extension is not built).
-- on CUDA also ``fastood-native+graph``: channels-last, bfloat16 autocast and a CUDA graph of the step.
+- on CUDA also ``fastood-native+graph``: channels-last, bfloat16 autocast and a CUDA graph of the step. With any
+  of ``--dtype``, ``--cuda-graphs``, ``--channels-last`` (CUDA only) the two native rows are replaced by one
+  ``fastood-native[...]`` row configured by those switches (``scripts/gpu_check.sh`` runs each combination).
 
 Scenarios:
 
@@ -23,8 +26,12 @@ Scenarios:
   mnist5k digits 0-4 (cached under ``--cache``, default ``~/.cache/fastood``): the authors' batch-wide rule vs
   fastood's per-chain rule (a chain freezes at confidence >= 0.9 and leaves the batch).
 
-All implementations use the authors' noise (std eps) so that the dynamics agree. images/s = chains / wall time of
-one sampling call: the median over rounds of calls timed round-robin, so that load on the machine hits every
+All implementations use the authors' noise (std eps) so that the dynamics agree. Next to images/s each row reports
+the Langevin updates performed per chain (``sampler.stats["steps"]`` for fastood), the work done -- FLOPs of one
+model forward and of one input backward per image, counted with ``torch.utils.flop_counter`` on the model as
+given (fastood folds BatchNorm, so it does slightly less) -- and the achieved FLOP/s as a fraction of the
+machine's peak (_common.machine_peak: CPU cores x FMA width x clock; GPU the card's published FP32 or, with
+``--dtype bf16``, BF16 tensor peak). images/s = chains / wall time of one sampling call: the median over rounds of calls timed round-robin, so that load on the machine hits every
 implementation alike (at least ``--repeats`` rounds, more until ``--min-time`` seconds have passed). Prints a
 table and writes the rows as JSON with ``--json``.
 
@@ -40,8 +47,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from _common import (add_common_args, environment, interleaved_medians, print_table,  # noqa: E402
-                     resolve_device, write_json)
+from _common import (add_common_args, environment, interleaved_medians, machine_peak, percent,  # noqa: E402
+                     print_table, resolve_device, write_json)
 
 import fastood.ops as ops  # noqa: E402
 from fastood.models import SmallCNN, resnet18_cifar  # noqa: E402
@@ -56,9 +63,10 @@ BATCH = {"smallcnn": (256, 8192, 8), "resnet18_cifar": (32, 2048, 2)}
 def authors_loop(model, n, shape, steps, batch_stop, device):
     """The FIG authors' sampler as their code runs it (re-created, not copied).
 
-    Per step: autograd through the batch-summed modified energy with parameter gradients enabled, the
-    sign-gradient update with noise std eps, then a second forward for the confidence; with ``batch_stop`` the
-    whole batch stops once the mean confidence exceeds 0.9. Returns (x, steps taken, confidence [n]).
+    Per step: the input gradient of the batch-summed modified energy (``torch.autograd.grad(E.sum(), [x])``;
+    their code never fills parameter gradients), the sign-gradient update with noise std eps, then a second
+    forward for the confidence; with ``batch_stop`` the whole batch stops once the mean confidence exceeds 0.9.
+    Returns (x, steps taken, confidence [n]).
     """
     lo, hi = BOUNDS
     model.eval()
@@ -67,15 +75,14 @@ def authors_loop(model, n, shape, steps, batch_stop, device):
     for t in range(steps):
         x = x.detach().requires_grad_(True)
         energy = ops.reference.modified_energy(model(x), C)
-        energy.sum().backward()                       # also fills every parameter's .grad
+        (grad,) = torch.autograd.grad(energy.sum(), [x])  # input gradient only
         eps = STEP_SIZE * DECAY ** (t // DECAY_EVERY)
-        x = torch.clamp(x.detach() - eps / 2 * torch.sign(x.grad) + eps * torch.randn_like(x), lo, hi)
+        x = torch.clamp(x.detach() - eps / 2 * torch.sign(grad) + eps * torch.randn_like(x), lo, hi)
         taken += 1
         with torch.no_grad():
             confidence = torch.softmax(model(x), dim=1).amax(dim=1)   # the second forward
         if batch_stop and float(confidence.mean()) > THRESHOLD:
             break
-    model.zero_grad(set_to_none=True)
     return x, taken, confidence
 
 
@@ -88,8 +95,17 @@ def fastood_run(sampler, backend):
     return run
 
 
-def implementations(device, steps, early_stop):
-    """{name: run(model, n, shape) -> (x, mean updates per chain, confidence [n], images forwarded) or None}."""
+def native_variant_name(dtype, cuda_graphs, channels_last):
+    """Row name of the configured CUDA native implementation, e.g. ``fastood-native[bf16,graph,channels_last]``."""
+    parts = [dtype, "graph" if cuda_graphs else "no-graph"] + (["channels_last"] if channels_last else [])
+    return f"fastood-native[{','.join(parts)}]"
+
+
+def implementations(device, steps, early_stop, variant=None):
+    """{name: run(model, n, shape) -> (x, mean updates per chain, confidence [n], images forwarded) or None}.
+
+    variant: None, or (dtype "fp32"|"bf16", cuda_graphs bool, channels_last bool) for one configured CUDA native row.
+    """
     cuda = device.type == "cuda"
     native = ops.native_available() and (not cuda or ops.cuda_kernels_available())
 
@@ -103,16 +119,42 @@ def implementations(device, steps, early_stop):
 
     impls = {"authors-loop": authors, "fastood-reference": fastood_run(sampler(), "reference"),
              "fastood-native": fastood_run(sampler(), "native") if native else None}
-    if cuda:
+    if cuda and variant is not None:
+        dtype, graphs, channels_last = variant
+        del impls["fastood-native"]
+        impls[native_variant_name(*variant)] = (fastood_run(sampler(
+            channels_last=channels_last, autocast_bf16=dtype == "bf16", cuda_graph=graphs), "native")
+            if native else None)
+    elif cuda:
         impls["fastood-native+graph"] = (fastood_run(sampler(channels_last=True, autocast_bf16=True, cuda_graph=True),
                                                      "native") if native else None)
     return impls
 
 
-def bench_case(scenario, model_name, model, shape, n, steps, early_stop, device, repeats, pretrained, min_time=0.0):
+def model_flops_per_image(model, shape, device):
+    """(forward, input backward) FLOPs per image of ``model`` in eval mode, counted by torch.utils.flop_counter
+    on a batch of 2 (the input backward of ``torch.autograd.grad(out.sum(), [x])``, no parameter gradients)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    x = torch.rand((2,) + tuple(shape), device=device, requires_grad=True)
+    try:
+        with FlopCounterMode(display=False) as forward_count:
+            out = model(x)
+        with FlopCounterMode(display=False) as backward_count:
+            torch.autograd.grad(out.float().sum(), [x])
+    finally:
+        model.train(was_training)
+    return forward_count.get_total_flops() / 2, backward_count.get_total_flops() / 2
+
+
+def bench_case(scenario, model_name, model, shape, n, steps, early_stop, device, repeats, pretrained, min_time=0.0,
+               variant=None, peak=None):
     """Time every implementation on one (model, batch, step budget); returns the table rows."""
     model = model.to(device).eval()
-    impls = implementations(device, steps, early_stop)
+    fwd_flops, bwd_flops = model_flops_per_image(model, shape, device)
+    impls = implementations(device, steps, early_stop, variant)
     available = {k: v for k, v in impls.items() if v is not None}
     results = {}
 
@@ -135,10 +177,18 @@ def bench_case(scenario, model_name, model, shape, n, steps, early_stop, device,
         if name in seconds:
             x, mean_steps, confidence, forwards = results[name]
             lo, hi = BOUNDS
+            # Work: every update is a forward + an input backward per chain; the other forwards (the authors'
+            # second forward, fastood's confidence re-forwards) a forward each.
+            updates = mean_steps * n
+            flops = updates * (fwd_flops + bwd_flops) + max(0.0, float(forwards) - updates) * fwd_flops
             row.update({"seconds": seconds[name], "images_per_s": n / seconds[name], "mean_steps": mean_steps,
+                        "updates_per_s": updates / seconds[name],
                         "mean_confidence": float(confidence.float().mean()), "images_forwarded": int(forwards),
                         "in_bounds": bool(((x >= lo) & (x <= hi)).all()),
-                        "speedup_vs_authors": None if base is None else base / seconds[name]})
+                        "speedup_vs_authors": None if base is None else base / seconds[name],
+                        "forward_gflop_per_image": fwd_flops / 1e9, "input_backward_gflop_per_image": bwd_flops / 1e9,
+                        "gflop_per_call": flops / 1e9, "achieved_gflops": flops / seconds[name] / 1e9,
+                        "pct_peak_flops": percent(flops / seconds[name], (peak or {}).get("flops"))})
         else:
             row.update({"seconds": None, "images_per_s": None, "speedup_vs_authors": None,
                         "note": "native extension not available"})
@@ -175,7 +225,7 @@ def targets(rows, device):
                     "met": None if s is None else s >= 4.0})
     else:
         best = max([speedup("equal-steps", "resnet18_cifar", i)[1] or 0.0
-                    for i in ("fastood-native", "fastood-native+graph")])
+                    for i in sorted({r["impl"] for r in rows if r["impl"].startswith("fastood-native")})] or [0.0])
         out.append({"target": "cuda equal-steps resnet18_cifar: >= 5560 images/s", "value": best or None,
                     "met": best >= 5560 if best else None})
     return out
@@ -194,10 +244,21 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--min-time", type=float, default=20.0,
                         help="keep timing rounds until this many seconds per case (default: %(default)s)")
-    parser.add_argument("--models", nargs="+", choices=sorted(BATCH), default=None,
+    parser.add_argument("--models", "--model", nargs="+", choices=sorted(BATCH), default=None,
                         help="models of the equal-steps scenario (default: all; --quick: smallcnn)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
+                        help="CUDA: the native sampler's forward dtype (bf16 = bfloat16 autocast)")
+    parser.add_argument("--cuda-graphs", choices=["on", "off"], default=None,
+                        help="CUDA: capture the native sampler's step in a CUDA graph")
+    parser.add_argument("--channels-last", action="store_true", help="CUDA: the native sampler in channels_last")
     args = parser.parse_args(argv)
     device = resolve_device(parser, args.device)
+    variant = None
+    if args.dtype is not None or args.cuda_graphs is not None or args.channels_last:
+        if device.type != "cuda" and (args.dtype == "bf16" or args.cuda_graphs == "on" or args.channels_last):
+            parser.error("--dtype bf16, --cuda-graphs on and --channels-last configure the CUDA sampler "
+                         "(on CPU fastood always runs float32, channels_last, no graphs)")
+        variant = (args.dtype or "fp32", args.cuda_graphs == "on", args.channels_last)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     elif args.quick:
@@ -209,6 +270,7 @@ def main(argv=None):
     min_time = 0.0 if args.quick else args.min_time
 
     rows = []
+    peak = machine_peak(device, torch.bfloat16 if (variant and variant[0] == "bf16") else torch.float32)
     shapes = {"smallcnn": (1, 28, 28), "resnet18_cifar": (3, 32, 32)}
     width = 8 if args.quick else 32
     for name in models:
@@ -216,19 +278,25 @@ def main(argv=None):
         model = (SmallCNN(in_channels=1, num_classes=10, image_size=28, width=width) if name == "smallcnn"
                  else resnet18_cifar(10))
         rows += bench_case("equal-steps", name, model, shapes[name], BATCH[name][column], steps, None, device,
-                           repeats, pretrained=False, min_time=min_time)
+                           repeats, pretrained=False, min_time=min_time, variant=variant, peak=peak)
     model, pretrained = pretrained_small_cnn(args)
     rows += bench_case("early-stop", "smallcnn", model, shapes["smallcnn"], BATCH["smallcnn"][column], max_steps,
-                       "chain", device, repeats, pretrained=pretrained, min_time=min_time)
+                       "chain", device, repeats, pretrained=pretrained, min_time=min_time, variant=variant, peak=peak)
 
     meta = environment(device, steps=steps, max_steps=max_steps, repeats=repeats, min_time=min_time,
-                       quick=args.quick, noise="authors (std eps)", confidence_threshold=THRESHOLD)
+                       quick=args.quick, noise="authors (std eps)", confidence_threshold=THRESHOLD,
+                       peak=peak, variant=None if variant is None else native_variant_name(*variant))
     print(f"fastood bench_sampler on {meta['device']} ({meta['device_name']}), torch {meta['torch']}, "
           f"{meta['threads']} threads, native ops: {meta['native']}")
+    print(f"peak: {peak['basis']}; work = updates x (forward + input backward) + other forwards, FLOPs counted "
+          "by torch.utils.flop_counter")
     print_table(rows, [("scenario", "scenario", "s"), ("model", "model", "s"), ("impl", "implementation", "s"),
-                       ("n", "chains", "d"), ("early_stop", "stop rule", "s"), ("mean_steps", "steps/chain", ".2f"),
+                       ("n", "chains", "d"), ("early_stop", "stop rule", "s"), ("mean_steps", "updates/chain", ".2f"),
                        ("mean_confidence", "conf", ".3f"), ("seconds", "s/call", ".3f"),
-                       ("images_per_s", "images/s", ".1f"), ("speedup_vs_authors", "x authors", ".2f")])
+                       ("images_per_s", "images/s", ".1f"), ("speedup_vs_authors", "x authors", ".2f"),
+                       ("forward_gflop_per_image", "fwd GFLOP/img", ".4f"),
+                       ("input_backward_gflop_per_image", "bwd GFLOP/img", ".4f"),
+                       ("achieved_gflops", "GFLOP/s", ".1f"), ("pct_peak_flops", "% peak", ".2f")])
     checks = targets(rows, device)
     if args.quick:  # tiny sizes measure overheads, not the targets
         for c in checks:

@@ -1,6 +1,13 @@
 // Schemas of every fastood op. Kernels live in cpu/<op>.cpp and cuda/<op>.cpp (+ cuda/<op>_kernel.cu);
-// autograd and fake (meta) kernels are registered from Python (fastood/ops/<op>.py).
+// autograd and fake (meta) kernels are registered from Python (fastood/ops/<op>.py), except the in-place
+// langevin_step_'s autograd kernel below.
+#include <ATen/ATen.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
+
+#include <optional>
 
 namespace fastood {
 
@@ -29,5 +36,36 @@ TORCH_LIBRARY(fastood, m) {
   m.def("nullspace_project(Tensor jac, Tensor r) -> Tensor");
   m.def("cuda_built() -> bool", &cuda_built);
 }
+
+namespace {
+
+// Autograd kernel of the in-place langevin_step_, doing what ATen's in-place ops get from their generated
+// autograd and ADInplaceOrView kernels: refuse to overwrite a tensor autograd tracks (the step is not
+// differentiable: sign(grad) is piecewise constant and the noise is not a function of x) and bump x's version
+// counter, so a graph that saved x for its backward raises instead of silently using the new values.
+void langevin_step_autograd(at::Tensor& x, const at::Tensor& grad, double step_size, double noise_std,
+                            const at::Tensor& lower, const at::Tensor& upper, const std::optional<at::Tensor>& active) {
+  if (at::GradMode::is_enabled() && x.requires_grad()) {
+    TORCH_CHECK(!x.is_leaf(),
+                "a leaf Variable that requires grad is being used in an in-place operation "
+                "(fastood::langevin_step_ on x); run the step under torch.no_grad() or on x.detach()");
+    TORCH_CHECK(false,
+                "fastood::langevin_step_ is not differentiable, but x requires grad (it is part of an autograd "
+                "graph); run the step under torch.no_grad() or on x.detach()");
+  }
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastood::langevin_step_", "")
+                             .typed<void(at::Tensor&, const at::Tensor&, double, double, const at::Tensor&,
+                                         const at::Tensor&, const std::optional<at::Tensor>&)>();
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.call(x, grad, step_size, noise_std, lower, upper, active);
+  }
+  torch::autograd::impl::bump_version(x);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastood, Autograd, m) { m.impl("langevin_step_", &langevin_step_autograd); }
 
 }  // namespace fastood

@@ -70,6 +70,17 @@ def _positive_int(value: str) -> int:
     return n
 
 
+def _positive_float(value: str) -> float:
+    """A finite number > 0 that float32 can hold (parameters are float32: a larger lr overflows in the update)."""
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}") from None
+    if not (0 < x <= 3.4e38):  # also rejects nan and inf
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0 (at most 3.4e38, float32's largest), got {value}")
+    return x
+
+
 def _device(value: str) -> str:
     key = value.strip().lower()
     if key == "auto" or key == "cpu" or key == "cuda" or key.startswith("cuda:"):
@@ -104,7 +115,19 @@ def _add_run_options(p, *, out_default, epochs_help):
                    help="epochs of the cross-entropy pretraining that fine-tuning methods start from "
                         "(cached; default: %(default)s)")
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from the checkpoints in --out (same options as before)")
+                   help="continue an interrupted run from the checkpoints in --out (same options as before: a "
+                        "checkpoint written with other hyperparameters or another model is refused)")
+    p.add_argument("--checkpoint-minutes", type=_positive_float, default=None, metavar="MIN",
+                   help="also write the checkpoint every MIN minutes of wall time (default: every 50 steps only). "
+                        "Ctrl-C or SIGTERM always finish the current step and write it before stopping")
+    p.add_argument("--skip-nonfinite", action="store_true",
+                   help="skip (and count) batches whose loss is inf/NaN instead of stopping with an error")
+    p.add_argument("--ddp-timeout", type=_positive_float, default=1800.0, metavar="SEC",
+                   help="under torchrun: seconds a collective waits for the other ranks before failing, e.g. when "
+                        "a rank died or hangs (default: %(default)s)")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun: BatchNorm statistics over the global batch, so N ranks train like one "
+                        "process on the same global batches (default: per-rank statistics, as DDP does)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or step messages, only the results")
     p.add_argument("--no-plots", dest="plots", action="store_false",
                    help="skip the ROC and histogram PNGs (no matplotlib needed); sample grids are still written")
@@ -145,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("method", type=_choice("method", METHODS), metavar="METHOD",
                        help="one of: " + ", ".join(METHODS))
     _add_run_options(train, out_default=None, epochs_help="training epochs (default: the method's own)")
-    train.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's paper default)")
+    train.add_argument("--lr", type=_positive_float, default=None,
+                       help="learning rate (default: the method's paper default)")
     train.add_argument("--pretrained", default=None, metavar="MODEL_PT",
                        help="start from this model file (written by fastood train standard) instead of the cached "
                             "pretrained classifier")
@@ -194,14 +218,28 @@ def _version() -> str:
 def _user_errors():
     """Turn the errors a user can fix (bad options, missing files or optional packages) into :class:`CLIError`."""
     from fastood.demo import PipelineError
+    from fastood.trainers.checkpoint import CheckpointError, NonFiniteStateError
+    from fastood.trainers.resume import ResumeMismatch
 
     try:
         yield
-    except (PipelineError, FileNotFoundError, ImportError) as exc:
-        raise CLIError(str(exc)) from exc
+    except (PipelineError, FileNotFoundError, ImportError, CheckpointError, NonFiniteStateError,
+            ResumeMismatch) as exc:
+        raise CLIError(" ".join(str(exc).split())) from exc
+
+
+def _check_out(path: str) -> None:
+    """``--out`` must be writable before hours of training are spent (the error names the folder)."""
+    from fastood.trainers.checkpoint import check_writable
+
+    try:
+        check_writable(path)
+    except Exception as exc:
+        raise CLIError(str(exc).replace("checkpoint directory", "--out folder", 1)) from exc
 
 
 def _cmd_demo(args) -> int:
+    _check_out(args.out)
     with _user_errors():
         from fastood import demo
 
@@ -215,6 +253,7 @@ def _cmd_train(args) -> int:
         from fastood import demo
 
         args.out = args.out or f"fastood-{args.method}"
+        _check_out(args.out)
         config = demo.RunConfig.from_args(args, methods=[args.method], lr=args.lr, pretrained=args.pretrained)
         demo.run_train(config)
     return 0
@@ -273,11 +312,31 @@ def main(argv=None) -> int:
         return _COMMANDS[args.command](args)
     except CLIError as exc:
         parser.exit(2, f"fastood: error: {exc}\n")
-    except KeyboardInterrupt:
-        out = getattr(args, "out", None)
-        hint = f" Continue it with the same command plus --resume (checkpoints in {out})." if out else ""
-        print(f"\nfastood: interrupted.{hint}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"\n{_interrupted_message(exc, getattr(args, 'out', None))}", file=sys.stderr)
+        return 143 if getattr(exc, "signal", None) == "SIGTERM" else 130
+    except Exception as exc:
+        if os.environ.get("FASTOOD_TRACEBACK") or args.command == "bench":
+            raise
+        # One line a user can act on; the traceback is for bug reports.
+        text = " ".join(str(exc).split()) or "(no message)"
+        print(f"fastood: error: {type(exc).__name__}: {text} (set FASTOOD_TRACEBACK=1 to see the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def _interrupted_message(exc: BaseException, out) -> str:
+    """What an interrupted command tells the user: the --resume hint only when a checkpoint exists to resume."""
+    import glob
+
+    checkpoint = getattr(exc, "checkpoint", None)
+    if checkpoint is not None and os.path.exists(checkpoint):
+        return (f"fastood: {exc}. Continue with the same command plus --resume.")
+    found = sorted(glob.glob(os.path.join(out, "checkpoints", "*", "checkpoint.pt"))) if out else []
+    if found:
+        return (f"fastood: interrupted. Continue with the same command plus --resume (checkpoints: "
+                f"{', '.join(found)}).")
+    return "fastood: interrupted before any checkpoint was written: nothing to resume, run the command again."
 
 
 if __name__ == "__main__":

@@ -62,6 +62,10 @@ class RunConfig:
     pretrain_epochs: int = 6
     pretrained: Optional[str] = None    # a model file to fine-tune instead of the cached pretrained classifier
     resume: bool = False
+    checkpoint_minutes: Optional[float] = None  # also checkpoint every this many minutes of wall time
+    skip_nonfinite: bool = False        # skip (and count) batches with a non-finite loss
+    ddp_timeout: float = 1800.0         # seconds a collective waits for the other ranks (torchrun)
+    sync_bn: bool = False               # BatchNorm statistics over the global batch under DDP
     quiet: bool = False
     tiny: bool = False
     width: int = 32                     # SmallCNN width
@@ -246,7 +250,8 @@ class Context:
 
         self.config = config
         self.owns_process_group = not D.is_distributed()  # only tear down a group this run started
-        self.info = D.init_from_env(device=None if config.device == "auto" else config.device)
+        self.info = D.init_from_env(device=None if config.device == "auto" else config.device,
+                                    timeout_s=config.ddp_timeout)
         self.device = _resolve_device(config.device, self.info.device)
         self.cache = os.path.join(_cache_root(config.cache), "cli")
         self.timings = {}
@@ -297,7 +302,8 @@ class Context:
 
     def trainer_kwargs(self, method: str, checkpoint: bool = True) -> dict:
         cfg = self.config
-        kwargs = dict(progress=cfg.progress, seed=cfg.seed, device=self.device, checkpoint_every=50)
+        kwargs = dict(progress=cfg.progress, seed=cfg.seed, device=self.device, checkpoint_every=50,
+                      checkpoint_minutes=cfg.checkpoint_minutes, skip_nonfinite=cfg.skip_nonfinite, sync_bn=cfg.sync_bn)
         if checkpoint:
             kwargs["checkpoint_dir"] = self.checkpoint_dir(method)
         if cfg.lr is not None:
@@ -618,7 +624,7 @@ def _train_method(ctx: Context, name: str, model_path: str):
     ctx.say(f"training {method.label} ({method.paper}; {length}) -> {ctx.checkpoint_dir(name)}")
     D.seed_everything(ctx.config.seed, per_rank=True)  # per-rank outlier samples under DDP
     t0 = time.perf_counter()
-    built.trainer.fit(ctx.train_loader, resume=ctx.config.resume, **budget)
+    built.trainer.fit(ctx.train_loader, resume="auto" if ctx.config.resume else False, **budget)
     seconds = time.perf_counter() - t0
     ctx.timings[f"train {name}"] = round(seconds, 3)
     own = built.trainer.detector()

@@ -18,6 +18,13 @@ seed each rank's samplers differently, and combine metrics. This module does tho
 Launch with ``torchrun --nproc_per_node=N script.py``. ``batch_size`` is per rank, so a global batch
 holds ``N * batch_size`` examples; DDP averages gradients over ranks, which equals the gradient of the
 mean loss over the global batch when every rank's batch has the same size.
+
+BatchNorm caveat: a BatchNorm layer in training mode normalizes each rank's shard with that shard's statistics,
+and DDP copies rank 0's running statistics to every rank before each forward, so with BatchNorm training an
+N-rank run is *not* one process on the global batch (parameters 2e-2 apart after a few steps). Pass
+``sync_bn=True`` to the trainer (CLI ``--sync-bn``) for global-batch statistics (:mod:`fastood.sync_batchnorm`),
+or keep BatchNorm frozen (``freeze_bn=True``). A rank that dies or hangs makes the others fail after
+``init_from_env(timeout_s=...)`` seconds (CLI ``--ddp-timeout``).
 """
 from __future__ import annotations
 
@@ -93,8 +100,11 @@ def init_from_env(backend: str | None = None, device=None, timeout_s: float = 18
     Args:
         backend: ``"nccl"`` or ``"gloo"``; default ``nccl`` when the device is CUDA, else ``gloo``.
         device: the device to train on; default ``cuda:LOCAL_RANK`` when CUDA is available, else CPU.
-        timeout_s: collective timeout in seconds.
+        timeout_s: how long a collective waits for the other ranks before it fails (torch's default, 30 minutes,
+            leaves the surviving ranks blocked that long when one rank dies or hangs; the CLI's ``--ddp-timeout``).
     """
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < float("inf"):
+        raise ValueError(f"timeout_s must be a number of seconds > 0, got {timeout_s!r}")
     if backend is not None and backend not in ("nccl", "gloo", "mpi"):
         raise ValueError(f"backend must be 'nccl', 'gloo' or 'mpi', got {backend!r}")
     local = int(os.environ.get("LOCAL_RANK", 0))

@@ -13,6 +13,7 @@ from fastood.models.cvae import ConditionalVAE
 from fastood.samplers.class_mix import ClassMixSampler
 from fastood.trainers import StandardTrainer
 from fastood.trainers.cmg import CMGTrainer, cmg_energy_loss, energy_score, mlp_head_split
+from fastood.trainers.resume import ResumeMismatch
 from toy_images import stripes
 
 
@@ -207,8 +208,11 @@ def test_resume_keeps_the_margins(tmp_path):
     first.fit(data, steps=3)
     other = CMGTrainer(tiny_classifier(), FixedImages(), progress=False, checkpoint_dir=str(tmp_path),
                        margins=(100.0, 200.0))
-    other.fit(data, steps=5)
-    assert (other.m_in, other.m_out) == (first.m_in, first.m_out) and other.step == 5
+    with pytest.raises(ResumeMismatch, match="margins"):  # other hyperparameters: refused, never silently mixed
+        other.fit(data, steps=5)
+    same = CMGTrainer(tiny_classifier(), FixedImages(), progress=False, checkpoint_dir=str(tmp_path))
+    same.fit(data, steps=5)  # the measured margins come from the checkpoint, not a new measurement
+    assert (same.m_in, same.m_out) == (first.m_in, first.m_out) and same.step == 5
 
 
 def test_resume_continues_on_the_same_cached_order_whatever_the_global_rng(tmp_path):

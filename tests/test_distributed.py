@@ -62,13 +62,28 @@ def _worker(rank, port, out_dir):
         weighted = D.all_reduce_mean(torch.tensor([float(rank), 2.0]), weight=rank + 1)
         gathered = D.all_gather_tensor(torch.full((rank + 1, 2), float(rank)))
         fig = _fig_under_ddp(info.device)
+        bn = {sync: _batchnorm_run(info.device, loader, sync) for sync in (False, True)}
         rng = _resume_restores_each_ranks_rng(info.device, loader, out_dir)
         torch.save({"rng": rng, "params": [p.detach().clone() for p in model.parameters()],
                     "losses": [h["loss"] for h in trainer.history], "seen": seen, "draw": draw,
-                    "metrics": metrics, "weighted": weighted, "gathered": gathered, "fig": fig},
+                    "metrics": metrics, "weighted": weighted, "gathered": gathered, "fig": fig, "bn": bn},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         D.cleanup()
+
+
+def _bn_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def _batchnorm_run(device, loader, sync_bn):
+    """A BatchNorm model trained for one epoch under DDP, with per-rank or global-batch statistics."""
+    model = _bn_model()
+    trainer = StandardTrainer(model, lr=0.1, progress=False, device=device, sync_bn=sync_bn)
+    trainer.fit(loader, epochs=1)
+    restored = not any("forward" in vars(m) for m in model.modules())  # the layers are plain BatchNorm again
+    return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()}, "restored": restored}
 
 
 def _resume_restores_each_ranks_rng(device, loader, out_dir):
@@ -199,6 +214,62 @@ def test_ddp_two_ranks_equal_single_process_on_same_global_batches(tmp_path):
         assert torch.equal(value, f1["params"][name]), name
     initial = dict(_fig_net().named_parameters())
     assert max(float((v - initial[k].detach()).abs().max()) for k, v in f0["params"].items()) > 1e-4
+
+    # BatchNorm: with sync_bn the 2-rank run equals one process on the global batches (statistics over the
+    # global batch); without it each rank normalizes with its own half, a different computation (the caveat).
+    bn_single = _bn_model()
+    StandardTrainer(bn_single, lr=0.1, progress=False).fit(single_loader, epochs=1)
+    expected = bn_single.state_dict()
+    synced, per_rank = r0["bn"][True], r0["bn"][False]
+    assert synced["restored"] and r1["bn"][True]["restored"]
+    for key, value in expected.items():
+        torch.testing.assert_close(synced["state"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+        torch.testing.assert_close(r1["bn"][True]["state"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    gap = max(float((per_rank["state"][k].float() - v.float()).abs().max()) for k, v in expected.items())
+    assert gap > 1e-3, gap
+
+
+def _stalled_worker(rank, port, out_dir, timeout_s):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+    info = D.init_from_env(backend="gloo", device="cpu", timeout_s=timeout_s)
+    if rank == 1:
+        time.sleep(300)  # a stopped rank (the test kills it)
+        return
+    start = time.monotonic()
+    try:
+        StandardTrainer(_model(), lr=0.1, progress=False, device=info.device).fit(
+            D.distributed_loader(_dataset(), PER_RANK_BATCH), steps=2)
+        result = {"error": None}
+    except Exception as exc:
+        result = {"error": f"{type(exc).__name__}: {exc}"}
+    result["seconds"] = time.monotonic() - start
+    torch.save(result, os.path.join(out_dir, "stalled.pt"))
+
+
+def test_a_stopped_rank_makes_the_others_fail_within_the_timeout(tmp_path):
+    timeout_s = 2.0
+    ctx = mp.start_processes(_stalled_worker, args=(_free_port(), str(tmp_path), timeout_s), nprocs=WORLD,
+                             join=False, start_method="spawn")
+    result_path = tmp_path / "stalled.pt"
+    deadline = time.monotonic() + 120  # process start-up on a loaded machine; the run itself must fail in seconds
+    try:
+        while not result_path.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        for p in ctx.processes:
+            p.kill()
+    assert result_path.exists(), "rank 0 stayed blocked on the stopped rank"
+    result = torch.load(result_path)
+    assert result["error"] is not None and "timed out" in result["error"].lower(), result
+    # Failing took about the timeout, far from torch's default 30 minutes (generous bound for a loaded machine).
+    assert result["seconds"] < 60, result
+
+
+def test_init_from_env_checks_the_timeout():
+    with pytest.raises(ValueError, match="timeout_s"):
+        D.init_from_env(timeout_s=0)
 
 
 def test_helpers_outside_a_process_group(monkeypatch):

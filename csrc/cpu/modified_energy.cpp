@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/dispatch.h"
 #include "cpu/row_math.h"
 
 namespace fastood {
@@ -78,6 +79,15 @@ void modified_energy_rows(const scalar_t* logits, int64_t rows, int64_t cols, do
   constexpr int W = kLanes<acc_t>;
   constexpr bool kInPlace = std::is_same_v<scalar_t, acc_t>;
   const acc_t inv_c = acc_t(1) / static_cast<acc_t>(c);
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    // float, bfloat16, float16: the explicitly vectorized kernels of the CPU's capability (cpu/kernels/).
+    const KernelTable& table = kernels();
+    at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
+      table.modified_energy_rows(row_dtype<scalar_t>(), logits, begin, end, cols, inv_c, kEnergy ? energy : nullptr,
+                                 kGrad ? grad : nullptr, grad_scale);
+    });
+    return;
+  }
   const scalar_t* logits_end = logits + rows * cols;
   at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> in_buf(kInPlace ? 0 : (cols + W - 1) / W * W), out_buf(kInPlace || !kGrad ? 0 : cols);

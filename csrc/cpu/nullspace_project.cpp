@@ -8,8 +8,9 @@
 // The refinements remove the ridge's bias along every direction of J whose squared singular value is well above
 // delta, so rank-deficient or ill-conditioned J stay finite: directions with squared singular values far below
 // delta are treated as absent (not projected out). NaN or Inf in a sample's jac or r gives a NaN row. Samples
-// whose Gram matrix or |p|^2 would leave [1e-200, 1e200] (entries beyond ~1e+-100, float64 inputs only) are
-// rescaled by powers of two first (the projection does not depend on the scale of J or r).
+// whose Gram matrix or |p|^2 would leave [1e-200, 1e200] (entries beyond ~1e+-100; |p|^2 in [1e-60, 1e60] for
+// float32 outputs) are rescaled by powers of two first (the projection does not depend on the scale of J or r),
+// applied with ldexp so that subnormal entries scale too.
 //
 // Layout: J is read in tiles of rows converted to float64 and zero-padded to dp columns (a multiple of
 // kRowBlock: 8 with AVX-512). The Gram matrix is built from rank-1 row updates in register blocks of 8 rows x up
@@ -284,13 +285,21 @@ struct Workspace {
 
 enum class Outcome { kDone, kRescale, kNotFinite };
 
-// Whether a sum of squares (trace(G) or |p|^2) asks for rescaling: outside [kTraceMin, kTraceMax] (0 allowed on
-// the final, rescaled attempt only), or not finite.
-Outcome check_range(double sumsq, bool final_attempt) {
+// Whether a sum of squares (trace(G) or |p|^2) asks for rescaling: outside [lo, hi] (0 allowed on the final,
+// rescaled attempt only), or not finite.
+Outcome check_range(double sumsq, bool final_attempt, double lo = kTraceMin, double hi = kTraceMax) {
   if (!std::isfinite(sumsq)) return final_attempt ? Outcome::kNotFinite : Outcome::kRescale;
   if (final_attempt) return Outcome::kDone;
-  return sumsq > kTraceMax || sumsq < kTraceMin ? Outcome::kRescale : Outcome::kDone;
+  return sumsq > hi || sumsq < lo ? Outcome::kRescale : Outcome::kDone;
 }
+
+// Range of |p|^2 within which p, stored in out_t before it is normalized, keeps its precision: for float32,
+// |p| in [1e-30, 1e30] (a tiny float32 r, e.g. 1e-40, would otherwise leave p subnormal; its norm's reciprocal
+// overflowed float and gave Inf/NaN).
+template <typename out_t>
+constexpr double kResidualMin = std::is_same<out_t, float>::value ? 1e-60 : kTraceMin;
+template <typename out_t>
+constexpr double kResidualMax = std::is_same<out_t, float>::value ? 1e60 : kTraceMax;
 
 // Coefficients a of r on the columns of J from the Gram matrix (ws.gram, full symmetric) and ws.b.
 bool solve_coefficients(Workspace& ws, int64_t d) {
@@ -345,37 +354,40 @@ Outcome project_sample(const in_t* jac, const in_t* r, out_t* out, int64_t dim, 
     if (dim > tile_rows) tile = load_tile(jac, r, k0, rows, d, dp, ws.tile.data(), ws.rt.data());  // else loaded
     sumsq += residual_tile_any(vecs, tile, ws.rt.data(), rows, dp, ws.a.data(), out + k0);
   }
-  if (Outcome o = check_range(sumsq, final_attempt); o != Outcome::kDone) return o;
+  if (Outcome o = check_range(sumsq, final_attempt, kResidualMin<out_t>, kResidualMax<out_t>); o != Outcome::kDone)
+    return o;
   const double norm = std::sqrt(sumsq);
-  const out_t inv = static_cast<out_t>(norm > 0 ? 1.0 / norm : 0.0);
+  const double inv = norm > 0 ? 1.0 / norm : 0.0;  // in float64: 1 / |p| may exceed the float32 range
 #pragma omp simd
-  for (int64_t k = 0; k < dim; ++k) out[k] *= inv;
+  for (int64_t k = 0; k < dim; ++k) out[k] = static_cast<out_t>(static_cast<double>(out[k]) * inv);
   return Outcome::kDone;
 }
 
-// Power of two s with s * max|x| in [1, 2) (1 for an all-zero x); NaN if x holds NaN or Inf.
+// Exponent e with 2^e * max|x| in [1, 2) (0 for an all-zero x); false if x holds NaN or Inf. Callers scale with
+// ldexp(x, e) and never form 2^e itself: for a subnormal max|x| (e > 1023) 2^e overflows double.
 template <typename in_t>
-double power_of_two_scale(const in_t* x, int64_t n) {
+bool power_of_two_exponent(const in_t* x, int64_t n, int* exponent) {
   double mx = 0;
   for (int64_t k = 0; k < n; ++k) {
     const double v = std::abs(static_cast<double>(x[k]));
-    if (!(v <= std::numeric_limits<double>::max())) return std::numeric_limits<double>::quiet_NaN();
+    if (!std::isfinite(v)) return false;
     mx = v > mx ? v : mx;
   }
-  return mx > 0 ? std::ldexp(1.0, -std::ilogb(mx)) : 1.0;
+  *exponent = mx > 0 ? -std::ilogb(mx) : 0;
+  return true;
 }
 
 template <typename scalar_t>
 void project_or_rescale(const scalar_t* jac, const scalar_t* r, scalar_t* out, int64_t dim, int64_t d,
                         Workspace& ws) {
   if (project_sample(jac, r, out, dim, d, ws, /*final_attempt=*/false) == Outcome::kDone) return;
-  const double sj = power_of_two_scale(jac, dim * d), sr = power_of_two_scale(r, dim);
+  int ej = 0, er = 0;
   Outcome outcome = Outcome::kNotFinite;
-  if (!std::isnan(sj) && !std::isnan(sr)) {
+  if (power_of_two_exponent(jac, dim * d, &ej) && power_of_two_exponent(r, dim, &er)) {
     ws.scaled_jac.resize(static_cast<size_t>(dim * d));
     ws.scaled_r.resize(static_cast<size_t>(dim));
-    for (int64_t k = 0; k < dim * d; ++k) ws.scaled_jac[k] = static_cast<double>(jac[k]) * sj;
-    for (int64_t k = 0; k < dim; ++k) ws.scaled_r[k] = static_cast<double>(r[k]) * sr;
+    for (int64_t k = 0; k < dim * d; ++k) ws.scaled_jac[k] = std::ldexp(static_cast<double>(jac[k]), ej);
+    for (int64_t k = 0; k < dim; ++k) ws.scaled_r[k] = std::ldexp(static_cast<double>(r[k]), er);
     outcome = project_sample(ws.scaled_jac.data(), ws.scaled_r.data(), out, dim, d, ws, /*final_attempt=*/true);
   }
   if (outcome != Outcome::kDone)  // NaN/Inf in the sample's inputs

@@ -1,5 +1,5 @@
-// Row-wise vector helpers shared by the CPU row kernels (modified_energy.cpp, softmax_entropy.cpp): block
-// width, task grain, tree reductions over per-lane accumulators, conversions to the accumulation type and a
+// Row-wise vector helpers of the CPU row ops' float64 path (modified_energy.cpp, softmax_entropy.cpp; float,
+// bfloat16 and float16 rows go to the per-capability kernels of cpu/kernels/): block width, task grain, tree reductions over per-lane accumulators, conversions to the accumulation type and a
 // branch-free exp that gcc vectorizes. Everything is inline: each kernel file compiles its own copy with
 // its own flags.
 #pragma once
@@ -11,6 +11,9 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
+
+#include "cpu/kernels/kernel_table.h"
 
 #if defined(__F16C__)
 #include <immintrin.h>
@@ -18,6 +21,16 @@
 
 namespace fastood {
 namespace cpu {
+
+// The storage tag of the per-capability row kernels (cpu/kernels/kernel_table.h) for float/bfloat16/float16.
+template <typename scalar_t>
+constexpr RowDtype row_dtype() {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) return RowDtype::kBFloat16;
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) return RowDtype::kHalf;
+  static_assert(std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16> ||
+                std::is_same_v<scalar_t, c10::Half>, "row kernels take float, bfloat16 or float16");
+  return RowDtype::kFloat;
+}
 
 template <typename acc_t>
 constexpr int kLanes = 64 / sizeof(acc_t);

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/dispatch.h"
 #include "cpu/row_math.h"
 
 namespace fastood {
@@ -164,6 +165,14 @@ template <typename scalar_t>
 void softmax_entropy_forward_rows(const scalar_t* logits, int64_t rows, int64_t cols, scalar_t* entropy) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int W = kLanes<acc_t>;
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    // float, bfloat16, float16: the explicitly vectorized kernels of the CPU's capability (cpu/kernels/).
+    const KernelTable& table = kernels();
+    at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
+      table.softmax_entropy_forward_rows(row_dtype<scalar_t>(), logits, begin, end, cols, entropy);
+    });
+    return;
+  }
   at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
     AccRows<scalar_t> source(logits, rows, cols);
     // Rows in groups of W: S and T per row, then H = log S - T / S for the whole group in one vector step.
@@ -193,6 +202,15 @@ void softmax_entropy_backward_rows(const scalar_t* logits, const at::opmath_type
                                    int64_t rows, int64_t cols, scalar_t* grad) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int W = kLanes<acc_t>;
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    const KernelTable& table = kernels();
+    at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
+      std::vector<float> work((cols + 15) / 16 * 16);  // e_k of the current row, room for a whole last vector
+      table.softmax_entropy_backward_rows(row_dtype<scalar_t>(), logits, grad_entropy, begin, end, cols, grad,
+                                          work.data());
+    });
+    return;
+  }
   at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
     AccRows<scalar_t> source(logits, rows, cols);
     std::vector<acc_t> exps((cols + W - 1) / W * W);  // e_k of the current row

@@ -4,6 +4,7 @@
 #include <cuda_fp16.h>
 
 #include "cuda/dtype_tag.h"
+#include "cuda/launch.cuh"
 
 namespace fastood {
 namespace cuda {

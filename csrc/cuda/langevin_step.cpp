@@ -22,10 +22,15 @@ void langevin_step_cuda(at::Tensor& x, const at::Tensor& grad_in, double step_si
   check_langevin(x, grad_in, step_size, noise_std, lower_in, upper_in, active_in);
   if (x.numel() == 0) return;
   c10::cuda::CUDAGuard guard(x.device());
+  // Dense channels_last x (the sampler's layout on CUDA) is stepped where it lies: the kernel addresses
+  // [rows, inner, channels] memory, and grad is brought into the same layout (a no-op when it already is).
+  const auto format = x.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
+  const bool channels_last = !x.is_contiguous() && (x.dim() == 4 || x.dim() == 5) && x.is_contiguous(format);
+  const auto layout = channels_last ? format : at::MemoryFormat::Contiguous;
   // A grad of another dtype contributes only its sign: take it in grad's own dtype (exact in any dtype).
   const at::Tensor grad = (grad_in.scalar_type() == x.scalar_type() ? grad_in : at::sign(grad_in).to(x.scalar_type()))
-                              .contiguous();
-  const bool in_place = x.is_contiguous();
+                              .contiguous(layout);
+  const bool in_place = channels_last || x.is_contiguous();
   at::Tensor work = in_place ? x : x.contiguous();
   const at::Tensor lower = lower_in.to(at::kDouble).contiguous(), upper = upper_in.to(at::kDouble).contiguous();
   std::optional<at::Tensor> active;
@@ -44,6 +49,7 @@ void langevin_step_cuda(at::Tensor& x, const at::Tensor& grad_in, double step_si
   params.per_row = work.numel() / work.size(0);
   params.channels = work.size(1);
   params.inner = params.per_row / params.channels;
+  params.channels_last = channels_last;
   params.half_step = 0.5 * step_size;
   params.noise_std = noise_std;
   params.lower = lower.data_ptr<double>();

@@ -14,11 +14,13 @@ struct PhiloxCudaState;
 namespace fastood {
 namespace cuda {
 
-// x, grad: contiguous [rows, channels, inner] (numel = rows * per_row, per_row = channels * inner).
+// x, grad: dense [rows, channels, inner] (numel = rows * per_row, per_row = channels * inner), both in the
+// same memory layout: contiguous, or channels_last (memory order [rows, inner, channels], as NHWC / NDHWC).
 struct LangevinStepParams {
   void* x;
   const void* grad;
   int64_t numel, per_row, inner, channels;
+  bool channels_last;
   double half_step, noise_std;
   const double* lower;   // [nbounds] on the device, nbounds = 1 or channels
   const double* upper;

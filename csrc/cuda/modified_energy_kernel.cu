@@ -85,14 +85,14 @@ void launch_rows(const T* logits, int64_t rows, int64_t cols, double c, T* energ
   const A inv_c = A(1) / static_cast<A>(c);
   const A* scale = static_cast<const A*>(grad_scale);
   if (energy != nullptr && grad != nullptr) {
-    modified_energy_kernel<T, P, kThreadsPerRow, true, true>
-        <<<blocks, kThreads, 0, stream>>>(logits, rows, cols, inv_c, energy, grad, scale);
+    auto kernel = &modified_energy_kernel<T, P, kThreadsPerRow, true, true>;
+    FASTOOD_LAUNCH(kernel, blocks, kThreads, 0, stream)(logits, rows, cols, inv_c, energy, grad, scale);
   } else if (energy != nullptr) {
-    modified_energy_kernel<T, P, kThreadsPerRow, true, false>
-        <<<blocks, kThreads, 0, stream>>>(logits, rows, cols, inv_c, energy, nullptr, scale);
+    auto kernel = &modified_energy_kernel<T, P, kThreadsPerRow, true, false>;
+    FASTOOD_LAUNCH(kernel, blocks, kThreads, 0, stream)(logits, rows, cols, inv_c, energy, nullptr, scale);
   } else {
-    modified_energy_kernel<T, P, kThreadsPerRow, false, true>
-        <<<blocks, kThreads, 0, stream>>>(logits, rows, cols, inv_c, nullptr, grad, scale);
+    auto kernel = &modified_energy_kernel<T, P, kThreadsPerRow, false, true>;
+    FASTOOD_LAUNCH(kernel, blocks, kThreads, 0, stream)(logits, rows, cols, inv_c, nullptr, grad, scale);
   }
 }
 

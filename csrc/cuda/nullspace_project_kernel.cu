@@ -5,7 +5,7 @@
 //   delta = kRidge trace(G)/d + kRidgeFloor; Cholesky of G + delta I and the triangular solves by warp 0, with
 //   kRefinements refinements a += (G + delta I)^-1 (b - G a); p = r - J a (float64); v = p / |p| (|p| = 0 -> 0).
 // A sample whose trace(G) or |p|^2 leaves [1e-200, 1e200] is redone with J and r scaled by powers of two; NaN or
-// Inf in a sample's inputs gives a NaN row. Shared memory: 32 KB tile / Gram matrix + 2 KB vectors.
+// Inf in a sample's inputs gives a NaN row. Shared memory: 32.5 KB tile / Gram matrix + 2 KB vectors.
 #include <cmath>
 #include <cstdint>
 
@@ -17,7 +17,7 @@ namespace cuda {
 namespace {
 
 constexpr int kLatentMax = 64;
-constexpr int kSmemDoubles = kLatentMax * kLatentMax;
+constexpr int kSmemDoubles = kLatentMax * (kLatentMax + 1);  // d rows of stride d + 1
 constexpr int kEntries = (kLatentMax + 1) * (kLatentMax + 2) / 2 - 1;  // upper triangle of [J r]^T [J r], no r.r
 constexpr int kEntriesPerThread = (kEntries + kThreads - 1) / kThreads;
 constexpr double kRidge = 1e-10;
@@ -41,50 +41,59 @@ __device__ __forceinline__ double block_reduce(double v, double* scratch, bool t
   return total;  // identical in every thread
 }
 
-// Warp 0: Cholesky of G + delta I. G: upper triangle of g (row stride d) and gdiag; L is written to the lower
-// triangle and the diagonal of g, so a failed attempt can be retried with a larger delta.
-__device__ bool warp_cholesky(double* g, const double* gdiag, int d, double delta, int lane) {
+// Warp 0: Cholesky of G + delta I. G: upper triangle of g (row stride ld = d + 1: the lanes of a warp that walk a
+// column hit 32 different banks, where a stride of d = 16, 32 or 64 would put them all in one) and gdiag; L is
+// written to the lower triangle and the diagonal of g, so a failed attempt can be retried with a larger delta.
+__device__ bool warp_cholesky(double* g, const double* gdiag, int d, int ld, double delta, int lane) {
   for (int j = 0; j < d; ++j) {
     double s = 0;
-    for (int k = lane; k < j; k += 32) s += g[j * d + k] * g[j * d + k];
+    for (int k = lane; k < j; k += 32) s += g[j * ld + k] * g[j * ld + k];
     s = warp_sum(s);  // butterfly: the same value in every lane
     const double diag = gdiag[j] + delta - s;
     if (!(diag > 0) || !isfinite(diag)) return false;
     const double ljj = sqrt(diag);
     for (int i = j + 1 + lane; i < d; i += 32) {
-      double v = g[j * d + i];  // G_ij from the upper triangle
-      for (int k = 0; k < j; ++k) v -= g[i * d + k] * g[j * d + k];
-      g[i * d + j] = v / ljj;
+      double v = g[j * ld + i];  // G_ij from the upper triangle
+      for (int k = 0; k < j; ++k) v -= g[i * ld + k] * g[j * ld + k];
+      g[i * ld + j] = v / ljj;
     }
-    if (lane == 0) g[j * d + j] = ljj;
+    if (lane == 0) g[j * ld + j] = ljj;
     __syncwarp();
   }
   return true;
 }
 
-// Warp 0: x <- (L L^T)^-1 x, L in the lower triangle of g.
-__device__ void warp_cholesky_solve(const double* g, int d, double* x, int lane) {
+// Warp 0: x <- (L L^T)^-1 x, L in the lower triangle of g (row stride ld).
+__device__ void warp_cholesky_solve(const double* g, int d, int ld, double* x, int lane) {
   for (int i = 0; i < d; ++i) {
-    const double xi = x[i] / g[i * d + i];
+    const double xi = x[i] / g[i * ld + i];
     __syncwarp();
     if (lane == 0) x[i] = xi;
-    for (int k = i + 1 + lane; k < d; k += 32) x[k] -= g[k * d + i] * xi;
+    for (int k = i + 1 + lane; k < d; k += 32) x[k] -= g[k * ld + i] * xi;
     __syncwarp();
   }
   for (int i = d - 1; i >= 0; --i) {
-    const double xi = x[i] / g[i * d + i];
+    const double xi = x[i] / g[i * ld + i];
     __syncwarp();
     if (lane == 0) x[i] = xi;
-    for (int k = lane; k < i; k += 32) x[k] -= g[i * d + k] * xi;
+    for (int k = lane; k < i; k += 32) x[k] -= g[i * ld + k] * xi;
     __syncwarp();
   }
+}
+
+// 2^-ilogb(m), which brings m into [1, 2); for a subnormal m (ilogb < -1023, where 2^-ilogb(m) overflows) the
+// largest finite power of two, 2^1023, which brings m into [2^-52, 1) -- still far inside the safe range.
+__device__ __forceinline__ double power_of_two_scale(double m) {
+  if (!(m > 0)) return 1.0;
+  const int e = -ilogb(m);
+  return ldexp(1.0, e < 1023 ? e : 1023);
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) nullspace_project_kernel(const T* __restrict__ jac_all,
                                                                      const T* __restrict__ r_all,
                                                                      T* __restrict__ out_all, int64_t dim, int d) {
-  __shared__ double smem[kSmemDoubles];  // tile of [J r] rows (row stride d + 1), then G / L (row stride d)
+  __shared__ double smem[kSmemDoubles];  // tile of [J r] rows, then G / L; row stride d + 1 for both
   __shared__ double gdiag[kLatentMax], rhs[kLatentMax], coef[kLatentMax], work[kLatentMax];
   __shared__ double scratch[kWarpsPerBlock];
   __shared__ int status;
@@ -100,12 +109,16 @@ __global__ void __launch_bounds__(kThreads) nullspace_project_kernel(const T* __
 #pragma unroll
   for (int q = 0; q < kEntriesPerThread; ++q) {
     const int e = threadIdx.x + q * kThreads;
-    const double b = 2.0 * ld + 1.0;
-    int i = static_cast<int>((b - sqrt(b * b - 8.0 * e)) * 0.5);  // largest i with start(i) <= e, up to rounding
-    i = i * ld - i * (i - 1) / 2 > e ? i - 1 : i;
-    i = (i + 1) * ld - (i + 1) * i / 2 <= e ? i + 1 : i;
-    ei[q] = e < entries ? i : -1;
-    ej[q] = e - (i * ld - i * (i - 1) / 2) + i;
+    ei[q] = -1;  // no entry: e is past the last one (where the root below would be of a negative number)
+    ej[q] = 0;
+    if (e < entries) {
+      const double b = 2.0 * ld + 1.0;
+      int i = static_cast<int>((b - sqrt(b * b - 8.0 * e)) * 0.5);  // largest i with start(i) <= e, up to rounding
+      i = i * ld - i * (i - 1) / 2 > e ? i - 1 : i;
+      i = (i + 1) * ld - (i + 1) * i / 2 <= e ? i + 1 : i;
+      ei[q] = i;
+      ej[q] = e - (i * ld - i * (i - 1) / 2) + i;
+    }
   }
 
   double sj = 1.0, sr = 1.0;
@@ -138,42 +151,42 @@ __global__ void __launch_bounds__(kThreads) nullspace_project_kernel(const T* __
     for (int q = 0; q < kEntriesPerThread; ++q) {
       if (ei[q] < 0) continue;
       if (ej[q] == d) rhs[ei[q]] = acc[q];
-      else smem[ei[q] * d + ej[q]] = acc[q];  // upper triangle and diagonal of G
+      else smem[ei[q] * ld + ej[q]] = acc[q];  // upper triangle and diagonal of G
     }
     __syncthreads();
 
     // Phase 2 (warp 0): ridge, Cholesky, solve, refinements -> coef.
     if (threadIdx.x < 32) {
       double trace = 0;
-      for (int i = lane; i < d; i += 32) trace += smem[i * d + i];
+      for (int i = lane; i < d; i += 32) trace += smem[i * ld + i];
       trace = warp_sum(trace);
       int st = kOk;
       if (!isfinite(trace)) st = final_attempt ? kNotFinite : kRescale;
       else if (!final_attempt && (trace > kSumMax || trace < kSumMin)) st = kRescale;
       if (st == kOk) {
-        for (int i = lane; i < d; i += 32) gdiag[i] = smem[i * d + i];
+        for (int i = lane; i < d; i += 32) gdiag[i] = smem[i * ld + i];
         __syncwarp();
         double delta = kRidge * trace / d + kRidgeFloor;
         bool ok = false;
         for (int retry = 0; retry < 4 && !ok; ++retry, delta *= 1e3)  // retries only if rounding breaks definiteness
-          ok = warp_cholesky(smem, gdiag, d, delta, lane);
+          ok = warp_cholesky(smem, gdiag, d, ld, delta, lane);
         if (!ok) {
           st = final_attempt ? kNotFinite : kRescale;
         } else {
           for (int i = lane; i < d; i += 32) coef[i] = rhs[i];
           __syncwarp();
-          warp_cholesky_solve(smem, d, coef, lane);
+          warp_cholesky_solve(smem, d, ld, coef, lane);
           for (int it = 0; it < kRefinements; ++it) {
             for (int i = lane; i < d; i += 32) {  // b - G a, G from its upper triangle
               double s = rhs[i];
               for (int j = 0; j < d; ++j) {
-                const double gij = j == i ? gdiag[i] : (j > i ? smem[i * d + j] : smem[j * d + i]);
+                const double gij = j == i ? gdiag[i] : (j > i ? smem[i * ld + j] : smem[j * ld + i]);
                 s -= gij * coef[j];
               }
               work[i] = s;
             }
             __syncwarp();
-            warp_cholesky_solve(smem, d, work, lane);
+            warp_cholesky_solve(smem, d, ld, work, lane);
             for (int i = lane; i < d; i += 32) coef[i] += work[i];
             __syncwarp();
           }
@@ -190,8 +203,9 @@ __global__ void __launch_bounds__(kThreads) nullspace_project_kernel(const T* __
       for (int64_t k = threadIdx.x; k < dim; k += kThreads) {
         const T* row = jac + k * d;
         double s = 0;
-        for (int i = 0; i < d; ++i) s = fma(static_cast<double>(row[i]), coef[i], s);
-        const double p = sr * static_cast<double>(r[k]) - sj * s;
+        // sj J, not sj (J . a): J may be subnormal, where only the scaled values keep their precision.
+        for (int i = 0; i < d; ++i) s = fma(sj * static_cast<double>(row[i]), coef[i], s);
+        const double p = sr * static_cast<double>(r[k]) - s;
         local = fma(p, p, local);
         out[k] = static_cast<T>(p);
       }
@@ -209,20 +223,20 @@ __global__ void __launch_bounds__(kThreads) nullspace_project_kernel(const T* __
       bool bad = false;
       for (int64_t idx = threadIdx.x; idx < dim * d; idx += kThreads) {
         const double v = fabs(static_cast<double>(jac[idx]));
-        bad |= !(v <= 1.79e308);
+        bad |= !isfinite(v);
         mj = fmax(mj, v);
       }
       for (int64_t k = threadIdx.x; k < dim; k += kThreads) {
         const double v = fabs(static_cast<double>(r[k]));
-        bad |= !(v <= 1.79e308);
+        bad |= !isfinite(v);
         mr = fmax(mr, v);
       }
       bad = __syncthreads_or(bad);
       mj = block_reduce(mj, scratch, true);
       mr = block_reduce(mr, scratch, true);
       if (!bad) {
-        sj = mj > 0 ? ldexp(1.0, -ilogb(mj)) : 1.0;
-        sr = mr > 0 ? ldexp(1.0, -ilogb(mr)) : 1.0;
+        sj = power_of_two_scale(mj);
+        sr = power_of_two_scale(mr);
         continue;
       }
     }
@@ -238,13 +252,13 @@ void launch_nullspace_project_kernel(DType dtype, const void* jac, const void* r
                                      int64_t dim, int64_t latent, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(batch));
   if (dtype == DType::kDouble) {
-    nullspace_project_kernel<double><<<grid, kThreads, 0, stream>>>(
-        static_cast<const double*>(jac), static_cast<const double*>(r), static_cast<double*>(out), dim,
-        static_cast<int>(latent));
+    auto kernel = &nullspace_project_kernel<double>;
+    FASTOOD_LAUNCH(kernel, grid, kThreads, 0, stream)(static_cast<const double*>(jac), static_cast<const double*>(r),
+                                                      static_cast<double*>(out), dim, static_cast<int>(latent));
   } else {
-    nullspace_project_kernel<float><<<grid, kThreads, 0, stream>>>(
-        static_cast<const float*>(jac), static_cast<const float*>(r), static_cast<float*>(out), dim,
-        static_cast<int>(latent));
+    auto kernel = &nullspace_project_kernel<float>;
+    FASTOOD_LAUNCH(kernel, grid, kThreads, 0, stream)(static_cast<const float*>(jac), static_cast<const float*>(r),
+                                                      static_cast<float*>(out), dim, static_cast<int>(latent));
   }
 }
 

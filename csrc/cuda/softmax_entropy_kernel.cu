@@ -149,11 +149,12 @@ void launch_rows(const T* logits, int64_t rows, int64_t cols, T* entropy, T* gra
   const int64_t needed = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
   const unsigned blocks = static_cast<unsigned>(needed < kMaxBlocks ? needed : kMaxBlocks);
   if (grad_entropy == nullptr) {
-    softmax_entropy_kernel<T, P, kThreadsPerRow, false>
-        <<<blocks, kThreads, 0, stream>>>(logits, rows, cols, entropy, nullptr, nullptr);
+    auto kernel = &softmax_entropy_kernel<T, P, kThreadsPerRow, false>;
+    FASTOOD_LAUNCH(kernel, blocks, kThreads, 0, stream)(logits, rows, cols, entropy, nullptr, nullptr);
   } else {
-    softmax_entropy_kernel<T, P, kThreadsPerRow, true><<<blocks, kThreads, 0, stream>>>(
-        logits, rows, cols, nullptr, grad, static_cast<const A*>(grad_entropy));
+    auto kernel = &softmax_entropy_kernel<T, P, kThreadsPerRow, true>;
+    FASTOOD_LAUNCH(kernel, blocks, kThreads, 0, stream)(logits, rows, cols, nullptr, grad,
+                                                        static_cast<const A*>(grad_entropy));
   }
 }
 

@@ -51,9 +51,19 @@ def cuda_kernels_available() -> bool:
 
 
 def build_info() -> dict:
-    """What was built: ``{"native": bool, "cuda_kernels": bool, "torch": str, "error": str|None}``."""
-    return {"native": _NATIVE, "cuda_kernels": cuda_kernels_available(), "torch": torch.__version__,
-            "error": None if _IMPORT_ERROR is None else str(_IMPORT_ERROR)}
+    """What was built: ``{"native": bool, "cuda_kernels": bool, "torch": str, "error": str|None,
+    "cpu_capability": str|None, "cpu_capabilities": [str]}``.
+
+    ``cpu_capability``: the instruction set the CPU kernels run with ("default", "avx2" or "avx512": the best
+    compiled one this CPU supports, or ``$FASTOOD_CPU_CAPABILITY``); ``cpu_capabilities``: those compiled in.
+    """
+    info = {"native": _NATIVE, "cuda_kernels": cuda_kernels_available(), "torch": torch.__version__,
+            "error": None if _IMPORT_ERROR is None else str(_IMPORT_ERROR), "cpu_capability": None,
+            "cpu_capabilities": []}
+    if _NATIVE and hasattr(torch.ops.fastood, "cpu_capability"):
+        info["cpu_capabilities"] = list(torch.ops.fastood.cpu_capabilities())
+        info["cpu_capability"] = torch.ops.fastood.cpu_capability()  # raises on a bad $FASTOOD_CPU_CAPABILITY
+    return info
 
 
 def backend() -> str:

@@ -38,6 +38,18 @@ def _check_finite_nonnegative(name, value):
     return value
 
 
+def _check_not_tracked(x):
+    """Refuse to overwrite a tensor autograd tracks, as ATen's in-place ops do (the step is not differentiable:
+    sign(grad) is piecewise constant). The native op's autograd kernel (csrc/ops.cpp) checks the same; this check
+    gives the reference backend the same rule and message."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        if x.is_leaf:
+            raise RuntimeError("a leaf Variable that requires grad is being used in an in-place operation "
+                               "(fastood::langevin_step_ on x); run the step under torch.no_grad() or on x.detach()")
+        raise RuntimeError("fastood::langevin_step_ is not differentiable, but x requires grad (it is part of an "
+                           "autograd graph); run the step under torch.no_grad() or on x.detach()")
+
+
 def langevin_step_(x, grad, step_size, noise_std, lower, upper, active=None):
     """One Langevin step of FIG's sampler, in place (DESIGN.md, method 1, LDS):
 
@@ -51,10 +63,14 @@ def langevin_step_(x, grad, step_size, noise_std, lower, upper, active=None):
         step_size: eps_t >= 0 (each pixel moves by eps_t/2).
         noise_std: standard deviation >= 0 of the Gaussian noise (paper: sqrt(eps_t); authors' code: eps_t);
             0 draws no random numbers.
-        lower, upper: scalar or per-channel [C] bounds (numbers, sequences or tensors) with lower <= upper.
+        lower, upper: scalar or per-channel [C] bounds (numbers, sequences or tensors) with lower <= upper,
+            rounded to x's compute dtype (exact for float64 x).
         active: optional bool [B]; rows where it is False are left bit-identical.
     Returns:
-        x.
+        x, whose version counter is bumped (as by any in-place op).
+    Raises:
+        RuntimeError when grad mode is on and x requires grad (as ATen's in-place ops do for leaves; the step is
+        not differentiable): run it under ``torch.no_grad()`` or on ``x.detach()``.
 
     NaN in x stays NaN (the clamp does not swallow it). Noise comes from torch's default generator of x's
     device, so ``torch.manual_seed`` reproduces a run; the native kernels draw it counter-based (CPU:
@@ -83,14 +99,17 @@ def langevin_step_(x, grad, step_size, noise_std, lower, upper, active=None):
         if active.shape != (x.shape[0],):
             raise ValueError(f"active must have shape [{x.shape[0]}] (one flag per row of x), got {tuple(active.shape)}")
     check_same_device(x=x, grad=grad, active=active)
+    _check_not_tracked(x)
     if x.numel() == 0:
         return x
     if use_native(x):
         torch.ops.fastood.langevin_step_(x, grad, step_size, noise_std, _bound_tensor(lo_full, x.device),
                                          _bound_tensor(hi_full, x.device), active)
         return x
-    return reference.langevin_step_(x, grad, step_size, noise_std, torch.tensor(lo_full) if n > 1 else lo_full[0],
-                                    torch.tensor(hi_full) if n > 1 else hi_full[0], active)
+    # float64 bound tensors: a float32 tensor here would round float64 x's bounds (-0.1 -> -0.10000000149)
+    return reference.langevin_step_(x, grad, step_size, noise_std,
+                                    torch.tensor(lo_full, dtype=torch.float64) if n > 1 else lo_full[0],
+                                    torch.tensor(hi_full, dtype=torch.float64) if n > 1 else hi_full[0], active)
 
 
 try:

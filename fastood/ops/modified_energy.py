@@ -2,6 +2,7 @@
 import torch
 
 from . import reference
+from ._double_backward import reference_vjp
 from ._backend import native_available, use_native
 from ._checks import check_positive, check_tensor
 
@@ -13,6 +14,9 @@ def _check(logits, c):
 
 def modified_energy(logits: torch.Tensor, c: float = 5.0) -> torch.Tensor:
     """Per-row modified energy ``E = sum_y (f_y/c) (1 - exp(f_y/c))``, differentiable (backward kernel).
+
+    Differentiable to any order: under ``create_graph=True`` the backward is evaluated with the reference's torch
+    ops (``fastood.ops.reference.modified_energy_backward``), so it can be differentiated again.
 
     Args:
         logits: [B, C] float16/bfloat16/float32/float64 (accumulated in float32 or float64).
@@ -66,6 +70,21 @@ if native_available():
 
     def _backward(ctx, grad_energy):
         (logits,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a backward autograd can differentiate again
+            return reference.modified_energy_backward(grad_energy, logits, ctx.c), None
         return torch.ops.fastood.modified_energy_backward(grad_energy, logits, ctx.c), None
 
     torch.library.register_autograd("fastood::modified_energy", _backward, setup_context=_setup_context)
+
+    def _setup_context_bw(ctx, inputs, output):
+        grad_energy, logits, c = inputs
+        ctx.save_for_backward(grad_energy, logits)
+        ctx.c = c
+
+    def _backward_bw(ctx, grad):
+        grads = reference_vjp(reference.modified_energy_backward, ctx.saved_tensors, ctx.needs_input_grad[:2], grad,
+                              ctx.c)
+        return grads + (None,)
+
+    torch.library.register_autograd("fastood::modified_energy_backward", _backward_bw,
+                                    setup_context=_setup_context_bw)

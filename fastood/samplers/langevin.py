@@ -15,6 +15,7 @@ from torch import nn
 from fastood import ops
 from fastood.trainers.base import model_device
 
+from ._locks import one_call_per_model
 from ._model_state import frozen
 from .noise import check_bounds, check_count, check_shape, uniform_in
 
@@ -357,6 +358,7 @@ class LangevinSampler:
         return energy, confidence, finite, grad_fn
 
     # ------------------------------------------------------------------ sampling
+    @one_call_per_model  # thread-safe: one call at a time per model and per sampler (see _locks)
     def sample(self, model, n, shape, context=None, init=None):
         """``n`` samples of image shape ``shape`` (C, H, W) from ``model``'s implicit generator.
 

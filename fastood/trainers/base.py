@@ -4,8 +4,12 @@ A method subclasses :class:`Trainer` and implements :meth:`Trainer.training_step
 (epochs or a step budget, checkpointing, exact resume, distributed data parallel) lives here.
 """
 import itertools
+import logging
+import math
 import os
 import random
+import sys
+import time
 import warnings
 
 import numpy as np
@@ -13,7 +17,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fastood.trainers.checkpoint import (CheckpointError, NonFiniteStateError, check_writable, describe_non_finite, first_non_finite,
+                                         load_checkpoint_file, save_checkpoint_file)
+from fastood.trainers.interrupt import StopSignals, TrainingInterrupted
+from fastood.trainers.resume import RecordsHyperparameters, Resumed, check_compatible, method_name
+
 _END = object()
+_RESUME_MODES = ("auto", True, False)
+logger = logging.getLogger("fastood.trainers")
 
 
 class MechanismIdleWarning(RuntimeWarning):
@@ -74,16 +85,20 @@ def restore_rng(rng: dict) -> None:
         torch.cuda.set_rng_state_all([state.cpu() for state in rng["cuda"]])
 
 
-class Trainer:
+class Trainer(metaclass=RecordsHyperparameters):
     """Base trainer.
 
     Args:
         model: the network to train (its parameters are optimized in place).
         lr, momentum, weight_decay: SGD hyperparameters used by :meth:`configure_optimizer`.
         optimizer: an optimizer over ``model``'s parameters, overriding the SGD default.
-        checkpoint_dir: where ``checkpoint.pt`` is written every ``checkpoint_every`` steps and at the end;
-            if it holds a checkpoint when :meth:`fit` starts, training resumes from it exactly
-            (model, optimizer, step, position in the epoch, RNG states, method state).
+        checkpoint_dir: where ``checkpoint.pt`` is written every ``checkpoint_every`` steps (and every
+            ``checkpoint_minutes``), on SIGINT/SIGTERM and at the end; it is checked writable before training.
+            :meth:`fit` resumes from it (see ``resume`` there): model, optimizer, step, position in the epoch, RNG
+            states, method state. Writes are atomic, fsynced and checksummed, and a state holding inf/NaN is never
+            written over a good checkpoint (:mod:`fastood.trainers.checkpoint`).
+        checkpoint_minutes: also write the checkpoint when this many minutes (wall clock) passed since the last
+            write; None (default): by step count only.
         progress: show a tqdm progress bar (rank 0 only).
         seed: seeds the per-epoch data order, so a resumed run sees the same batches.
         device: where to train; default: the model's device.
@@ -93,6 +108,18 @@ class Trainer:
             normalization; the affine weights still train), so outliers or generated images in a batch cannot
             shift the ID features' normalization. Default False (fine-tuning trainers that mix outliers into
             the batch turn it on by default, and say so).
+        skip_nonfinite: on a non-finite loss, skip the batch (no update; the BatchNorm buffers restored), count it
+            in ``skipped_batches`` and the ``skipped_nonfinite`` log, warn, and go on. Default False: raise a
+            ``FloatingPointError`` naming the step, the batch and whether the input itself was non-finite. A skipped
+            batch counts as a step of the budget (so the schedule and resume stay aligned); method state the
+            forward changed outside the model (a sampler's replay buffer) and the random streams are not rolled back.
+        handle_signals: while :meth:`fit` runs (in the main thread), SIGINT/SIGTERM finish the current step,
+            write the checkpoint and raise :class:`~fastood.trainers.interrupt.TrainingInterrupted` (a
+            ``KeyboardInterrupt``); the same signal again aborts at once. Default True.
+        sync_bn: under DDP, normalize BatchNorm layers with the statistics of the global batch (all ranks), so a
+            run on N ranks equals one process on the same global batches (:mod:`fastood.sync_batchnorm`).
+            Default False: each rank normalizes with its own shard's statistics and DDP copies rank 0's running
+            statistics to the others — a different computation from one process whenever BatchNorm trains.
 
     Under ``torchrun`` (an initialized process group) the model is wrapped in
     DistributedDataParallel, checkpoints are written by rank 0 and logged metrics are all-reduced.
@@ -105,21 +132,39 @@ class Trainer:
 
     def __init__(self, model: nn.Module, *, lr=None, momentum=0.9, weight_decay=5e-4, optimizer=None,
                  checkpoint_dir=None, checkpoint_every=100, progress=True, seed=0, device=None, grad_clip=None,
-                 amp=False, freeze_bn=False):
+                 amp=False, freeze_bn=False, checkpoint_minutes=None, skip_nonfinite=False, handle_signals=True,
+                 sync_bn=False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.device = torch.device(device) if device is not None else model_device(model)
         self.model.to(self.device)
         self.lr = self.default_lr if lr is None else float(lr)
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
+        # Beyond the parameters' largest value the SGD update overflows with torch's cryptic "value cannot be
+        # converted to type float without overflow" at the first step.
+        largest = min((torch.finfo(p.dtype).max for p in model.parameters() if p.is_floating_point()),
+                      default=math.inf)
+        if not (math.isfinite(self.lr) and 0 < self.lr <= largest):
+            raise ValueError(f"lr must be a finite number > 0 (at most {largest:.3g} for these parameters' dtype), "
+                             f"got {lr}")
         self.momentum = momentum
         self.weight_decay = weight_decay
         self.checkpoint_dir = checkpoint_dir
         if int(checkpoint_every) < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
         self.checkpoint_every = int(checkpoint_every)
+        if checkpoint_minutes is not None:
+            if isinstance(checkpoint_minutes, bool) or not isinstance(checkpoint_minutes, (int, float)) \
+                    or not (math.isfinite(checkpoint_minutes) and checkpoint_minutes > 0):
+                raise ValueError(f"checkpoint_minutes must be a number > 0 or None, got {checkpoint_minutes!r}")
+        self.checkpoint_minutes = checkpoint_minutes
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self.handle_signals = bool(handle_signals)
+        self.sync_bn = bool(sync_bn)
+        self.skipped_batches = []  # [{"step", "epoch", "batch", "input_finite"}] of batches skipped (skip_nonfinite)
+        self.resumed = None        # a Resumed(path, step, total_steps) once fit() continued from a checkpoint
+        self._last_save = time.monotonic()
+        self._bn_swaps = None
         self.progress = progress
         self.seed = int(seed)
         self.grad_clip = grad_clip
@@ -224,6 +269,10 @@ class Trainer:
             "history": list(self.history),
             "rng": capture_rng(),
             "extra": self.extra_state(),
+            # What a resume must agree on (fastood.trainers.resume.check_compatible).
+            "trainer": {"method": method_name(self), "hyperparameters": dict(getattr(self, "hyperparameters", {})),
+                        "total_steps": self.total_steps},
+            "skipped_batches": list(self.skipped_batches),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -233,6 +282,7 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.history = list(state["history"])
+        self.skipped_batches = list(state.get("skipped_batches", []))
         per_rank = state.get("rng_per_rank")
         if per_rank is not None and is_distributed() and len(per_rank) == world_size():
             restore_rng(per_rank[rank()])  # each rank continues its own random stream (per-rank sampler seeds)
@@ -244,31 +294,90 @@ class Trainer:
     def checkpoint_path(self):
         return None if self.checkpoint_dir is None else os.path.join(self.checkpoint_dir, "checkpoint.pt")
 
+    def _say(self, message: str) -> None:
+        """An event a user must not miss (resumed, skipped batch): logged, and printed on rank 0 with progress."""
+        logger.info(message)
+        if self.progress and rank() == 0:
+            print(message, file=sys.stderr, flush=True)
+
+    def _named_state_tensors(self):
+        """(name, tensor) of everything a checkpoint stores that training updates: parameters, buffers and the
+        optimizer's state (momentum, Adam moments)."""
+        model = unwrap(self.model)
+        for name, value in model.state_dict().items():
+            yield f"model tensor {name!r}", value
+        names = {id(p): n for n, p in model.named_parameters()}
+        if self._optimizer is not None:
+            for param, slots in self._optimizer.state.items():
+                for slot, value in slots.items():
+                    yield f"optimizer state {slot!r} of parameter {names.get(id(param), '?')!r}", value
+
+    def check_finite(self) -> None:
+        """Raise :class:`~fastood.trainers.checkpoint.NonFiniteStateError` naming the first parameter, buffer or
+        optimizer state tensor holding inf/NaN (under DDP on every rank when any rank's state is non-finite)."""
+        found = first_non_finite(self._named_state_tensors())
+        bad = found is not None
+        if is_distributed():
+            flag = torch.tensor([float(bad)], device=self.device if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if float(flag) > 0 and not bad:
+                raise NonFiniteStateError(f"{type(self).__name__}: another rank's state holds inf/NaN at step "
+                                          f"{self.step}; the checkpoint was not written", "another rank")
+        if bad:
+            name, value = found
+            where = (f"refusing to write it over {self.checkpoint_path} (the last good checkpoint there is kept)"
+                     if self.checkpoint_path is not None else "the trained model is not usable")
+            raise NonFiniteStateError(
+                f"{type(self).__name__}: after step {self.step} the {name} holds {describe_non_finite(value)}; "
+                f"{where}. Typical causes: non-finite or huge input values, a learning rate too high for the "
+                "model; check the data (see also skip_nonfinite=True)", name)
+
     def save_checkpoint(self) -> None:
-        """Write the checkpoint atomically (rank 0 writes; under DDP every rank must call it, since the ranks'
-        RNG states are gathered into it so that a resumed run continues each rank's own random stream)."""
+        """Write the checkpoint (rank 0 writes; under DDP every rank must call it, since the ranks' RNG states are
+        gathered into it so that a resumed run continues each rank's own random stream).
+
+        The state is checked finite first (:meth:`check_finite`): a model that went to inf/NaN never replaces a
+        good checkpoint. The write is atomic, fsynced and checksummed; errors name the file and the cause
+        (:func:`fastood.trainers.checkpoint.save_checkpoint_file`)."""
         if self.checkpoint_path is None:
             return
+        self.check_finite()
         per_rank = None
         if is_distributed():
             per_rank = [None] * world_size()
             dist.all_gather_object(per_rank, capture_rng())
-        if rank() != 0:
-            return
-        state = self.state_dict()
-        if per_rank is not None:
-            state["rng_per_rank"] = per_rank
-        os.makedirs(self.checkpoint_dir, exist_ok=True)
-        tmp = self.checkpoint_path + ".tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.checkpoint_path)
+        error = None
+        if rank() == 0:
+            state = self.state_dict()
+            if per_rank is not None:
+                state["rng_per_rank"] = per_rank
+            try:
+                save_checkpoint_file(state, self.checkpoint_path)
+            except Exception as exc:  # told to the other ranks first, so they fail too instead of waiting
+                error = exc
+        if is_distributed():
+            (message,) = broadcast_from_rank0(None if error is None else str(error))
+            if message is not None and error is None:
+                raise CheckpointError(f"rank 0 failed to write the checkpoint: {message}", self.checkpoint_path)
+        if error is not None:
+            raise error
+        self._last_save = time.monotonic()
 
     def resume(self) -> bool:
-        """Load ``checkpoint_dir/checkpoint.pt`` if it exists. Returns whether it did."""
+        """Load ``checkpoint_dir/checkpoint.pt`` if it exists. Returns whether it did.
+
+        The checkpoint's checksum is verified, and it must come from the same method (trainer class) with the
+        same hyperparameters and model structure, else :class:`~fastood.trainers.resume.ResumeMismatch` names the
+        difference. Sets :attr:`resumed` and says "resumed from <path> at step N of M"."""
         path = self.checkpoint_path
         if path is None or not os.path.exists(path):
             return False
-        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
+        state = load_checkpoint_file(path, map_location=self.device)
+        check_compatible(self, state, path, unwrap(self.model).state_dict())
+        self.load_state_dict(state)
+        self.resumed = Resumed(path, self.step, self.total_steps)
+        of = f" of {self.total_steps}" if self.total_steps is not None else ""
+        self._say(f"{type(self).__name__}: resumed from {path} at step {self.step}{of}")
         return True
 
     def _epoch_batches(self, loader):
@@ -307,12 +416,25 @@ class Trainer:
             values = dict(zip(keys, (t / world_size()).tolist()))
         return values
 
-    def fit(self, loader, epochs=None, steps=None, resume=True):
+    def fit(self, loader, epochs=None, steps=None, resume="auto"):
         """Train until ``epochs`` epochs or ``steps`` optimizer steps in total (counting resumed progress).
 
-        Exactly one of ``epochs`` / ``steps`` may be given; with neither, one epoch. With ``resume`` (default)
-        and a checkpoint in ``checkpoint_dir``, training continues exactly where it stopped. Returns self.
+        Exactly one of ``epochs`` / ``steps`` may be given; with neither, one epoch. Returns self.
+
+        ``resume`` (when ``checkpoint_dir`` is set):
+
+        - ``"auto"`` (default): continue from ``checkpoint_dir/checkpoint.pt`` when it exists, else start afresh —
+          so re-running an interrupted script carries on. It is never silent: the trainer says "resumed from
+          <path> at step N of M" and sets :attr:`resumed`; and it refuses (``ResumeMismatch``, naming the
+          difference) a checkpoint of another method, other hyperparameters or another model structure.
+        - ``True``: the same, but a missing checkpoint is an error (``FileNotFoundError``).
+        - ``False``: start afresh; the old checkpoint is overwritten by this run's first write.
+
+        SIGINT/SIGTERM during training finish the current step, write the checkpoint and raise
+        :class:`~fastood.trainers.interrupt.TrainingInterrupted` (see ``handle_signals``).
         """
+        if resume not in _RESUME_MODES or not isinstance(resume, (str, bool)):
+            raise ValueError(f"resume must be 'auto', True or False, got {resume!r}")
         if epochs is not None and steps is not None:
             raise ValueError(f"give epochs or steps, not both (got epochs={epochs}, steps={steps})")
         try:
@@ -335,6 +457,14 @@ class Trainer:
         if self.total_steps != total:
             self.total_steps = total
             self.scheduler = self.configure_scheduler(self.optimizer, total)
+        if self.checkpoint_dir is not None:
+            check_writable(self.checkpoint_dir)  # fail now, not at the first checkpoint after hours of training
+        self.resumed = None
+        if resume is True and (self.checkpoint_path is None or not os.path.exists(self.checkpoint_path)):
+            raise FileNotFoundError("fit(resume=True) needs a checkpoint to continue, but "
+                                    + ("no checkpoint_dir was given" if self.checkpoint_path is None
+                                       else f"{self.checkpoint_path} does not exist")
+                                    + "; pass resume='auto' to start afresh when there is none")
         if resume:
             self.resume()
         self.model.train()
@@ -345,7 +475,15 @@ class Trainer:
 
             bar = tqdm(total=total, initial=self.step, desc=type(self).__name__, leave=False)
         fit_start = window = len(self.history)  # logs of the current epoch (mechanism check)
+        self._last_save = time.monotonic()
+        bn_swaps = None
+        if self.sync_bn and is_distributed():
+            from fastood.sync_batchnorm import convert_to_cross_rank
+
+            bn_swaps = convert_to_cross_rank(unwrap(self.model))
+        signals = StopSignals(self.handle_signals, announce=rank() == 0)
         try:
+            signals.__enter__()
             while self.step < total:
                 trained_this_epoch = False
                 for batch in self._epoch_batches(loader):
@@ -361,10 +499,15 @@ class Trainer:
                         self._next_epoch()
                         self._check_mechanism(self.history[window:])
                         window = len(self.history)
-                    if self.step % self.checkpoint_every == 0 and self.step < total:
-                        self.save_checkpoint()
                     if self.step >= total:
                         break
+                    stop, due = self._agree(signals.received is not None, self._checkpoint_due())
+                    if stop:
+                        self.save_checkpoint()
+                        raise TrainingInterrupted(signals.received or "a signal on another rank", self.step, total,
+                                                  self.checkpoint_path)
+                    if due or self.step % self.checkpoint_every == 0:
+                        self.save_checkpoint()
                 else:
                     if self.batch_in_epoch > 0:  # loaders without len(): the epoch ends when they run dry
                         self._next_epoch()
@@ -373,6 +516,11 @@ class Trainer:
                 if not trained_this_epoch and self.step < total:
                     raise ValueError("loader yielded no batches")
         finally:
+            signals.__exit__(None, None, None)
+            if bn_swaps is not None:
+                from fastood.sync_batchnorm import restore_batchnorm
+
+                restore_batchnorm(bn_swaps)
             if bar is not None:
                 bar.close()
             # Drop the DDP wrapper (the next fit makes a new one): a DistributedDataParallel reducer that outlives
@@ -380,8 +528,25 @@ class Trainer:
             self._net = None
         if fit_start == window:  # no epoch closed in this fit: judge the whole (shorter) fit
             self._check_mechanism(self.history[window:])
+        if self.checkpoint_path is None:
+            self.check_finite()  # nothing to save, but a model that went to inf/NaN must not come back silently
         self.save_checkpoint()
+        if signals.received is not None:  # the signal came during the last step: the work is saved, now stop
+            raise TrainingInterrupted(signals.received, self.step, total, self.checkpoint_path)
         return self
+
+    def _checkpoint_due(self) -> bool:
+        return (self.checkpoint_minutes is not None and self.checkpoint_path is not None
+                and time.monotonic() - self._last_save >= 60.0 * self.checkpoint_minutes)
+
+    def _agree(self, *flags: bool):
+        """``flags`` OR-ed over ranks (under DDP the ranks must stop and checkpoint at the same step, though
+        each sees its own signals and clock); unchanged outside a process group."""
+        if not is_distributed():
+            return flags
+        t = torch.tensor([float(f) for f in flags], device=self.device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return tuple(bool(v > 0) for v in t.tolist())
 
     def _next_epoch(self):
         self.epoch += 1
@@ -397,11 +562,19 @@ class Trainer:
     def _optimize(self, batch) -> dict:
         self.model.train()
         self.apply_bn_mode()
+        # The forward pass updates BatchNorm running statistics (and other buffers) before the loss is known: keep
+        # a copy so a non-finite batch leaves the model as it was (buffers are small next to the forward's cost).
+        buffers = [b for b in unwrap(self.model).buffers()]
+        saved = [b.detach().clone() for b in buffers]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
             out = self.training_step(batch)
         loss = out["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{type(self).__name__}: non-finite loss {float(loss.detach())} at step {self.step}")
+        (bad,) = self._agree(not bool(torch.isfinite(loss)))  # under DDP: every rank skips or stops together
+        if bad:
+            with torch.no_grad():
+                for b, copy in zip(buffers, saved):
+                    b.copy_(copy)
+            return self._non_finite(batch, loss)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.grad_clip is not None:
@@ -413,6 +586,43 @@ class Trainer:
         self.batch_in_epoch += 1
         logs = self._reduce_logs(out)
         logs["step"] = self.step
+        if self.skipped_batches:
+            logs["skipped_nonfinite"] = len(self.skipped_batches)
         self.history.append(logs)
+        return logs
+
+    def _non_finite(self, batch, loss) -> dict:
+        """A batch whose loss is not finite (the buffers are already restored): skip it or raise, naming it."""
+        images = first_item(batch)
+        input_finite = None
+        if isinstance(images, torch.Tensor) and (images.is_floating_point() or images.is_complex()):
+            input_finite = bool(torch.isfinite(images).all())
+        value = float(loss.detach()) if loss.numel() == 1 else float("nan")
+        where = f"step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch} of the epoch)"
+        if input_finite is False:
+            cause = (f"the input batch itself holds {describe_non_finite(images)} non-finite: clean the data "
+                     "(or skip such batches with skip_nonfinite=True)")
+        elif input_finite is True:
+            cause = ("the input batch is finite, so training diverged: lower lr (now "
+                     f"{self.optimizer.param_groups[0]['lr']:g}), set grad_clip, or check the loss' inputs")
+        else:
+            cause = "the input batch could not be checked (not a floating-point tensor)"
+        message = f"{type(self).__name__}: non-finite loss {value} at {where}; {cause}"
+        if not self.skip_nonfinite:
+            raise FloatingPointError(message + ". The model's buffers (BatchNorm statistics) were restored to "
+                                               "their values before this batch; no update was made.")
+        self.skipped_batches.append({"step": self.step, "epoch": self.epoch, "batch": self.batch_in_epoch,
+                                     "input_finite": input_finite})
+        warnings.warn(message + f". Skipped (no update; {len(self.skipped_batches)} skipped so far)",
+                      RuntimeWarning, stacklevel=3)
+        logger.warning("%s. Skipped (%d so far)", message, len(self.skipped_batches))
+        # The batch counts as a step without an update, so the budget, the schedule and resume stay aligned.
+        self.step += 1
+        self.batch_in_epoch += 1
+        if self.scheduler is not None:
+            with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()" when the first batch is bad
+                warnings.simplefilter("ignore", UserWarning)
+                self.scheduler.step()
+        logs = {"skipped_nonfinite": len(self.skipped_batches), "step": self.step}
         return logs
 

@@ -346,7 +346,7 @@ class CMGTrainer(Trainer):
         return self._pool
 
     # ------------------------------------------------------------------ training
-    def fit(self, loader, epochs=None, steps=None, resume=True):
+    def fit(self, loader, epochs=None, steps=None, resume="auto"):
         """Cache the ID features of ``loader`` (first call only), then train the head on them; see the class doc.
         ``epochs`` count passes over the cached features."""
         if self.id_features is None:

@@ -1,0 +1,615 @@
+// The CPU kernels, written once with explicit vectors and compiled once per capability: kernels_<cap>.cpp
+// defines CPU_CAPABILITY (the namespace) and FASTOOD_CAP_<CAP>, then includes this file under that
+// capability's compiler flags. Vectors are GCC/Clang vector extensions of the capability's register width
+// (16 bytes for "default" = SSE2 on x86-64 or the baseline SIMD elsewhere, 32 for AVX2, 64 for AVX-512), with
+// intrinsics where the generic form would be slow (masked tail loads/stores, float16 conversion).
+//
+// Everything here lives in an anonymous namespace inside the capability's namespace, and only <cstdint>,
+// <cmath>-free builtins and <immintrin.h> are included: no inline function compiled with AVX flags can be
+// shared with (and picked by the linker for) code that runs on a CPU without them.
+//
+// Formulas (DESIGN.md): modified energy (FIG) with s = f / c: E = sum_y s_y (1 - e^{s_y}),
+// dE/df_y = (1/c)(1 - (1 + s_y) e^{s_y}); softmax entropy with m = max f, z = f - m, e = exp z, S = sum e,
+// T = sum e z: H = log S - T/S, dH/df_j = -(e_j / S)(z_j - T/S).
+#include <cstdint>
+
+#include "cpu/kernels/kernel_table.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+// gcc 12's _mm512_cvtph_ps starts from an intentionally undefined vector and warns about it when inlined.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+#if !defined(CPU_CAPABILITY)
+#error "define CPU_CAPABILITY (cap_default, cap_avx2 or cap_avx512) before including kernels_impl.h"
+#endif
+
+#if defined(FASTOOD_CAP_AVX512)
+#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VL__) || !defined(__FMA__) || !defined(__F16C__)
+#error "kernels_avx512.cpp must be compiled with -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx2 -mfma -mf16c"
+#endif
+#define FASTOOD_VBYTES 64
+#elif defined(FASTOOD_CAP_AVX2)
+#if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
+#error "kernels_avx2.cpp must be compiled with -mavx2 -mfma -mf16c"
+#endif
+#define FASTOOD_VBYTES 32
+#elif defined(FASTOOD_CAP_DEFAULT)
+#define FASTOOD_VBYTES 16
+#else
+#error "define FASTOOD_CAP_DEFAULT, FASTOOD_CAP_AVX2 or FASTOOD_CAP_AVX512"
+#endif
+
+#define FASTOOD_INLINE __attribute__((always_inline)) inline
+
+namespace fastood {
+namespace cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+constexpr int W = FASTOOD_VBYTES / 4;  // float lanes per vector
+typedef float vf __attribute__((vector_size(FASTOOD_VBYTES)));
+typedef int32_t vi __attribute__((vector_size(FASTOOD_VBYTES)));
+typedef uint32_t vu __attribute__((vector_size(FASTOOD_VBYTES)));
+typedef uint16_t vh __attribute__((vector_size(FASTOOD_VBYTES / 2)));
+
+constexpr float kInf = __builtin_inff();
+
+FASTOOD_INLINE vf splat(float v) { return vf{} + v; }
+FASTOOD_INLINE vi splat_i(int32_t v) { return vi{} + v; }
+FASTOOD_INLINE vu splat_u(uint32_t v) { return vu{} + v; }
+
+FASTOOD_INLINE vi iota() {
+  vi r = {};
+  for (int l = 0; l < W; ++l) r[l] = l;
+  return r;
+}
+
+// a * b + c with one rounding where the capability has FMA (the kernels are compiled with -ffp-contract=fast).
+FASTOOD_INLINE vf madd(vf a, vf b, vf c) { return a * b + c; }
+
+FASTOOD_INLINE float hsum(vf v) {
+  // Pairwise halves: the same tree whatever W is.
+  float a[W];
+  __builtin_memcpy(a, &v, sizeof(v));
+  for (int w = W / 2; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) a[l] += a[l + w];
+  return a[0];
+}
+
+FASTOOD_INLINE float hmax(vf v) {  // NaN lanes are skipped, as the row max of the scalar kernels does
+  float m = v[0];
+  for (int l = 1; l < W; ++l) m = v[l] > m ? v[l] : m;
+  return m;
+}
+
+// ---- Loads and stores of float, bfloat16 and float16 rows as float vectors ----
+
+FASTOOD_INLINE vf load_f32(const float* p) {
+  vf v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+FASTOOD_INLINE void store_f32(float* p, vf v) { __builtin_memcpy(p, &v, sizeof(v)); }
+
+// Lanes [0, n) from p, the others `fill`; n in [1, W). Never reads past p + n.
+FASTOOD_INLINE vf load_f32_partial(const float* p, int n, float fill) {
+#if defined(FASTOOD_CAP_AVX512)
+  return (vf)_mm512_mask_loadu_ps(_mm512_set1_ps(fill), static_cast<__mmask16>((1u << n) - 1u), p);
+#elif defined(FASTOOD_CAP_AVX2)
+  const vi mask = iota() < n;
+  const vf v = (vf)_mm256_maskload_ps(p, (__m256i)mask);
+  return mask ? v : splat(fill);
+#else
+  vf v = splat(fill);
+  for (int l = 0; l < n; ++l) v[l] = p[l];
+  return v;
+#endif
+}
+
+FASTOOD_INLINE void store_f32_partial(float* p, vf v, int n) {
+#if defined(FASTOOD_CAP_AVX512)
+  _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1u), (__m512)v);
+#elif defined(FASTOOD_CAP_AVX2)
+  _mm256_maskstore_ps(p, (__m256i)(iota() < n), (__m256)v);
+#else
+  for (int l = 0; l < n; ++l) p[l] = v[l];
+#endif
+}
+
+FASTOOD_INLINE float bits_to_float(uint32_t u) {
+  float f;
+  __builtin_memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+FASTOOD_INLINE uint32_t float_to_bits(float f) {
+  uint32_t u;
+  __builtin_memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+// bfloat16 <-> float, rounding to nearest even like torch's casts (NaN -> quiet NaN).
+FASTOOD_INLINE float bf16_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
+FASTOOD_INLINE uint16_t float_to_bf16(float f) {
+  const uint32_t u = float_to_bits(f);
+  return f != f ? uint16_t(0x7FC0) : static_cast<uint16_t>((u + ((u >> 16) & 1u) + 0x7FFFu) >> 16);
+}
+
+// float16 <-> float, IEEE binary16, rounding to nearest even (scalar; the vector paths use F16C).
+FASTOOD_INLINE float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exponent = (h >> 10) & 0x1Fu, mantissa = h & 0x3FFu;
+  if (exponent == 0x1F) return bits_to_float(sign | 0x7F800000u | (mantissa << 13));
+  if (exponent == 0) {
+    const float v = static_cast<float>(mantissa) * 5.9604644775390625e-8f;  // mantissa * 2^-24
+    return sign ? -v : v;
+  }
+  return bits_to_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+}
+
+FASTOOD_INLINE uint16_t float_to_half(float f) {
+  uint32_t u = float_to_bits(f);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  u &= 0x7FFFFFFFu;
+  uint32_t out;
+  if (u >= 0x47800000u) {  // |f| >= 65536, inf or NaN
+    out = u > 0x7F800000u ? 0x7E00u : 0x7C00u;
+  } else if (u < 0x38800000u) {  // below 2^-14: a subnormal half; adding 0.5 rounds |f| to a multiple of 2^-24
+    out = float_to_bits(bits_to_float(u) + 0.5f) - 0x3F000000u;
+  } else {
+    const uint32_t odd = (u >> 13) & 1u;
+    out = (u + 0xC8000FFFu + odd) >> 13;  // rebias the exponent by -112 and round to nearest even
+  }
+  return static_cast<uint16_t>(out | sign);
+}
+
+// Storage types: how a row of `T` loads into float vectors and stores back.
+struct F32 {
+  using T = float;
+  static FASTOOD_INLINE vf load(const T* p) { return load_f32(p); }
+  static FASTOOD_INLINE vf load_partial(const T* p, int n, float fill) { return load_f32_partial(p, n, fill); }
+  static FASTOOD_INLINE void store(T* p, vf v) { store_f32(p, v); }
+  static FASTOOD_INLINE void store_partial(T* p, vf v, int n) { store_f32_partial(p, v, n); }
+  static FASTOOD_INLINE T from_float(float v) { return v; }
+};
+
+struct BF16 {
+  using T = uint16_t;
+  static FASTOOD_INLINE vf widen(vh h) { return (vf)(__builtin_convertvector(h, vu) << 16); }
+  static FASTOOD_INLINE vh narrow(vf v) {
+    const vu u = (vu)v;
+    vu r = (u + ((u >> 16) & 1u) + 0x7FFFu) >> 16;
+    r = (v != v) ? splat_u(0x7FC0u) : r;
+    return __builtin_convertvector(r, vh);
+  }
+  static FASTOOD_INLINE vf load(const T* p) {
+    vh h;
+    __builtin_memcpy(&h, p, sizeof(h));
+    return widen(h);
+  }
+  static FASTOOD_INLINE vf load_partial(const T* p, int n, float fill) {
+    vh h = {};
+    for (int l = 0; l < n; ++l) h[l] = p[l];
+    return iota() < n ? widen(h) : splat(fill);
+  }
+  static FASTOOD_INLINE void store(T* p, vf v) {
+    const vh h = narrow(v);
+    __builtin_memcpy(p, &h, sizeof(h));
+  }
+  static FASTOOD_INLINE void store_partial(T* p, vf v, int n) {
+    const vh h = narrow(v);
+    for (int l = 0; l < n; ++l) p[l] = h[l];
+  }
+  static FASTOOD_INLINE T from_float(float v) { return float_to_bf16(v); }
+};
+
+struct F16 {
+  using T = uint16_t;
+#if defined(FASTOOD_CAP_AVX512)
+  static FASTOOD_INLINE vf widen(vh h) { return (vf)_mm512_cvtph_ps((__m256i)h); }
+  static FASTOOD_INLINE vh narrow(vf v) { return (vh)_mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT); }
+#elif defined(FASTOOD_CAP_AVX2)
+  static FASTOOD_INLINE vf widen(vh h) { return (vf)_mm256_cvtph_ps((__m128i)h); }
+  static FASTOOD_INLINE vh narrow(vf v) { return (vh)_mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT); }
+#else
+  static FASTOOD_INLINE vf widen(vh h) {
+    vf v;
+    for (int l = 0; l < W; ++l) v[l] = half_to_float(h[l]);
+    return v;
+  }
+  static FASTOOD_INLINE vh narrow(vf v) {
+    vh h;
+    for (int l = 0; l < W; ++l) h[l] = float_to_half(v[l]);
+    return h;
+  }
+#endif
+  static FASTOOD_INLINE vf load(const T* p) {
+    vh h;
+    __builtin_memcpy(&h, p, sizeof(h));
+    return widen(h);
+  }
+  static FASTOOD_INLINE vf load_partial(const T* p, int n, float fill) {
+    vh h = {};
+    for (int l = 0; l < n; ++l) h[l] = p[l];
+    return iota() < n ? widen(h) : splat(fill);
+  }
+  static FASTOOD_INLINE void store(T* p, vf v) {
+    const vh h = narrow(v);
+    __builtin_memcpy(p, &h, sizeof(h));
+  }
+  static FASTOOD_INLINE void store_partial(T* p, vf v, int n) {
+    const vh h = narrow(v);
+    for (int l = 0; l < n; ++l) p[l] = h[l];
+  }
+  static FASTOOD_INLINE T from_float(float v) { return float_to_half(v); }
+};
+
+// ---- Math ----
+
+// exp(x): Cephes polynomial on x = n ln2 + r (~1 ulp). 0 below -87.3 (where exp is subnormal); NaN stays NaN.
+// kAnySign: +inf above 88.37 (the callers multiply it by |s| > 88, which overflows float anyway, as in the
+// reference); without it x must be <= 0 (softmax's z = f - max f), which saves the upper clamp.
+template <bool kAnySign>
+FASTOOD_INLINE vf vexp(vf x) {
+  vf xc = x < -87.3f ? splat(-87.3f) : x;  // NaN fails the comparisons and stays NaN through the arithmetic
+  if constexpr (kAnySign) xc = xc > 88.37f ? splat(88.37f) : xc;
+  const vf shifted = madd(xc, splat(1.44269504088896341f), splat(12582912.0f));  // 1.5 * 2^23 + round(x / ln2)
+  const vf n = shifted - 12582912.0f;
+  vf r = madd(n, splat(-0.693359375f), xc);
+  r = madd(n, splat(2.12194440e-4f), r);
+  vf p = splat(1.9875691500e-4f);
+  p = madd(p, r, splat(1.3981999507e-3f));
+  p = madd(p, r, splat(8.3334519073e-3f));
+  p = madd(p, r, splat(4.1665795894e-2f));
+  p = madd(p, r, splat(1.6666665459e-1f));
+  p = madd(p, r, splat(5.0000001201e-1f));
+  p = madd(p * r, r, r) + 1.0f;
+  const vu bits = ((vu)shifted - 0x4B400000u + 127u) << 23;  // the low mantissa bits of `shifted` hold n: 2^n
+  vf out = p * (vf)bits;
+  if constexpr (kAnySign) out = x > 88.37f ? splat(kInf) : out;
+  return x < -87.3f ? splat(0.0f) : out;
+}
+
+// log(x) for normal x > 0 or NaN (here S in [1, C]): Cephes logf polynomial after splitting off the exponent
+// (~1e-7 relative error).
+FASTOOD_INLINE vf vlog_positive(vf x) {
+  vi bits = (vi)x;
+  vi e = ((bits >> 23) & 0xFF) - 126;
+  bits = (bits & 0x007FFFFF) | 0x3F000000;  // mantissa in [0.5, 1)
+  vf m = (vf)bits;
+  const vi small = m < 0.707106781186547524f;  // all ones where true
+  e = e + small;
+  m = small ? m + m - 1.0f : m - 1.0f;
+  const vf z = m * m;
+  vf y = splat(7.0376836292e-2f);
+  y = madd(y, m, splat(-1.1514610310e-1f));
+  y = madd(y, m, splat(1.1676998740e-1f));
+  y = madd(y, m, splat(-1.2420140846e-1f));
+  y = madd(y, m, splat(1.4249322787e-1f));
+  y = madd(y, m, splat(-1.6668057665e-1f));
+  y = madd(y, m, splat(2.0000714765e-1f));
+  y = madd(y, m, splat(-2.4999993993e-1f));
+  y = madd(y, m, splat(3.3333331174e-1f));
+  y = y * m * z;
+  const vf fe = __builtin_convertvector(e, vf);
+  y = madd(fe, splat(-2.12194440e-4f), y);
+  y = madd(splat(-0.5f), z, y);
+  const vf out = madd(fe, splat(0.693359375f), m + y);
+  return x != x ? x : out;
+}
+
+// ---- Modified energy (FIG) ----
+
+template <class S, bool kEnergy, bool kGrad>
+void energy_rows(const typename S::T* logits, int64_t begin, int64_t end, int64_t cols, float inv_c,
+                 typename S::T* energy, typename S::T* grad, const float* grad_scale) {
+  const int64_t full = cols / W * W;
+  const int rem = static_cast<int>(cols - full);
+  const vf vinv = splat(inv_c), one = splat(1.0f);
+  for (int64_t b = begin; b < end; ++b) {
+    const typename S::T* row = logits + b * cols;
+    typename S::T* out = kGrad ? grad + b * cols : nullptr;
+    const vf g = splat(grad_scale != nullptr ? grad_scale[b] * inv_c : inv_c);
+    vf acc0 = {}, acc1 = {};  // two chains: the adds do not wait on each other
+    int64_t k = 0;
+    for (; k + 2 * W <= full; k += 2 * W) {
+      const vf s0 = S::load(row + k) * vinv, s1 = S::load(row + k + W) * vinv;
+      const vf e0 = vexp<true>(s0), e1 = vexp<true>(s1);
+      if constexpr (kEnergy) {
+        acc0 = madd(s0, one - e0, acc0);
+        acc1 = madd(s1, one - e1, acc1);
+      }
+      if constexpr (kGrad) {
+        S::store(out + k, g * (one - (one + s0) * e0));
+        S::store(out + k + W, g * (one - (one + s1) * e1));
+      }
+    }
+    for (; k < full; k += W) {
+      const vf s = S::load(row + k) * vinv;
+      const vf e = vexp<true>(s);
+      if constexpr (kEnergy) acc0 = madd(s, one - e, acc0);
+      if constexpr (kGrad) S::store(out + k, g * (one - (one + s) * e));
+    }
+    if (rem > 0) {  // lanes past the row hold s = 0, whose energy term is exactly 0
+      const vf s = S::load_partial(row + full, rem, 0.0f) * vinv;
+      const vf e = vexp<true>(s);
+      if constexpr (kEnergy) acc0 = madd(s, one - e, acc0);
+      if constexpr (kGrad) S::store_partial(out + full, g * (one - (one + s) * e), rem);
+    }
+    if constexpr (kEnergy) energy[b] = S::from_float(hsum(acc0 + acc1));
+  }
+}
+
+template <class S>
+void energy_rows_for(const void* logits, int64_t begin, int64_t end, int64_t cols, float inv_c, void* energy,
+                     void* grad, const float* grad_scale) {
+  using T = typename S::T;
+  const T* in = static_cast<const T*>(logits);
+  T* e = static_cast<T*>(energy);
+  T* g = static_cast<T*>(grad);
+  if (e != nullptr && g != nullptr) {
+    energy_rows<S, true, true>(in, begin, end, cols, inv_c, e, g, grad_scale);
+  } else if (e != nullptr) {
+    energy_rows<S, true, false>(in, begin, end, cols, inv_c, e, g, grad_scale);
+  } else if (g != nullptr) {
+    energy_rows<S, false, true>(in, begin, end, cols, inv_c, e, g, grad_scale);
+  }
+}
+
+void modified_energy_rows(RowDtype dtype, const void* logits, int64_t begin, int64_t end, int64_t cols, float inv_c,
+                          void* energy, void* grad, const float* grad_scale) {
+  switch (dtype) {
+    case RowDtype::kFloat: return energy_rows_for<F32>(logits, begin, end, cols, inv_c, energy, grad, grad_scale);
+    case RowDtype::kBFloat16: return energy_rows_for<BF16>(logits, begin, end, cols, inv_c, energy, grad, grad_scale);
+    case RowDtype::kHalf: return energy_rows_for<F16>(logits, begin, end, cols, inv_c, energy, grad, grad_scale);
+  }
+}
+
+// ---- Softmax entropy ----
+
+struct RowStats {
+  float max, sum, weighted;  // m, S = sum e_k, T = sum e_k z_k
+};
+
+// m, S and T of one row. kStoreExps: also writes e_k to exps (room for cols rounded up to W).
+// NaN: the max skips it, and it surfaces through exp(NaN - m) in S and T; a +inf gives inf - inf = NaN and a
+// -inf gives 0 * -inf = NaN (as the reference's p log p).
+template <class S, bool kStoreExps>
+FASTOOD_INLINE RowStats row_stats(const typename S::T* row, int64_t cols, float* exps) {
+  const int64_t full = cols / W * W;
+  const int rem = static_cast<int>(cols - full);
+  vf m0 = splat(-kInf), m1 = splat(-kInf);
+  int64_t k = 0;
+  for (; k + 2 * W <= full; k += 2 * W) {
+    const vf v0 = S::load(row + k), v1 = S::load(row + k + W);
+    m0 = v0 > m0 ? v0 : m0;
+    m1 = v1 > m1 ? v1 : m1;
+  }
+  for (; k < full; k += W) {
+    const vf v = S::load(row + k);
+    m0 = v > m0 ? v : m0;
+  }
+  if (rem > 0) {
+    const vf v = S::load_partial(row + full, rem, -kInf);
+    m0 = v > m0 ? v : m0;
+  }
+  m0 = m1 > m0 ? m1 : m0;
+  const float m = hmax(m0);
+  const vf vm = splat(m);
+
+  vf s0 = {}, s1 = {}, t0 = {}, t1 = {};
+  k = 0;
+  for (; k + 2 * W <= full; k += 2 * W) {
+    const vf z0 = S::load(row + k) - vm, z1 = S::load(row + k + W) - vm;
+    const vf e0 = vexp<false>(z0), e1 = vexp<false>(z1);
+    s0 += e0;
+    s1 += e1;
+    t0 = madd(e0, z0, t0);
+    t1 = madd(e1, z1, t1);
+    if constexpr (kStoreExps) {
+      store_f32(exps + k, e0);
+      store_f32(exps + k + W, e1);
+    }
+  }
+  for (; k < full; k += W) {
+    const vf z = S::load(row + k) - vm;
+    const vf e = vexp<false>(z);
+    s0 += e;
+    t0 = madd(e, z, t0);
+    if constexpr (kStoreExps) store_f32(exps + k, e);
+  }
+  if (rem > 0) {
+    const vi inside = iota() < rem;
+    const vf z = S::load_partial(row + full, rem, 0.0f) - vm;
+    const vf e = inside ? vexp<false>(z) : splat(0.0f);
+    s0 += e;
+    t0 += inside ? e * z : splat(0.0f);
+    if constexpr (kStoreExps) store_f32(exps + full, e);
+  }
+  return {m, hsum(s0 + s1), hsum(t0 + t1)};
+}
+
+template <class S>
+void entropy_forward_rows(const void* logits_v, int64_t begin, int64_t end, int64_t cols, void* entropy_v) {
+  using T = typename S::T;
+  const T* logits = static_cast<const T*>(logits_v);
+  T* entropy = static_cast<T*>(entropy_v);
+  // Rows in groups of W: S and T per row, then H = log S - T / S for the whole group in one vector step.
+  for (int64_t b0 = begin; b0 < end; b0 += W) {
+    const int n = static_cast<int>(end - b0 < W ? end - b0 : W);
+    vf sums = splat(1.0f), weighted = {};
+    for (int r = 0; r < n; ++r) {
+      const RowStats st = row_stats<S, false>(logits + (b0 + r) * cols, cols, nullptr);
+      sums[r] = st.sum;
+      weighted[r] = st.weighted;
+    }
+    const vf h = vlog_positive(sums) - weighted / sums;
+    for (int r = 0; r < n; ++r) entropy[b0 + r] = S::from_float(h[r]);
+  }
+}
+
+template <class S>
+void entropy_backward_rows(const void* logits_v, const float* grad_entropy, int64_t begin, int64_t end, int64_t cols,
+                           void* grad_v, float* exps) {
+  using T = typename S::T;
+  const T* logits = static_cast<const T*>(logits_v);
+  T* grad = static_cast<T*>(grad_v);
+  const int64_t full = cols / W * W;
+  const int rem = static_cast<int>(cols - full);
+  for (int64_t b = begin; b < end; ++b) {
+    const T* row = logits + b * cols;
+    T* out = grad + b * cols;
+    const RowStats st = row_stats<S, true>(row, cols, exps);
+    // dH/df_k = (g / S) e_k (T / S - z_k) = (g / S) e_k ((T / S + m) - f_k)
+    const vf scale = splat(grad_entropy[b] / st.sum), shift = splat(st.weighted / st.sum + st.max);
+    int64_t k = 0;
+    for (; k < full; k += W) S::store(out + k, scale * load_f32(exps + k) * (shift - S::load(row + k)));
+    if (rem > 0) {
+      const vf v = S::load_partial(row + full, rem, 0.0f);
+      S::store_partial(out + full, scale * load_f32(exps + full) * (shift - v), rem);
+    }
+  }
+}
+
+void softmax_entropy_forward_rows(RowDtype dtype, const void* logits, int64_t begin, int64_t end, int64_t cols,
+                                  void* entropy) {
+  switch (dtype) {
+    case RowDtype::kFloat: return entropy_forward_rows<F32>(logits, begin, end, cols, entropy);
+    case RowDtype::kBFloat16: return entropy_forward_rows<BF16>(logits, begin, end, cols, entropy);
+    case RowDtype::kHalf: return entropy_forward_rows<F16>(logits, begin, end, cols, entropy);
+  }
+}
+
+void softmax_entropy_backward_rows(RowDtype dtype, const void* logits, const float* grad_entropy, int64_t begin,
+                                   int64_t end, int64_t cols, void* grad, float* work) {
+  switch (dtype) {
+    case RowDtype::kFloat: return entropy_backward_rows<F32>(logits, grad_entropy, begin, end, cols, grad, work);
+    case RowDtype::kBFloat16:
+      return entropy_backward_rows<BF16>(logits, grad_entropy, begin, end, cols, grad, work);
+    case RowDtype::kHalf: return entropy_backward_rows<F16>(logits, grad_entropy, begin, end, cols, grad, work);
+  }
+}
+
+// ---- Philox normals (Langevin noise) ----
+// Scalar code written so that the loop over a chunk's 64 independent Philox blocks vectorizes (`omp simd`,
+// built with -fopenmp-simd): plain 32x32->64 products, branch-free log and sincos.
+
+FASTOOD_INLINE float smadd(float a, float b, float c) { return a * b + c; }  // contracted to FMA where available
+
+FASTOOD_INLINE void philox4x32_10(uint32_t lo, uint32_t hi, PhiloxKey key, uint32_t& o0, uint32_t& o1, uint32_t& o2,
+                                  uint32_t& o3) {
+  uint32_t c0 = lo, c1 = hi, c2 = key.s0, c3 = key.s1, k0 = key.k0, k1 = key.k1;
+  for (int round = 0; round < 10; ++round) {
+    const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0;
+    const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2;
+    const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
+    const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
+    c1 = static_cast<uint32_t>(p1);
+    c3 = static_cast<uint32_t>(p0);
+    c0 = n0;
+    c2 = n2;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  o0 = c0;
+  o1 = c1;
+  o2 = c2;
+  o3 = c3;
+}
+
+// (cos, sin) of 2 pi * turns for turns in [0, 1): quadrant + Taylor polynomials on [0, pi/2) (error < 1e-7).
+FASTOOD_INLINE void sincos_turns(float turns, float& c_out, float& s_out) {
+  const float t = turns * 4.0f;
+  const int32_t quadrant = static_cast<int32_t>(t);
+  const float a = (t - static_cast<float>(quadrant)) * 1.57079632679489662f;
+  const float a2 = a * a;
+  float s = -2.5052108e-8f;
+  s = smadd(s, a2, 2.7557319e-6f);
+  s = smadd(s, a2, -1.9841270e-4f);
+  s = smadd(s, a2, 8.3333333e-3f);
+  s = smadd(s, a2, -1.6666667e-1f);
+  s = smadd(s * a2, a, a);
+  float c = 2.0876757e-9f;
+  c = smadd(c, a2, -2.7557319e-7f);
+  c = smadd(c, a2, 2.4801587e-5f);
+  c = smadd(c, a2, -1.3888889e-3f);
+  c = smadd(c, a2, 4.1666667e-2f);
+  c = smadd(c, a2, -0.5f);
+  c = smadd(c, a2, 1.0f);
+  // Rotate by quadrant * pi/2 on the bits (blend and sign flip), so the loop vectorizes without masks.
+  const uint32_t swap = 0u - static_cast<uint32_t>(quadrant & 1);
+  const uint32_t flip = static_cast<uint32_t>(quadrant & 2) << 30;
+  const uint32_t cb = float_to_bits(c), sb = float_to_bits(s);
+  c_out = bits_to_float(((cb & ~swap) | ((sb ^ 0x80000000u) & swap)) ^ flip);
+  s_out = bits_to_float(((sb & ~swap) | (cb & swap)) ^ flip);
+}
+
+// log(x) for x in (0, 1]: Cephes logf polynomial (relative error < 1e-7), branch-free.
+FASTOOD_INLINE float log_unit_interval(float x) {
+  int32_t bits = static_cast<int32_t>(float_to_bits(x));
+  int32_t e = ((bits >> 23) & 0xff) - 126;
+  float m = bits_to_float(static_cast<uint32_t>((bits & 0x007fffff) | 0x3f000000));
+  const int32_t small = m < 0.707106781186547524f ? 1 : 0;
+  e -= small;
+  m = smadd(m, static_cast<float>(small), m) - 1.0f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = smadd(y, m, -1.1514610310e-1f);
+  y = smadd(y, m, 1.1676998740e-1f);
+  y = smadd(y, m, -1.2420140846e-1f);
+  y = smadd(y, m, 1.4249322787e-1f);
+  y = smadd(y, m, -1.6668057665e-1f);
+  y = smadd(y, m, 2.0000714765e-1f);
+  y = smadd(y, m, -2.4999993993e-1f);
+  y = smadd(y, m, 3.3333331174e-1f);
+  y = y * m * z;
+  const float fe = static_cast<float>(e);
+  y = smadd(fe, -2.12194440e-4f, y);
+  y = smadd(-0.5f, z, y);
+  return smadd(fe, 0.693359375f, m + y);
+}
+
+// (bits >> 8) + plus, scaled by 2^-24: plus = 1 gives (0, 1], plus = 0 gives [0, 1).
+FASTOOD_INLINE float uniform24(uint32_t bits, int32_t plus) {
+  return static_cast<float>(static_cast<int32_t>(bits >> 8) + plus) * (1.0f / 16777216.0f);
+}
+
+// z[lane * 64 + q] comes from Philox block chunk * 64 + q (four uniforms -> two Box-Muller pairs).
+void philox_normals(int64_t chunk, PhiloxKey key, float* z) {
+  const uint64_t first = static_cast<uint64_t>(chunk) * kPhiloxBlocksPerChunk;
+#pragma omp simd
+  for (int64_t q = 0; q < kPhiloxBlocksPerChunk; ++q) {
+    const uint64_t block = first + static_cast<uint64_t>(q);
+    uint32_t u0, u1, u2, u3;
+    philox4x32_10(static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32), key, u0, u1, u2, u3);
+    const float r0 = __builtin_sqrtf(-2.0f * log_unit_interval(uniform24(u0, 1)));
+    const float r1 = __builtin_sqrtf(-2.0f * log_unit_interval(uniform24(u2, 1)));
+    float c0, s0, c1, s1;
+    sincos_turns(uniform24(u1, 0), c0, s0);
+    sincos_turns(uniform24(u3, 0), c1, s1);
+    z[q] = r0 * c0;
+    z[kPhiloxBlocksPerChunk + q] = r0 * s0;
+    z[2 * kPhiloxBlocksPerChunk + q] = r1 * c1;
+    z[3 * kPhiloxBlocksPerChunk + q] = r1 * s1;
+  }
+}
+
+}  // namespace
+
+const KernelTable kTable = {
+#if defined(FASTOOD_CAP_AVX512)
+    "avx512",
+#elif defined(FASTOOD_CAP_AVX2)
+    "avx2",
+#else
+    "default",
+#endif
+    &modified_energy_rows, &softmax_entropy_forward_rows, &softmax_entropy_backward_rows, &philox_normals};
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace fastood
