@@ -135,9 +135,6 @@ def run_seed(args, bench, pretrained, seed, id_test, ood, png=None):
         record(f"{label} (MaxIDProbability)", trainer.detector("max_id_probability"), **figures)
         return sampler
 
-    manifold = nplus1("n+1, beta paper", "paper")
-    nplus1("n+1, beta authors", "authors")
-
     def cmg(label, mode, cvae, **options):
         torch.manual_seed(seed)
         trainer = CMGTrainer(copy.deepcopy(pretrained), cvae, mode=mode, progress=False, seed=seed, **options)
@@ -151,6 +148,17 @@ def run_seed(args, bench, pretrained, seed, id_test, ood, png=None):
         else:
             figures = {"ood_rejected": _mean([h["ood_rejected"] for h in last])}
         record(label, trainer.detector(), **figures)
+
+    if args.ablation:  # which of the two n+1 changes moves AUROC, and CMG at the paper's epoch count
+        nplus1("ablation n+1, beta paper, BN train", "paper", freeze_bn=False)
+        nplus1("ablation n+1, beta U[0.1,1] image units, BN frozen", (0.1, 1.0), freeze_bn=True)
+        steps, args.steps = args.steps, 15 * len(train_loader)  # shaoyijia/CMG fine_tune.py: n_epochs = 15
+        cmg("ablation CMG-energy, paper's 15 epochs", "energy", embed)
+        cmg("ablation CMG-softmax, paper's 15 epochs", "softmax", embed)
+        args.steps = steps
+        return out
+    manifold = nplus1("n+1, beta paper", "paper")
+    nplus1("n+1, beta authors", "authors")
 
     cmg("CMG-energy (Energy)", "energy", embed)
     cmg("CMG-softmax (ExtraClass)", "softmax", embed)
@@ -183,6 +191,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=93, help="fine-tuning mini-batches per row (93 = 3 epochs)")
     parser.add_argument("--cvae-epochs", type=int, default=20)
     parser.add_argument("--legacy", action="store_true", help="also run the former defaults (before/after)")
+    parser.add_argument("--ablation", action="store_true",
+                        help="run only the ablation rows: n+1 beta x BatchNorm mode, CMG at the paper's 15 epochs")
     parser.add_argument("--json", help="write every run as JSON to this path")
     parser.add_argument("--png", default="quality_cvae_samples.png", help="sample grid (default: %(default)s)")
     parser.add_argument("--cache", help="cache directory of the pretrained SmallCNN")
@@ -204,7 +214,8 @@ def main(argv=None):
     runs = {}
     for i, seed in enumerate(args.seeds):
         print(f"seed {seed}", flush=True)
-        runs[seed] = run_seed(args, bench, pretrained, seed, id_test, ood, png=args.png if i == 0 else None)
+        png = args.png if i == 0 and not args.ablation else None
+        runs[seed] = run_seed(args, bench, pretrained, seed, id_test, ood, png=png)
 
     rows = list(runs[args.seeds[0]])
     print(f"\nmnist5k-0to4, {args.steps} fine-tuning mini-batches per row, seeds {args.seeds}; mean over the OOD "

@@ -171,9 +171,9 @@ class DiscrepancyTrainer(OutlierTrainer):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
             ce1, ce2, _, _ = self._supervised(x, y)
         loss = ce1 + ce2
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"DiscrepancyTrainer: non-finite step-A loss {float(loss.detach())} at step "
-                                     f"{self.step}")
+        (bad,) = self._agree(not bool(torch.isfinite(loss)))  # under DDP every rank skips together
+        if bad:  # no step-A update; step B meets the same batch and handles it (skip or raise, naming it)
+            return
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.grad_clip is not None:
@@ -191,6 +191,8 @@ class DiscrepancyTrainer(OutlierTrainer):
     def _update_pretraining(self, logs):
         """After a pre-training step: switch to fine-tuning once head 2 matches head 1 (or the budget is spent).
         Decided on the all-reduced logs, so every DDP rank switches at the same step."""
+        if "acc1" not in logs:  # a skipped non-finite batch
+            return
         self._accuracies.append((logs["acc1"], logs["acc2"]))
         taken = sum(1 for h in self.history if h.get("phase") == 0.0)
         acc1 = sum(a for a, _ in self._accuracies) / len(self._accuracies)
