@@ -301,17 +301,21 @@ def _pretrained_bn_classifier(num_classes=4):
     return model
 
 
-def test_batchnorm_is_frozen_when_the_model_has_statistics_and_outliers_share_the_batch():
+def test_batchnorm_trains_on_the_mixed_batch_by_default_and_auto_freezes_learned_statistics():
+    # sverneka/OODGen trains the n+1 classifier (Keras) with BatchNorm on the mixed ID + outlier batches; freezing
+    # it cost 17 AUROC points on mnist5k-0to4 (ManifoldTrainer's docstring): the default follows the authors.
+    assert not ManifoldTrainer(_pretrained_bn_classifier(), FixedOutliers(), progress=False).freeze_bn
     trained = _pretrained_bn_classifier()
-    trainer = ManifoldTrainer(trained, FixedOutliers(), progress=False)
-    assert trainer.freeze_bn
+    trainer = ManifoldTrainer(trained, FixedOutliers(), progress=False, freeze_bn="auto")
+    assert trainer.freeze_bn  # the model holds statistics: "auto" keeps the outliers from shifting them
     bn = [m for m in trained.modules() if isinstance(m, nn.BatchNorm2d)][0]
     running = bn.running_mean.clone()
     trainer.fit(loader(24, 12), steps=2)
-    assert torch.equal(bn.running_mean, running)  # half of each batch were outliers: the ID statistics stay
+    assert torch.equal(bn.running_mean, running)
     # a fresh model has no statistics to keep: frozen BatchNorm would never learn them
-    assert not ManifoldTrainer(tiny_classifier(4), FixedOutliers(), progress=False).freeze_bn
-    assert not ManifoldTrainer(_pretrained_bn_classifier(), FixedOutliers(), progress=False, freeze_bn=False).freeze_bn
+    assert not ManifoldTrainer(tiny_classifier(4), FixedOutliers(), progress=False, freeze_bn="auto").freeze_bn
+    with pytest.raises(ValueError, match="freeze_bn must be True, False or 'auto'"):
+        ManifoldTrainer(tiny_classifier(4), FixedOutliers(), progress=False, freeze_bn="yes")
 
 
 def test_mechanism_figures_are_logged():
