@@ -94,8 +94,9 @@ class ManifoldTrainer(Trainer):
     gives :class:`~fastood.detectors.MaxIDProbability` (``-max_{i<=n} p_i``), which the paper found better than
     p(n+1) on MNIST 0-4 (Vernekar et al. 2019, Sec. 4).
 
-    BatchNorm: by default (``freeze_bn=False``) it trains on the joint batch, half ID and half outliers, as in the
-    authors' code (Keras, mixed batches, sverneka/OODGen). Freezing it (eval mode, running statistics fixed) keeps
+    BatchNorm: by default (``freeze_bn=False``) it trains on the joint batch, half ID and half outliers. (The
+    authors' n+1 classifier, a Keras MNIST CNN in sverneka/OODGen, has no BatchNorm; it trains on such mixed
+    batches.) Freezing it (eval mode, running statistics fixed) keeps
     the outliers from shifting the ID normalization, which the base Trainer recommends for trainers that mix
     outliers in, but measured here it costs this method a lot: on mnist5k-0to4 (pretrained SmallCNN grown to 6
     outputs, 93 steps, beta "paper", bench/quality_cvae.py) the mean AUROC (ExtraClass) was 91.9 with BatchNorm
