@@ -10,13 +10,15 @@ from .extra_class import ExtraClass
 from .ice import ICELikelihood
 from .logit_scores import MSP, Energy, Entropy, LogitDetector, MaxLogit
 from .mahalanobis import Mahalanobis
+from .max_id_probability import MaxIDProbability
 from .odin import ODIN
 from .tuning import tune_detector, tuning_table
 
 #: Detector classes by lower-case name (for the command line).
 DETECTORS = {"msp": MSP, "maxlogit": MaxLogit, "energy": Energy, "entropy": Entropy, "odin": ODIN,
              "mahalanobis": Mahalanobis, "discrepancy": Discrepancy, "extraclass": ExtraClass,
-             "ice": ICELikelihood}
+             "ice": ICELikelihood, "maxidprobability": MaxIDProbability}
 
 __all__ = ["Detector", "LogitDetector", "MSP", "MaxLogit", "Energy", "Entropy", "ODIN", "Mahalanobis",
-           "Discrepancy", "ExtraClass", "ICELikelihood", "tune_detector", "tuning_table", "eval_mode", "DETECTORS"]
+           "Discrepancy", "ExtraClass", "MaxIDProbability", "ICELikelihood", "tune_detector", "tuning_table", "eval_mode",
+           "DETECTORS"]
