@@ -21,9 +21,10 @@ once per fine-tuning seed 0..``--seeds``-1 (data order, outlier order, sampler n
   data does to OE).
 - The discrepancy trainer runs in its transductive setting (Yu & Aizawa 2019): its unlabeled data is one half of
   every test set (ID test images and every OOD set, labels dropped). Its two heads come from
-  ``TwoHead.from_model``; the fresh second head is first trained on the labeled data (``--pretrain-steps``), then
-  both losses run for ``--discrepancy-epochs`` (6: with 2, the entropy gap had not reached the margin for 2 of 3
-  seeds and ID accuracy had dropped to 76-94%). ``--no-discrepancy`` skips it.
+  ``TwoHead.from_model``; the fresh second head is first trained on the labeled data (the trainer's default: until it
+  matches head 1, logged; ``--pretrain-steps N`` fixes N), then the paper's step A / step B per mini-batch, within a
+  budget of 100 + ``--discrepancy-epochs`` epochs of mini-batches (6: with 2, the entropy gap had not reached the
+  margin for 2 of 3 seeds and ID accuracy had dropped to 76-94%). ``--no-discrepancy`` skips it.
 - Every row is evaluated on the *other* halves (the same held-out images for all methods), so no method is
   scored on an image it trained on.
 
@@ -132,7 +133,7 @@ def run_seed(args, seed, bench, pretrained, id_loader, ood_loaders, id_unlabeled
     run("Discrepancy, transductive (lr 0.1)",
         lambda m: DiscrepancyTrainer(TwoHead.from_model(m), unlabeled=unlabeled_loader,
                                      pretrain_steps=args.pretrain_steps, **common),
-        steps=args.pretrain_steps + args.discrepancy_epochs * len(train))
+        steps=100 + args.discrepancy_epochs * len(train))  # pre-training included
     return train, unlabeled
 
 
@@ -148,7 +149,8 @@ def main(argv=None):
     parser.add_argument("--lr", "--oe-lr", dest="lr", type=float, default=0.01,
                         help="lr of OE, Energy-OE and ICE (ICE's paper recipe; default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=64, help="ID and unlabeled batch size (outliers: twice)")
-    parser.add_argument("--pretrain-steps", type=int, default=100, help="discrepancy: supervised steps for head 2")
+    parser.add_argument("--pretrain-steps", type=int, default=None,
+                        help="discrepancy: supervised steps for head 2 (default: until it matches head 1)")
     parser.add_argument("--discrepancy-epochs", type=int, default=6,
                         help="discrepancy: epochs after the supervised steps (2 were too few for 2 of 3 seeds)")
     parser.add_argument("--before", action="store_true", help="add ICE with its defaults before issue 12")
@@ -190,7 +192,8 @@ def main(argv=None):
           f"{args.epochs * len(train)} steps (batch {b} ID + {2 * b} outliers; OE/Energy-OE/ICE: SGD lr {args.lr:g}, "
           f"cosine); seeds 0..{args.seeds - 1}; training outliers: {args.outliers}"
           + ("" if args.no_discrepancy else f"; discrepancy: unlabeled = half of every test set ({len(unlabeled)} "
-             f"images), {args.pretrain_steps} supervised steps, then {args.discrepancy_epochs} epochs"))
+             f"images), {args.pretrain_steps or 'until head 2 matches head 1:'} supervised steps, then step A + "
+             f"step B per mini-batch, {100 + args.discrepancy_epochs * len(train)} mini-batches in all"))
     print(f"evaluated on the held-out halves: ID {len(id_eval)} images, OOD "
           + ", ".join(f"{k} {len(v.dataset)}" for k, v in ood_loaders.items()))
     print("\nMean over the OOD sets (percent; higher score = more OOD; FPR95 = FPR on OOD at 95% TPR on ID), "

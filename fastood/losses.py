@@ -185,8 +185,10 @@ def discrepancy_loss_terms(logits1, logits2, margin: float = 1.2) -> dict:
 
 
 def discrepancy_loss(logits1, logits2, margin: float = 1.2) -> torch.Tensor:
-    """Unlabeled loss of the two-head discrepancy method (Yu & Aizawa, ICCV 2019, Eq. 3):
-    ``max(m - mean_x [H(p1(x)) - H(p2(x))], 0)``, ``p_j = softmax(f_j(x))`` over the classes (dim 1), m = 1.2.
+    """Unlabeled loss of the two-head discrepancy method (Yu & Aizawa, ICCV 2019, Eq. 5, with the discrepancy
+    ``d(p1, p2) = H(p1) - H(p2)`` of Eq. 1): ``max(m - mean_x [H(p1(x)) - H(p2(x))], 0)``,
+    ``p_j = softmax(f_j(x))`` over the classes (dim 1), m = 1.2. Step B of the paper minimizes the supervised loss
+    plus this term (Eq. 3).
 
     Minimizing it makes head 1 uncertain and head 2 confident on the unlabeled images, until their mean entropy
     gap reaches the margin; on ID images (where both heads are also trained with cross-entropy) the heads keep

@@ -257,3 +257,72 @@ def test_cmg_errors():
     with pytest.raises(ValueError, match="NaN/Inf"):
         bad = DataLoader(TensorDataset(torch.full((4, 1, 28, 28), float("nan")), torch.zeros(4, dtype=torch.long)))
         CMGTrainer(tiny_classifier(), FixedImages(), progress=False).fit(bad)
+
+
+# ---------------------------------------------------------------------------------------------------- issue 12
+def test_stage2_defaults_follow_the_paper_and_the_authors():
+    trainer = CMGTrainer(tiny_classifier(), FixedImages(), progress=False)
+    opt = trainer.optimizer
+    # Wang et al. 2022 / shaoyijia/CMG training/fine_tune.py: torch.optim.Adam(..., lr=0.0001), no weight decay
+    assert isinstance(opt, torch.optim.Adam)
+    assert opt.param_groups[0]["lr"] == 1e-4 and opt.param_groups[0]["weight_decay"] == 0
+    assert {id(p) for p in opt.param_groups[0]["params"]} == {id(p) for p in trainer.head.parameters()}
+    assert (trainer.lam, trainer.T, trainer.quantiles) == (0.1, 1.0, (0.2, 0.8))
+    # shaoyijia/CMG models/vae.py: class_embed = nn.Linear(class_num, z_dim), z_dim = 32
+    assert ConditionalVAE(1, 28, 5, conditioning="embedding").cond_dim == 32
+
+
+def test_each_ddp_rank_draws_its_own_pseudo_ood_pool(monkeypatch):
+    import fastood.trainers.cmg as cmg
+
+    data = loader()
+    pools = {}
+    for r in (0, 1):
+        monkeypatch.setattr(cmg, "rank", lambda r=r: r)
+        trainer = CMGTrainer(tiny_classifier(), tiny_cvae(), progress=False)
+        trainer.cache_id_features(data)
+        pools[r] = trainer.ood_features(0)
+    monkeypatch.undo()
+    single = CMGTrainer(tiny_classifier(), tiny_cvae(), progress=False)
+    single.cache_id_features(data)
+    assert torch.equal(single.ood_features(0), pools[0])      # rank 0 keeps the single-process pool
+    assert not torch.allclose(pools[0], pools[1])            # rank 1 sees other pseudo-OOD images
+
+
+class _Augmenting(torch.utils.data.Dataset):
+    """Stripes with random noise added on every load (a random augmentation)."""
+
+    def __init__(self):
+        self.x, self.y = stripes(20)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i] + 0.01 * torch.randn_like(self.x[i]), self.y[i]
+
+
+def test_warns_when_an_augmenting_loader_is_frozen_into_the_feature_cache():
+    trainer = CMGTrainer(tiny_classifier(), FixedImages(), progress=False)
+    with pytest.warns(UserWarning, match="random augmentation"):
+        trainer.cache_id_features(DataLoader(_Augmenting(), batch_size=10))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        CMGTrainer(tiny_classifier(), FixedImages(), progress=False).cache_id_features(loader())
+
+
+def test_margin_fractions_are_logged_and_idle_margins_warn():
+    from fastood.trainers import MechanismIdleWarning
+
+    trainer = CMGTrainer(tiny_classifier(), FixedImages(), progress=False)
+    trainer.fit(loader(), steps=1)
+    logs = trainer.history[0]
+    # at the start the margins are the 20th / 80th percentiles: about a fifth of each side is inside
+    assert 0.0 <= logs["id_inside"] <= 0.5 and 0.0 <= logs["ood_inside"] <= 0.5
+    loose = CMGTrainer(tiny_classifier(), FixedImages(), progress=False, margins=(1e6, -1e6))
+    with pytest.warns(MechanismIdleWarning, match="energy regularizer was 0"):
+        loose.fit(loader(), epochs=1)
+    assert all(h["id_inside"] == 1.0 and h["ood_inside"] == 1.0 for h in loose.history)
+    with pytest.warns(MechanismIdleWarning, match="lam = 0"):
+        CMGTrainer(tiny_classifier(), FixedImages(), progress=False, lam=0).fit(loader(), epochs=1)

@@ -1,7 +1,7 @@
 """OOD detectors. Every score is higher for inputs that look more out-of-distribution.
 
 ``det = Energy(model)``; ``det.fit(train_loader)`` where the method needs ID training data (Mahalanobis);
-``det.score(x) -> [B]``; ``det.score_loader(loader) -> [N]`` (CPU); ``det.predict(x)`` -> the classifier's
+``det.score(x) -> [B]``; ``det.score_loader(loader) -> [N]`` (CPU); ``det.predict_class(x)`` -> the classifier's
 classes, used by :func:`fastood.evaluation.evaluate` for ID accuracy.
 """
 from .base import Detector, eval_mode
@@ -10,13 +10,15 @@ from .extra_class import ExtraClass
 from .ice import ICELikelihood
 from .logit_scores import MSP, Energy, Entropy, LogitDetector, MaxLogit
 from .mahalanobis import Mahalanobis
+from .max_id_probability import MaxIDProbability
 from .odin import ODIN
 from .tuning import tune_detector, tuning_table
 
 #: Detector classes by lower-case name (for the command line).
 DETECTORS = {"msp": MSP, "maxlogit": MaxLogit, "energy": Energy, "entropy": Entropy, "odin": ODIN,
              "mahalanobis": Mahalanobis, "discrepancy": Discrepancy, "extraclass": ExtraClass,
-             "ice": ICELikelihood}
+             "ice": ICELikelihood, "maxidprobability": MaxIDProbability}
 
 __all__ = ["Detector", "LogitDetector", "MSP", "MaxLogit", "Energy", "Entropy", "ODIN", "Mahalanobis",
-           "Discrepancy", "ExtraClass", "ICELikelihood", "tune_detector", "tuning_table", "eval_mode", "DETECTORS"]
+           "Discrepancy", "ExtraClass", "MaxIDProbability", "ICELikelihood", "tune_detector", "tuning_table", "eval_mode",
+           "DETECTORS"]

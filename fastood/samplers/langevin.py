@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fastood import ops
-from fastood.trainers.base import model_device
+from fastood.batches import model_device
 
 from ._locks import one_call_per_model
 from ._model_state import frozen

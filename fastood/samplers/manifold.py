@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fastood import ops
-from fastood.trainers.base import model_device
+from fastood.batches import model_device
 
 from ._model_state import frozen
 from .noise import bound_tensor, check_bounds, check_count, check_shape
@@ -67,6 +67,23 @@ def decoder_jacobian(cvae: nn.Module, z: torch.Tensor, cond, chunk_size=None):
     return tangents.permute(1, 2, 0), images[0]
 
 
+#: Presets of the type-I step size beta, as ``(low, high, random_sign)`` on a data range of width 1 ([0, 1] images);
+#: :class:`ManifoldSampler` scales them by the width of its ``bounds`` (x2 on [-1, 1]).
+#: - ``"paper"``: beta ~ U[0.1, 1] (Vernekar et al. 2019, Sec. 3.1, for images in [0, 1]).
+#: - ``"authors"``: beta ~ U(0.1, 28) with a random sign, as the authors' MNIST 0-9 notebook
+#:   (sverneka/OODGen, ``mnist_0_9/cvae_generic_batchwise_mahalanobis.ipynb``, ``generate_ood_points``: images in
+#:   [0, 1], ``np.random.uniform(0.1, 28.0)`` times ``np.random.choice([-1, 1])``). Their MNIST 0-4 notebook ran
+#:   U(0.05, 1) with a random sign instead.
+BETA_PRESETS = {"paper": (0.1, 1.0, False), "authors": (0.1, 28.0, True)}
+
+
+def bounds_width(lower, upper) -> float:
+    """The width ``upper - lower`` of the data range, averaged over channels (per-channel bounds)."""
+    k = max(len(lower), len(upper))
+    lo, hi = lower * (k // len(lower)), upper * (k // len(upper))
+    return sum(b - a for a, b in zip(lo, hi)) / k
+
+
 def _check_number_pair(value, name, low_ok=0.0):
     if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
         raise ValueError(f"{name} must be a pair (low, high), got {value!r}")
@@ -97,7 +114,14 @@ class ManifoldSampler:
     Args:
         cvae: a trained :class:`fastood.models.ConditionalVAE` (or a model with ``encode``, ``decode``,
             ``latent_dim``, ``num_classes``, ``image_shape``).
-        beta_range: ``(low, high)`` of the type-I step size beta (paper: (0.1, 1)), image units, 0 <= low <= high.
+        beta_range: the type-I step size beta (the L2 norm of ``x~ - x`` before clipping): ``"paper"`` (default:
+            U[0.1, 1] of a [0, 1] range, i.e. U[0.1, 1] * (upper - lower) of ``bounds``: U[0.2, 2] on [-1, 1]),
+            ``"authors"`` (U(0.1, 28) of a [0, 1] range with a random sign, their MNIST 0-9 runs; see
+            :data:`BETA_PRESETS`), or ``(low, high)`` in image units, 0 <= low <= high. Measured (mnist5k-0to4,
+            8-d CVAE, 256 images): the old default U[0.1, 1] on [-1, 1] moved an image by 0.40 on average while
+            the median distance between an ID digit and its nearest ID neighbour is 11.5; see docs/fidelity.md.
+        random_sign: multiply beta by a random sign (default: the preset's; False for a pair). ``v`` is already
+            symmetric in distribution, so this only matches the authors' code; it changes no distribution.
         coverage: fraction of each class's latent means inside its ellipsoid (paper: 0.95), in (0, 1].
         shell: None (paper: on the ellipsoid) or a factor >= 1: radii drawn from ``r_c * U(1, shell)`` (the
             authors' code used 1.5).
@@ -108,11 +132,24 @@ class ManifoldSampler:
         batch_size: the most images encoded/decoded at once (bounds the Jacobian's memory: batch_size * D * d).
     """
 
-    def __init__(self, cvae: nn.Module, beta_range=(0.1, 1.0), coverage=0.95, shell=None, bounds=(-1.0, 1.0),
-                 type1_fraction=0.5, anchor="input", batch_size=256):
+    def __init__(self, cvae: nn.Module, beta_range="paper", coverage=0.95, shell=None, bounds=(-1.0, 1.0),
+                 type1_fraction=0.5, anchor="input", batch_size=256, random_sign=None):
         check_cvae(cvae, ("encode", "decode", "latent_dim", "num_classes", "image_shape"))
         self.cvae = cvae
-        self.beta_range = _check_number_pair(beta_range, "beta_range")
+        self.lower, self.upper = check_bounds(bounds)
+        if isinstance(beta_range, str):
+            if beta_range not in BETA_PRESETS:
+                raise ValueError(f"beta_range must be one of {sorted(BETA_PRESETS)} or a pair (low, high), "
+                                 f"got {beta_range!r}")
+            low, high, preset_sign = BETA_PRESETS[beta_range]
+            width = bounds_width(self.lower, self.upper)  # the presets are stated for a [0, 1] range
+            self.beta_preset, self.beta_range = beta_range, (low * width, high * width)
+        else:
+            self.beta_preset, preset_sign = None, False
+            self.beta_range = _check_number_pair(beta_range, "beta_range")
+        if random_sign is not None and not isinstance(random_sign, bool):
+            raise TypeError(f"random_sign must be None or a bool, got {random_sign!r}")
+        self.random_sign = preset_sign if random_sign is None else random_sign
         coverage = float(coverage)
         if not 0.0 < coverage <= 1.0:
             raise ValueError(f"coverage must be in (0, 1], got {coverage}")
@@ -122,7 +159,6 @@ class ManifoldSampler:
             if not (math.isfinite(shell) and shell >= 1.0):
                 raise ValueError(f"shell must be None or a finite factor >= 1, got {shell}")
         self.shell = shell
-        self.lower, self.upper = check_bounds(bounds)
         check_shape(cvae.image_shape, (self.lower, self.upper))
         type1_fraction = float(type1_fraction)
         if not 0.0 <= type1_fraction <= 1.0:
@@ -135,6 +171,7 @@ class ManifoldSampler:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.batch_size = batch_size
         self.means = self.chols = self.radii = self.counts = None
+        self._last_radius = torch.zeros(0, dtype=torch.float64)
         self.stats = {}
 
     # ------------------------------------------------------------------ helpers
@@ -261,12 +298,13 @@ class ManifoldSampler:
 
         Args:
             x: ID images [B, C, H, W] in the data range; y: their labels (int tensor [B] or an int).
-        ``stats`` gets ``beta`` [B], ``labels`` [B] and ``jacobian_norm`` [B] (Frobenius norm of each J).
+        ``stats`` gets ``beta`` [B] (signed with ``random_sign``), ``step`` [B] (``|x~ - x|_2`` after clipping: the
+        distance an outlier actually moved), ``labels`` [B] and ``jacobian_norm`` [B] (Frobenius norm of each J).
         """
         x = self._check_images(x)
         y = self._labels(y, x.shape[0])
         out = torch.empty_like(x)
-        betas, norms = [], []
+        betas, norms, steps = [], [], []
         with frozen(self.cvae), torch.no_grad():
             for start in range(0, x.shape[0], self.batch_size):
                 xb = x[start:start + self.batch_size].to(self.device, self.dtype)
@@ -277,13 +315,18 @@ class ManifoldSampler:
                 v = ops.nullspace_project(jac, torch.randn_like(recon))
                 lo, hi = self.beta_range
                 beta = lo + (hi - lo) * torch.rand(xb.shape[0], 1, device=xb.device, dtype=xb.dtype)
+                if self.random_sign:
+                    beta = beta * (torch.randint(2, beta.shape, device=xb.device).to(xb.dtype) * 2 - 1)
                 base = xb.flatten(1) if self.anchor == "input" else recon
-                out[start:start + self.batch_size] = self._clip((base + beta * v).view_as(xb)).to(x.device, x.dtype)
+                moved = self._clip((base + beta * v).view_as(xb))
+                out[start:start + self.batch_size] = moved.to(x.device, x.dtype)
                 betas.append(beta.squeeze(1))
+                steps.append((moved - xb).flatten(1).norm(dim=1))
                 norms.append(jac.flatten(1).norm(dim=1))
         empty = x.new_zeros(0)
         self.stats = {"type1": x.shape[0], "type2": 0, "labels": y,
                       "beta": torch.cat(betas) if betas else empty,
+                      "step": torch.cat(steps) if steps else empty,
                       "jacobian_norm": torch.cat(norms) if norms else empty}
         return out
 
@@ -311,13 +354,15 @@ class ManifoldSampler:
             radius = radius * (1.0 + (self.shell - 1.0) * torch.rand(n, device=self.device, dtype=torch.float64))
         chol, mean = self.chols.to(self.device)[y], self.means.to(self.device)[y]
         z = mean + radius.unsqueeze(1) * (chol @ u.unsqueeze(2)).squeeze(2)
+        self._last_radius = radius.detach().cpu()
         return z.to(self.dtype), y
 
     def type2(self, n: int, y=None) -> torch.Tensor:
         """``n`` class-boundary outliers ``g(z, y)`` [n, C, H, W] on the CVAE's device, clipped into ``bounds``.
 
-        ``y``: None (uniform over the fitted classes), an int or an int tensor [n]. ``stats`` gets ``labels`` [n]
-        and ``latents`` [n, d].
+        ``y``: None (uniform over the fitted classes), an int or an int tensor [n]. ``stats`` gets ``labels`` [n],
+        ``latents`` [n, d] and ``radius`` [n] (the Mahalanobis radius of each latent under its class's Gaussian:
+        ``r_c``, or ``r_c`` times the shell factor).
         """
         z, y = self.type2_latents(n, y)
         out = torch.empty((z.shape[0],) + tuple(self.cvae.image_shape), device=self.device, dtype=self.dtype)
@@ -325,7 +370,7 @@ class ManifoldSampler:
             for start in range(0, z.shape[0], self.batch_size):
                 sl = slice(start, start + self.batch_size)
                 out[sl] = self._clip(self.cvae.decode(z[sl], y[sl]))
-        self.stats = {"type1": 0, "type2": z.shape[0], "labels": y, "latents": z}
+        self.stats = {"type1": 0, "type2": z.shape[0], "labels": y, "latents": z, "radius": self._last_radius}
         return out
 
     # ------------------------------------------------------------------ protocol
@@ -338,13 +383,14 @@ class ManifoldSampler:
         Returned on x's device when a context is given, else on the CVAE's device. ``model`` is ignored;
         ``shape`` must be None or the CVAE's image shape.
 
-        ``stats``: ``type1``, ``type2`` (counts), ``labels`` [n] (the class each outlier came from), ``beta`` [type1].
+        ``stats``: ``type1``, ``type2`` (counts), ``labels`` [n] (the class each outlier came from), ``beta`` and
+        ``step`` [type1], ``radius`` [type2] (see :meth:`type1`, :meth:`type2`).
         """
         n = check_count(n)
         if shape is not None and tuple(check_shape(shape)) != tuple(self.cvae.image_shape):
             raise ValueError(f"shape {tuple(shape)} does not match the CVAE's image shape "
                              f"{tuple(self.cvae.image_shape)}")
-        n1, parts, labels, beta = 0, [], [], None
+        n1, parts, labels, beta, step, radius = 0, [], [], None, None, None
         out_device = self.device
         if context is not None:
             if not isinstance(context, (tuple, list)) or len(context) < 2:
@@ -362,13 +408,16 @@ class ManifoldSampler:
                 y = torch.as_tensor(y, device=x.device)
                 parts.append(self.type1(x[idx], y[idx]).to(out_device))
                 labels.append(self.stats["labels"])
-                beta = self.stats["beta"]
+                beta, step = self.stats["beta"], self.stats["step"]
         if n - n1 > 0:
             parts.append(self.type2(n - n1).to(out_device))
             labels.append(self.stats["labels"])
+            radius = self.stats["radius"]
         if not parts:
             self.stats = {"type1": 0, "type2": 0, "labels": torch.zeros(0, dtype=torch.long)}
             return torch.zeros((0,) + tuple(self.cvae.image_shape), device=out_device, dtype=self.dtype)
         self.stats = {"type1": n1, "type2": n - n1, "labels": torch.cat([t.to(out_device) for t in labels]),
-                      "beta": beta if beta is not None else torch.zeros(0)}
+                      "beta": beta if beta is not None else torch.zeros(0),
+                      "step": step if step is not None else torch.zeros(0),
+                      "radius": radius if radius is not None else torch.zeros(0)}
         return torch.cat(parts).detach()
