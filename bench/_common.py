@@ -70,7 +70,13 @@ def median_seconds(fn, device, warmup=1, repeats=5, min_time=0.0):
 
 
 def interleaved_medians(fns, device, warmup=None, repeats=3, min_time=0.0, max_rounds=50):
-    """Median wall seconds of each zero-argument callable in ``fns`` ({name: fn}), timed round-robin.
+    """Median wall seconds of each callable in ``fns``, timed round-robin (see :func:`interleaved_times`)."""
+    times = interleaved_times(fns, device, warmup, repeats, min_time, max_rounds)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def interleaved_times(fns, device, warmup=None, repeats=3, min_time=0.0, max_rounds=50):
+    """Wall seconds of every call of each zero-argument callable in ``fns`` ({name: fn}), timed round-robin.
 
     Calls rotate (a, b, c, a, b, c, ...) so that load from other processes hits every candidate alike. At least
     ``repeats`` rounds run, more while less than ``min_time`` seconds have passed (at most ``max_rounds``): short
@@ -91,7 +97,7 @@ def interleaved_medians(fns, device, warmup=None, repeats=3, min_time=0.0, max_r
             sync(device)
             times[name].append(time.perf_counter() - t0)
         rounds += 1
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
 
 
 def format_value(value, spec):

@@ -2,6 +2,7 @@
 
     python bench/bench_ops.py [--device cpu|cuda] [--json PATH] [--quick] [--no-compile]
                               [--dtypes fp32 bf16] [--all-capabilities] [--threads N] [--min-time S]
+                              [--stat median|min] [--ops NAME ...]
 
 Prints a table and writes the same rows as JSON. Per row: median times of the native op, the eager reference
 and torch.compile(reference), timed round-robin in the same run (so that load from other processes hits all of
@@ -24,7 +25,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from _common import (cpu_capability, environment, format_table, interleaved_medians,  # noqa: E402
+import statistics  # noqa: E402
+
+from _common import (cpu_capability, environment, format_table, interleaved_times,  # noqa: E402
                      machine_peak, percent, write_json)
 
 import fastood.ops as ops  # noqa: E402
@@ -132,6 +135,11 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; on a machine shared with other jobs, 1 "
                              "keeps a descheduled worker thread from stalling every parallel call)")
+    parser.add_argument("--stat", choices=["median", "min"], default="median",
+                        help="statistic of the round-robin samples (min: the least disturbed call, for a machine "
+                             "shared with other jobs; default: %(default)s)")
+    parser.add_argument("--ops", nargs="+", choices=["modified_energy_grad", "softmax_entropy", "langevin_step_",
+                                                     "nullspace_project"], help="only these ops")
     parser.add_argument("--min-time", type=float, default=None,
                         help="seconds of round-robin timing per row (default 0.5, --quick 0.02)")
     args = parser.parse_args(argv)
@@ -153,6 +161,8 @@ def main(argv=None):
             dtype = DTYPES[dtype_name]
             peak = peaks.setdefault(dtype_name, machine_peak(device, dtype, capability))
             for op_name, size, setup in cases(device, args.quick, dtype):
+                if args.ops and op_name.split()[0] not in args.ops:
+                    continue
                 torch.manual_seed(0)
                 native_fn, reference_fn, nbytes, flops = setup()
                 fns = {"reference": reference_fn}
@@ -163,7 +173,9 @@ def main(argv=None):
                 c_fn = None if args.no_compile or args.quick else compiled(reference_fn)
                 if c_fn is not None:
                     fns["compiled"] = c_fn
-                t = interleaved_medians(fns, device, repeats=5, min_time=min_time, max_rounds=400)
+                times = interleaved_times(fns, device, repeats=5, min_time=min_time, max_rounds=2000)
+                pick = min if args.stat == "min" else statistics.median
+                t = {name: pick(ts) for name, ts in times.items()}
                 t_native = t.get(f"native[{capability}]", t.get("native"))
                 t_ref, t_comp = t["reference"], t.get("compiled")
                 row = {
@@ -193,10 +205,11 @@ def main(argv=None):
             torch.ops.fastood.set_cpu_capability(capability)
 
     meta = environment(device, cpu_capability=capability, capabilities_timed=capabilities, min_time=min_time,
+                       statistic=args.stat,
                        peaks=peaks, flops_per_element=FLOPS_PER_ELEMENT)
     print(f"fastood bench_ops on {device} ({meta['device_name']}); torch {torch.__version__}; native={native}; "
           f"cpu capability={capability}; threads={torch.get_num_threads()}")
-    print("times: medians of round-robin rounds in this run (compare ratios on a loaded machine)")
+    print(f"times: {args.stat} of round-robin rounds in this run (on a loaded machine compare the ratios)")
     for name, peak in peaks.items():
         print(f"peak ({name}): {peak['basis']}")
     columns = [("op", "op", "s"), ("size", "size", "s"), ("dtype", "dtype", "s"), ("native_ms", "native ms", ".4f"),

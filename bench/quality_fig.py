@@ -1,28 +1,26 @@
 """FIG and GS on mnist5k-0to4: does fine-tuning on the model's own Langevin samples improve MSP detection?
 
-    python bench/quality_fig.py [--epochs 2] [--seeds 3] [--split-seed 0] [--lr 1e-3] [--trajectory-epochs 4] [--json PATH]
+    python bench/quality_fig.py [--epochs 2] [--seeds 3] [--split-seed 0] [--lr 1e-3] [--before] [--no-control]
+                                [--trajectory-epochs 0] [--json PATH]
+
+One protocol for every row: the same pretrained model, the same number of optimizer steps (``--epochs`` epochs of
+the ID training set, batch 64), the same learning rate, fine-tuning seeds 0..N-1 (data order and sampler noise).
 
 1. A SmallCNN pretrained by StandardTrainer on MNIST digits 0-4 (``fastood.pretrain.pretrained_small_cnn``, cached
    under ``--cache``, default ``~/.cache/fastood``).
-2. FIG (Algorithm 2 with the paper's settings: LangevinSampler c=5, eps0=0.1, per-chain stop at confidence 0.9,
-   at most 20 steps; K=0.1, lambda=1, SGD lr 1e-3, momentum 0.9, wd 5e-4) for ``--epochs`` epochs from it, once per
-   fine-tuning seed (``--seeds``: data order and sampler noise; the pretrained model and the split are fixed).
-3. GS (the same loop with Gaussian noise, std 0.5) for comparison, same schedule and seeds.
+2. FIG with fastood's defaults (Algorithm 2: LangevinSampler c=5, eps0=0.1, noise std eps as the authors' code, at
+   least one update per chain, per-chain stop at confidence 0.9, at most 20 updates; K=0.1, lambda=1, SGD lr 1e-3,
+   momentum 0.9, wd 5e-4, BatchNorm frozen).
+3. Controls: ``CE (k=0)`` -- the same fine-tuning without generated samples (FIGTrainer(k=0), the K=0 point of the
+   paper's Fig. 1), so a gain can be told apart from more cross-entropy steps; ``GS`` -- the same loop with
+   clamped Gaussian noise (std 0.5); with ``--before``, ``FIG (before)`` -- the sampler as it was before issue 12
+   (``min_steps=0``: stop test on the starting noise; ``noise="paper"``: variance eps).
 
-Prints MSP (higher score = more OOD) metrics averaged over the benchmark's OOD sets with the ID accuracy per run,
-the mean change against the pretrained model, the per-set AUROC, how confident the generated samples are (the
-training history, first vs last steps, and a probe of fresh Langevin samples before and after), and a trajectory
-of one FIG run evaluated every half epoch for ``--trajectory-epochs`` epochs (0 skips it).
-
-What it shows on this small benchmark (paper settings, BatchNorm frozen as FIGTrainer does by default): how much FIG
-gains depends on how saturated the pretrained model is on uniform noise. Where its noise confidence is 1.0000 to
-four digits (split seed 0: modified energy of Langevin samples about -1770), every chain stops at its start, the
-entropy gradient there is ~1e-4 and two epochs at lr 1e-3 barely move it (+1.5 AUROC; ``--lr 0.01`` breaks the
-saturation within two epochs but with unstable ID accuracy). Where it is a little lower (split seeds 1 and 2), the
-generated samples' confidence falls from ~1 to 0.6-0.9 within two epochs, the chains start walking, and the mean
-AUROC rises by 23-45 points. Without frozen BatchNorm (``freeze_bn=False``) the generated batch drags the running
-statistics and ID accuracy collapsed to 25-60% within 30-90 steps in our runs.
-Writes everything as JSON with ``--json``. Runtime: well under a minute on an idle 2-core CPU.
+Prints, per run, the MSP (higher score = more OOD) AUROC averaged over the benchmark's OOD sets and the ID accuracy
+next to the mechanism figures (Langevin updates per chain, mean and fewest; the generated samples' confidence at
+the chains' start and at the sampler's output, means over the run); then the change against the pretrained model
+(mean +- std over seeds), the per-set AUROC, a probe of fresh Langevin samples, and, with ``--trajectory-epochs``,
+one FIG run evaluated every half epoch. ``--json`` writes everything.
 """
 import argparse
 import copy
@@ -85,11 +83,36 @@ class Setup:
         model.eval()
         return evaluate(MSP(model), self.id_test, self.ood, progress=False)
 
-    def trainer(self, trainer_cls, seed):
+    def trainer(self, trainer_cls, seed, **kwargs):
         model = copy.deepcopy(self.pretrained)
         torch.manual_seed(seed)
         loader = DataLoader(self.bench.id_train, batch_size=self.args.batch_size, shuffle=True, drop_last=True)
-        return trainer_cls(model, seed=seed, lr=self.args.lr, progress=not self.args.quiet), loader
+        return trainer_cls(model, seed=seed, lr=self.args.lr, progress=not self.args.quiet, **kwargs), loader
+
+
+def mechanism(history):
+    """Mean over the run of the logged mechanism figures (None where a method logs none)."""
+    out = {}
+    for key in ("gen_steps", "gen_steps_min", "sampler_start_confidence", "sampler_confidence", "gen_confidence"):
+        values = [h[key] for h in history if key in h]
+        out[key] = statistics.mean(values) if values else None
+    steps_min = [h["gen_steps_min"] for h in history if "gen_steps_min" in h]
+    out["fewest_steps"] = min(steps_min) if steps_min else None
+    return out
+
+
+def methods(args):
+    """(name, trainer class, keyword arguments) of every row."""
+    rows = []
+    if not args.no_control:
+        rows.append(("CE (k=0)", FIGTrainer, {"k": 0.0}))
+    if args.before:
+        rows.append(("FIG (before)", FIGTrainer,
+                     {"sampler": LangevinSampler(min_steps=0, noise="paper")}))
+    rows.append(("FIG", FIGTrainer, {}))
+    if not args.no_gs:
+        rows.append(("GS", GaussianNoiseTrainer, {}))
+    return rows
 
 
 def trajectory(setup, epochs, seed=0):
@@ -115,9 +138,11 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate of FIG and GS "
                         "(default: the paper's %(default)s)")
     parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds 0..N-1 (default: %(default)s)")
-    parser.add_argument("--trajectory-epochs", type=int, default=4,
-                        help="epochs of the FIG trajectory, evaluated every half epoch; 0 skips it "
-                             "(default: %(default)s)")
+    parser.add_argument("--trajectory-epochs", type=int, default=0,
+                        help="epochs of a FIG trajectory, evaluated every half epoch; 0 skips it (default: %(default)s)")
+    parser.add_argument("--before", action="store_true",
+                        help="add FIG with the sampler defaults before issue 12 (min_steps=0, noise='paper')")
+    parser.add_argument("--no-control", action="store_true", help="skip the CE (k=0) control")
     parser.add_argument("--batch-size", type=int, default=64, help="ID batch size (default: %(default)s)")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the data split and the pretraining")
     parser.add_argument("--cache", help="cache directory of the pretrained SmallCNN (default: ~/.cache/fastood)")
@@ -133,38 +158,59 @@ def main(argv=None):
     reports = {BASE: setup.evaluate(setup.pretrained)}
     probes = {BASE: probe(setup.pretrained, setup.shape)}
     curves, seconds = {}, {}
-    methods = [("FIG", FIGTrainer)] + ([] if args.no_gs else [("GS", GaussianNoiseTrainer)])
-    for name, trainer_cls in methods:
+    rows = methods(args)
+    mech = {}
+    for name, trainer_cls, kwargs in rows:
         for seed in range(args.seeds):
-            trainer, loader = setup.trainer(trainer_cls, seed)
+            fresh = {k: copy.deepcopy(v) for k, v in kwargs.items()}  # a fresh sampler per run
+            trainer, loader = setup.trainer(trainer_cls, seed, **fresh)
             t0 = time.time()
             trainer.fit(loader, epochs=args.epochs)
-            label = f"{name} {args.epochs} ep, seed {seed}"
+            label = f"{name}, seed {seed}"
             seconds[label] = time.time() - t0
             trainer.model.eval()
             reports[label] = evaluate(trainer.detector(), setup.id_test, setup.ood, progress=False)
             probes[label] = probe(trainer.model, setup.shape)
             curves[label] = history_summary(trainer.history)
+            mech[label] = mechanism(trainer.history)
 
     base = reports[BASE]
-    print(f"SmallCNN on mnist5k-0to4 (ID digits 0-4), detector MSP (higher score = more OOD); metrics in %, "
+    steps = args.epochs * (len(setup.bench.id_train) // args.batch_size)
+    print(f"SmallCNN on mnist5k-0to4 (ID digits 0-4), detector MSP (higher score = more OOD); every run fine-tunes "
+          f"the same pretrained model for {steps} steps (batch {args.batch_size}, lr {args.lr:g}); metrics in %, "
           f"mean over the OOD sets {list(setup.ood)}")
     print(compare(reports))
+    fmt = (lambda v, f: "-" if v is None else format(v, f))
+    print("\nPer run: mean AUROC and ID accuracy (%) beside the mechanism figures (means over the run): Langevin "
+          "updates per chain (mean, fewest of any chain), confidence of the chains' starts -> of the sampler's output, "
+          "and of the generated batch in the training forward")
+    width = max(len(k) for k in reports) + 2
+    print(f"{'':{width}s}{'AUROC':>8s}{'ID acc':>8s}{'upd/chain':>11s}{'fewest':>8s}{'conf start':>12s}"
+          f"{'conf out':>10s}{'gen conf':>10s}")
+    print(f"{BASE:{width}s}{100 * base.average['auroc']:8.2f}{100 * base.id_accuracy:8.2f}")
+    for label, m in mech.items():
+        r = reports[label]
+        print(f"{label:{width}s}{100 * r.average['auroc']:8.2f}{100 * r.id_accuracy:8.2f}"
+              f"{fmt(m['gen_steps'], '11.2f'):>11s}{fmt(m['fewest_steps'], '8.0f'):>8s}"
+              f"{fmt(m['sampler_start_confidence'], '12.4f'):>12s}{fmt(m['sampler_confidence'], '10.4f'):>10s}"
+              f"{fmt(m['gen_confidence'], '10.4f'):>10s}")
     summary = {}
     print("\nChange against the pretrained model (mean +- std over seeds, points):")
-    for name, _ in methods:
-        runs = [r for k, r in reports.items() if k.startswith(f"{name} ")]
+    std = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
+    for name, _, _ in rows:
+        runs = [r for k, r in reports.items() if k.startswith(f"{name}, seed ")]
         d_auroc = [100 * (r.average["auroc"] - base.average["auroc"]) for r in runs]
         d_acc = [100 * (r.id_accuracy - base.id_accuracy) for r in runs]
-        std = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
-        summary[name] = {"d_auroc_mean": statistics.mean(d_auroc), "d_auroc_std": std(d_auroc),
+        auroc = [100 * r.average["auroc"] for r in runs]
+        summary[name] = {"auroc_mean": statistics.mean(auroc), "auroc_std": std(auroc),
+                         "d_auroc_mean": statistics.mean(d_auroc), "d_auroc_std": std(d_auroc),
                          "d_acc_mean": statistics.mean(d_acc), "d_acc_std": std(d_acc),
                          "worst_d_acc": min(d_acc), "runs_with_higher_auroc": sum(d > 0 for d in d_auroc),
                          "runs": len(runs)}
         s = summary[name]
-        print(f"  {name:4s} mean AUROC {s['d_auroc_mean']:+.2f} +- {s['d_auroc_std']:.2f}   ID accuracy "
-              f"{s['d_acc_mean']:+.2f} +- {s['d_acc_std']:.2f} (worst {s['worst_d_acc']:+.2f})   AUROC higher in "
-              f"{s['runs_with_higher_auroc']}/{s['runs']} runs")
+        print(f"  {name:14s} AUROC {s['auroc_mean']:.2f} +- {s['auroc_std']:.2f} (change {s['d_auroc_mean']:+.2f} "
+              f"+- {s['d_auroc_std']:.2f})   ID accuracy {s['d_acc_mean']:+.2f} +- {s['d_acc_std']:.2f} (worst "
+              f"{s['worst_d_acc']:+.2f})   AUROC higher in {s['runs_with_higher_auroc']}/{s['runs']} runs")
 
     print("\nAUROC per OOD set (%):")
     width = max(len(k) for k in reports) + 2
@@ -195,9 +241,9 @@ def main(argv=None):
     print(f"\ntime: fine-tuning runs {sum(seconds.values()):.0f} s; total {total:.0f} s")
 
     if args.json:
-        out = {"benchmark": "mnist5k-0to4", "epochs": args.epochs, "seeds": args.seeds, "seconds": seconds,
-               "reports": {k: r.to_dict() for k, r in reports.items()}, "summary": summary, "probes": probes,
-               "history": curves, "trajectory": traj}
+        out = {"benchmark": "mnist5k-0to4", "epochs": args.epochs, "seeds": args.seeds, "lr": args.lr,
+               "seconds": seconds, "reports": {k: r.to_dict() for k, r in reports.items()}, "summary": summary,
+               "mechanism": mech, "probes": probes, "history": curves, "trajectory": traj}
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
     return reports

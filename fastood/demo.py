@@ -485,29 +485,21 @@ def _detector_key(detector) -> str:
 def save_model_file(path: str, model: torch.nn.Module, *, method: str, config: RunConfig, detector: str,
                     image_shape=None, num_classes=None) -> None:
     """Write a self-contained model file (the pickled module plus how it was made) for ``fastood eval``."""
-    from fastood.trainers.base import unwrap
+    from fastood.model_files import save_model
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    module = copy.deepcopy(unwrap(model)).cpu().eval()
-    payload = {"format": MODEL_FORMAT, "version": 1, "method": method, "data": config.data, "model": config.model,
-               "seed": config.seed, "detector": detector, "module": module,
-               "image_shape": None if image_shape is None else tuple(image_shape), "num_classes": num_classes}
-    tmp = path + ".tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    save_model(model, path, method=method, data=config.data, model=config.model, seed=config.seed, detector=detector,
+               image_shape=None if image_shape is None else tuple(image_shape), num_classes=num_classes)
 
 
-def load_model_file(path: str) -> dict:
-    """Read a file written by :func:`save_model_file`. It holds a pickled module: load only files you trust."""
-    if not os.path.isfile(path):
-        raise PipelineError(f"model file not found: {path!r} (fastood train writes OUT/model.pt, "
-                            "fastood demo writes OUT/models/METHOD.pt)")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
-        hint = (" It looks like a trainer checkpoint (checkpoint.pt): use the model.pt written beside the run's report."
-                if isinstance(payload, dict) and "optimizer" in payload else "")
-        raise PipelineError(f"{path!r} is not a fastood model file (written by fastood train / demo).{hint}")
-    return payload
+def load_model_file(path: str, factory=None) -> dict:
+    """Read a model file (fastood's own, a ``torch.save(model)`` file, or a state_dict with ``factory``; see
+    :func:`fastood.model_files.load_model`). It holds a pickled module: load only files you trust."""
+    from fastood.model_files import ModelFileError, load_model
+
+    try:
+        return load_model(path, factory=factory)
+    except ModelFileError as err:
+        raise PipelineError(str(err)) from None
 
 
 # ----------------------------------------------------------------------------------------------- reports
@@ -745,14 +737,20 @@ def run_train(config: RunConfig) -> dict:
 
 def run_eval(path: str, detector: str = "auto", data: Optional[str] = None, batch_size: int = 256,
              device: str = "auto", seed: Optional[int] = None, out: Optional[str] = None, progress: bool = True,
-             eval_limit: Optional[int] = None, plots: bool = True):
-    """Evaluate a saved model with one detector on a benchmark's test sets; write a report. Returns the Report."""
+             eval_limit: Optional[int] = None, plots: bool = True, factory=None, payload: Optional[dict] = None):
+    """Evaluate a saved model (any file :func:`fastood.model_files.load_model` reads; ``factory`` for a state_dict,
+    or an already loaded ``payload``) with one detector on a benchmark's test sets; write a report. Returns the
+    Report."""
     from fastood.evaluation import evaluate
 
-    payload = load_model_file(path)
-    det_name = payload["detector"] if detector == "auto" else detector
-    config = RunConfig(methods=[payload["method"]], data=data or payload["data"], model=payload["model"],
-                       seed=payload["seed"] if seed is None else seed, device=device, quiet=not progress,
+    payload = load_model_file(path, factory) if payload is None else payload
+    det_name = (payload["detector"] or "msp") if detector == "auto" else detector
+    if data is None and payload["data"] is None:
+        raise PipelineError(f"{path} does not say which data it was trained on: pass --data NAME (a built-in "
+                            "benchmark) or --id DIR --ood DIR ... (image folders)")
+    config = RunConfig(methods=[payload["method"] or "model"], data=data or payload["data"],
+                       model=payload["model"] or "smallcnn",
+                       seed=(payload["seed"] or 0) if seed is None else seed, device=device, quiet=not progress,
                        eval_limit=eval_limit,
                        out=out or os.path.join(os.path.dirname(os.path.abspath(path)), f"eval-{det_name}"))
     ctx = Context(config)
@@ -764,7 +762,7 @@ def run_eval(path: str, detector: str = "auto", data: Optional[str] = None, batc
     det = make_detector(det_name, model, ctx)
     id_loader, ood = ctx.test_loaders(batch_size)
     report = evaluate(det, id_loader, ood, progress=progress)
-    row = f"{payload['method']} / {det.name}"
+    row = f"{payload['method'] or 'model'} / {det.name}"
     write_report(config.out, {row: report}, dict(_meta(ctx, "eval", 0.0), model_file=os.path.abspath(path)), {},
                  plots=plots)
     print(report.table())

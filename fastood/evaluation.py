@@ -138,15 +138,6 @@ class Report:
         return [roc_path, hist_path]
 
 
-def _labels_of(batch):
-    """The label tensor of an (images, labels, ...) batch, or None."""
-    if isinstance(batch, (tuple, list)) and len(batch) > 1:
-        labels = torch.as_tensor(batch[1])
-        if labels.dim() == 1 and not labels.is_floating_point() and not labels.is_complex():
-            return labels
-    return None
-
-
 def _checked_metrics(detector_name, name, scores_id, scores_ood, fpr95_positive):
     if scores_ood.numel() == 0:
         raise ValueError(f"OOD set {name!r} yielded no images")
@@ -156,30 +147,46 @@ def _checked_metrics(detector_name, name, scores_id, scores_ood, fpr95_positive)
     return ood_metrics(scores_id, scores_ood, fpr95_positive=fpr95_positive)
 
 
-def evaluate(detector, id_loader, ood_loaders: dict, progress: bool = True, fpr95_positive: str = "id") -> Report:
+def _class_labels(labels):
+    """``labels`` when they are class indices [B] (integers), else None (e.g. OOD-style float targets)."""
+    if labels is None or labels.dim() != 1 or labels.is_floating_point() or labels.is_complex():
+        return None
+    return labels
+
+
+def evaluate(detector, id_loader, ood_loaders: dict, progress: bool = True, fpr95_positive: str = "id",
+             batch_fn=None, batch_keys=None) -> Report:
     """Score the ID test loader and every OOD loader with ``detector``; compute the metrics of each OOD set.
 
     Args:
         detector: a fitted :class:`fastood.detectors.Detector`.
-        id_loader: ID test data, batches ``(images, labels)`` (labels give ID accuracy from ``detector.predict``'s
-            decisions, e.g. ExtraClass ignores its outlier class) or images alone.
-        ood_loaders: ``{name: loader}``; batches are images or tuples whose first item is the images.
+        id_loader: ID test data, batches ``(images, labels)`` (labels give ID accuracy from
+            ``detector.predict_class``'s decisions, e.g. ExtraClass ignores its outlier class), images alone, or
+            dicts (:class:`fastood.batches.BatchReader`).
+        ood_loaders: ``{name: loader}``; batches are images, ``(images, ...)`` tuples or dicts.
         progress: tqdm progress bars.
         fpr95_positive: FPR95 convention, ``"id"`` (papers) or ``"ood"``.
+        batch_fn, batch_keys: how to read every loader's batches (default: the detector's own reader).
     Returns:
         a :class:`Report`.
     """
+    from fastood.batches import BatchReader
+
     if not isinstance(ood_loaders, dict) or not ood_loaders:
         raise ValueError(f"ood_loaders must be a non-empty dict {{name: loader}}, got {ood_loaders!r}")
     from tqdm.auto import tqdm
 
+    if batch_fn is not None or batch_keys is not None:
+        reader = BatchReader(batch_fn=batch_fn, batch_keys=batch_keys)
+    else:
+        reader = getattr(detector, "batch_reader", None) or BatchReader()
     scores, predictions, labels = [], [], []
     with_accuracy = True
-    for batch in tqdm(id_loader, desc=f"{detector.name} ID", disable=not progress, leave=False):
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    for x, batch_labels in tqdm(reader.unlabeled(id_loader, "evaluate's id_loader"), desc=f"{detector.name} ID",
+                                disable=not progress, leave=False):
         s, p = detector.score_and_predict(x)
         scores.append(s.cpu())
-        y = _labels_of(batch)
+        y = _class_labels(batch_labels)
         if p is None or y is None:
             with_accuracy = False
         elif with_accuracy:
@@ -198,7 +205,8 @@ def evaluate(detector, id_loader, ood_loaders: dict, progress: bool = True, fpr9
         accuracy = float((torch.cat(predictions) == torch.cat(labels).long()).double().mean())
     scores_ood, metrics = {}, {}
     for name, loader in ood_loaders.items():
-        scores_ood[name] = detector.score_loader(loader, progress=progress)
+        scores_ood[name] = detector.score_loader(loader, progress=progress, reader=BatchReader(
+            batch_fn=reader.batch_fn, batch_keys=None if reader.batch_keys is None else (reader.batch_keys[0], None)))
         metrics[name] = _checked_metrics(detector.name, name, scores_id, scores_ood[name], fpr95_positive)
     return Report(detector.name, metrics, accuracy, scores_id, scores_ood, fpr95_positive)
 

@@ -117,7 +117,9 @@ def ood_metrics(score_id, score_ood, fpr95_positive: str = "id") -> dict:
     s_in, s_out = _as_scores("score_id", score_id), _as_scores("score_ood", score_ood)
     tp, fp, _ = _sweep(s_out, s_in)                       # OOD positive
     tpr, fpr = tp / s_out.size, fp / s_in.size
-    auroc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1])) / 2.0)  # trapezoids: ties count one half
+    # trapezoids (ties count one half) summed on the integer counts, divided once: exact, so a perfect
+    # separation gives exactly 1.0 however many distinct scores there are
+    auroc = float(np.sum(np.diff(fp) * (tp[1:] + tp[:-1])) / (2.0 * s_in.size * s_out.size))
     tp_in, fp_in, _ = _sweep(-s_in, -s_out)               # ID positive, ranked by -score
     return {
         "auroc": auroc,

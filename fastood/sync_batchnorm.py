@@ -20,10 +20,25 @@ from torch import nn
 __all__ = ["cross_rank_batch_norm", "convert_to_cross_rank", "restore_batchnorm"]
 
 
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.nn.functional import all_reduce  # differentiable: backward all-reduces the gradients
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks. Each rank's loss depends on the sum, so the gradient reaching one rank's summand is the sum
+    of every rank's gradient w.r.t. the sum: the backward is an all-reduce too."""
 
-    return all_reduce(t, op=dist.ReduceOp.SUM)
+    @staticmethod
+    def forward(ctx, t):
+        out = t.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    return _AllReduceSum.apply(t)
 
 
 def cross_rank_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:

@@ -409,3 +409,18 @@ def test_hyperparameters_record_validated_values():
         warnings.simplefilter("ignore")
         assert FIGTrainer(_mlp(), lr=FIGTrainer.default_lr, lam=1.0, progress=False).hyperparameters == \
             {k: v for k, v in t.hyperparameters.items()}
+
+
+def test_cli_fault_options_reach_the_trainers_and_the_process_group():
+    from types import SimpleNamespace
+
+    from fastood import demo
+
+    args = cli.build_parser().parse_args(["train", "oe", "--checkpoint-minutes", "7.5", "--skip-nonfinite",
+                                          "--ddp-timeout", "30", "--sync-bn"])
+    config = demo.RunConfig.from_args(args, methods=["oe"])
+    assert (config.checkpoint_minutes, config.skip_nonfinite, config.ddp_timeout, config.sync_bn) == (7.5, True, 30, True)
+    ctx = SimpleNamespace(config=config, device="cpu", checkpoint_dir=lambda method: f"out/{method}")
+    kwargs = demo.Context.trainer_kwargs(ctx, "oe")
+    assert kwargs["checkpoint_minutes"] == 7.5 and kwargs["skip_nonfinite"] and kwargs["sync_bn"]
+    assert demo.RunConfig().ddp_timeout == 1800.0 and demo.RunConfig().checkpoint_minutes is None

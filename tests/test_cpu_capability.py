@@ -48,7 +48,7 @@ def _logits(rows, cols, dtype, scale=4.0):
 
 # Column counts around every vector width (4, 8, 16 floats) and the benchmark's 100, rows around the entropy
 # forward's row groups.
-SHAPES = [(1, 1), (3, 7), (5, 16), (17, 17), (33, 100), (2, 1000)]
+SHAPES = [(1, 1), (2, 3), (3, 7), (4, 11), (3, 13), (5, 16), (17, 17), (33, 100), (2, 1000)]
 
 
 @pytest.mark.parametrize("capability", SUPPORTED, indirect=True)

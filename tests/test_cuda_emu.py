@@ -389,11 +389,12 @@ def test_results_do_not_depend_on_the_thread_schedule(driver, tmp_path, schedule
         h = s.buffer(numel=3, dtype=torch.float32)
         s.call("softmax_entropy", torch.float32, 3, 2053, s.buffer(x), h, None, None)
         s.save(h, (3,), "h")
-        jac = logits_sample((2, 300, 40), torch.float64, 1.0, 1)
-        nullspace_call(s, jac, logits_sample((2, 300), torch.float64, 1.0, 2), "p")
+        for d in (4, 40):  # d = 4: groups of threads share the rows of a tile
+            jac = logits_sample((2, 300, d), torch.float64, 1.0, d)
+            nullspace_call(s, jac, logits_sample((2, 300), torch.float64, 1.0, 2), f"p{d}")
         outs.append(s.run())
-    assert torch.equal(outs[0]["h"], outs[1]["h"])
-    assert torch.equal(outs[0]["p"], outs[1]["p"])
+    for key in ("h", "p4", "p40"):
+        assert torch.equal(outs[0][key], outs[1][key]), key
 
 
 # ----------------------------------------------------------------------------------------- the harness bites
@@ -415,6 +416,10 @@ MUTATIONS = [
      r"names lane 16; but thread \d+ has exited"),
     ("off-by-one active row", "langevin_step_kernel.cu", "!active[c.row]", "!active[c.row + 1]", "langevin",
      r"heap-buffer-overflow"),
+    ("out-of-bounds shared store", "nullspace_project_kernel.cu", "  if (lane == 0) scratch[warp] = v;",
+     "  if (lane == 0) scratch[warp + 1] = v;", "nullspace", r"global-buffer-overflow|insufficient space"),
+    ("endless loop (watchdog)", "langevin_step_kernel.cu", "base < numel; base += stride)",
+     "base < numel; base += 0 * stride)", "langevin", r"watchdog"),
 ]
 
 PROBES = {
@@ -426,10 +431,11 @@ PROBES = {
 
 
 @pytest.mark.parametrize("mutation", MUTATIONS, ids=[m[0] for m in MUTATIONS])
-def test_mutated_kernel_fails(tmp_path, mutation):
+def test_mutated_kernel_fails(tmp_path, monkeypatch, mutation):
     """A copy of csrc/cuda with one deliberate bug must fail the emulated tests with the expected diagnosis
     (only the mutated translation unit is recompiled; the others come from the cache)."""
     name, filename, original, mutated, probe, expected = mutation
+    monkeypatch.setenv("FASTOOD_EMU_WATCHDOG_S", "10")  # per launch; the probes' launches take well under 1 s
     src = tmp_path / "src" / "cuda"
     shutil.copytree(emu_build.CUDA_SRC, src)
     path = src / filename

@@ -1,5 +1,6 @@
 """DDP on 2 CPU processes (gloo): ranks agree, and equal one process trained on the same global batches."""
 import os
+import signal
 import socket
 import time
 
@@ -63,10 +64,12 @@ def _worker(rank, port, out_dir):
         gathered = D.all_gather_tensor(torch.full((rank + 1, 2), float(rank)))
         fig = _fig_under_ddp(info.device)
         bn = {sync: _batchnorm_run(info.device, loader, sync) for sync in (False, True)}
+        stopped = _sigterm_on_rank_1(info.device, loader, out_dir)
         rng = _resume_restores_each_ranks_rng(info.device, loader, out_dir)
         torch.save({"rng": rng, "params": [p.detach().clone() for p in model.parameters()],
                     "losses": [h["loss"] for h in trainer.history], "seen": seen, "draw": draw,
-                    "metrics": metrics, "weighted": weighted, "gathered": gathered, "fig": fig, "bn": bn},
+                    "metrics": metrics, "weighted": weighted, "gathered": gathered, "fig": fig, "bn": bn,
+                    "stopped": stopped},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         D.cleanup()
@@ -84,6 +87,26 @@ def _batchnorm_run(device, loader, sync_bn):
     trainer.fit(loader, epochs=1)
     restored = not any("forward" in vars(m) for m in model.modules())  # the layers are plain BatchNorm again
     return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()}, "restored": restored}
+
+
+def _sigterm_on_rank_1(device, loader, out_dir):
+    """Only rank 1 is sent SIGTERM (at its step 2): both ranks must stop after the same step, with one checkpoint.
+    Returns (the step the rank stopped at, the signal it reports)."""
+    from fastood.trainers.interrupt import TrainingInterrupted
+
+    class PreemptedRank(StandardTrainer):
+        def training_step(self, batch):
+            if self.step == 2 and D.rank() == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().training_step(batch)
+
+    trainer = PreemptedRank(_model(), lr=0.1, progress=False, device=device,
+                            checkpoint_dir=os.path.join(out_dir, "ckpt_sigterm"))
+    try:
+        trainer.fit(loader, steps=6)
+    except TrainingInterrupted as exc:
+        return exc.step, exc.signal
+    return None
 
 
 def _resume_restores_each_ranks_rng(device, loader, out_dir):
@@ -214,6 +237,10 @@ def test_ddp_two_ranks_equal_single_process_on_same_global_batches(tmp_path):
         assert torch.equal(value, f1["params"][name]), name
     initial = dict(_fig_net().named_parameters())
     assert max(float((v - initial[k].detach()).abs().max()) for k, v in f0["params"].items()) > 1e-4
+
+    # SIGTERM to one rank only: both stop after the same step (no rank left waiting), the checkpoint holds it.
+    assert r0["stopped"] == (3, "a signal on another rank") and r1["stopped"] == (3, "SIGTERM")
+    assert torch.load(tmp_path / "ckpt_sigterm" / "checkpoint.pt", weights_only=False)["step"] == 3
 
     # BatchNorm: with sync_bn the 2-rank run equals one process on the global batches (statistics over the
     # global batch); without it each rank normalizes with its own half, a different computation (the caveat).

@@ -3,6 +3,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fastood.samplers.langevin import LangevinSampler
 from fastood.samplers.noise import GaussianNoiseSampler
+from fastood.trainers import MechanismIdleWarning
 from fastood.trainers.fig import FIGTrainer, GaussianNoiseTrainer, fig_loss
 from fastood.trainers.standard import StandardTrainer
 
@@ -210,8 +212,69 @@ def test_defaults_and_detector():
     assert scores.shape == (3,) and bool((scores <= 0).all())     # -max softmax: higher = more OOD
 
 
+def test_k_zero_is_plain_cross_entropy_fine_tuning(pretrained):
+    # The paper's Fig. 1 includes K = 0 (no generated samples): plain CE fine-tuning of the pretrained model.
+    model, ds = pretrained
+
+    class NeverCalled:
+        def sample(self, *args, **kwargs):
+            raise AssertionError("k=0 must not sample")
+
+    class ConstantLR(StandardTrainer):
+        def configure_scheduler(self, optimizer, total_steps):
+            return None
+
+    a, b = clone(model), clone(model)
+    FIGTrainer(a, sampler=NeverCalled(), k=0, lr=0.05, progress=False, seed=3).fit(loader(ds), steps=3)
+    ConstantLR(b, lr=0.05, weight_decay=5e-4, progress=False, seed=3, freeze_bn=True).fit(loader(ds), steps=3)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-6)
+
+
+def test_default_sampler_updates_every_chain_during_fine_tuning(pretrained):
+    # Done-when of issue 12: the default sampler performs >= 1 update per chain (authors' loop: update, then test).
+    model, ds = pretrained
+    trainer = FIGTrainer(clone(model), k=0.5, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MechanismIdleWarning)
+        trainer.fit(loader(ds), steps=2)
+    for row in trainer.history:
+        assert row["gen_steps_min"] >= 1 and row["gen_steps"] >= 1
+        assert 0 < row["sampler_start_confidence"] <= 1 and 0 < row["sampler_confidence"] <= 1
+    assert FIGTrainer.progress_keys == ("loss", "ce", "gen_steps", "sampler_confidence")
+
+
+def test_warns_once_when_the_sampler_never_updates(pretrained):
+    model, ds = pretrained
+    # confidence 0 with the stop test on the starting noise: every chain returns its uniform start
+    idle = LangevinSampler(min_steps=0, confidence=0.0)
+    trainer = FIGTrainer(clone(model), sampler=idle, k=0.5, progress=False)
+    with pytest.warns(MechanismIdleWarning, match="0 Langevin updates"):
+        trainer.fit(loader(ds), epochs=1)
+    assert all(row["gen_steps"] == 0 for row in trainer.history)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MechanismIdleWarning)
+        trainer.fit(loader(ds), epochs=2)  # warned once per trainer
+
+
+def test_gs_never_warns_idle(pretrained):
+    model, ds = pretrained
+    trainer = GaussianNoiseTrainer(clone(model), k=0.5, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MechanismIdleWarning)
+        trainer.fit(loader(ds), steps=2)
+    assert "gen_entropy" in trainer.history[-1] and "gen_steps" not in trainer.history[-1]
+
+
+def test_gs_noise_std_default():
+    # fastood's choice (the FIG paper gives no std for GS; the authors' only Gaussian helper, generate_noise in
+    # code_FIG/model_func.py, draws unclipped N(0, 1) and is not called by main_FIG.py): std 0.5 in [-1, 1].
+    assert GaussianNoiseSampler().std == 0.5 and GaussianNoiseSampler().mean == 0.0
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
-    ({"k": 0}, ValueError, "k must"),
+    ({"k": -0.1}, ValueError, "k must"),
+    ({"k": True}, ValueError, "k must"),
     ({"lam": -1.0}, ValueError, "lam must"),
     ({"sampler": object()}, TypeError, "sample"),
     ({"sampler": GaussianNoiseSampler(), "bounds": (-1, 1)}, ValueError, "not both"),

@@ -230,7 +230,7 @@ def test_trains_from_scratch_and_rejects_outliers():
     outlier_scores = det.score(trainer.sampler.type2(30))
     assert id_scores.shape == (30,) and ((id_scores >= 0) & (id_scores <= 1)).all()
     assert outlier_scores.min() > id_scores.max()  # perfectly separated (AUROC 1)
-    assert (det.predict(x) == y).float().mean() > 0.9
+    assert (det.predict_class(x) == y).float().mean() > 0.9
 
 
 def test_extend_head_keeps_the_trained_rows():

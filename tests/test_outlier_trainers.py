@@ -1,4 +1,5 @@
 import copy
+import warnings
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fastood.detectors import ICELikelihood, MSP, Discrepancy, Energy
 from fastood.models import GaussianClassifier, GaussianHead, TwoHead
-from fastood.trainers import StandardTrainer
+from fastood.trainers import MechanismIdleWarning, StandardTrainer
 from fastood.trainers.discrepancy import DiscrepancyTrainer
 from fastood.trainers.ice import ICETrainer
 from fastood.trainers.oe import EnergyOETrainer, OETrainer
@@ -154,7 +155,7 @@ def test_ice_fine_tuning_initializes_lazily_and_raises_id_likelihood():
     trainer = ICETrainer(model, outliers=_outlier_loader(), progress=False)
     assert not trainer.head_initialized  # a plain classifier: the Gaussian head is fitted at the start of fit()
     before_init = trainer.model.head.means.detach().clone()
-    trainer.fit(_id_loader(), steps=0)
+    trainer.fit(_id_loader(), steps=1)  # steps must be >= 1: one step, the head fitted before it
     assert trainer.head_initialized and not torch.allclose(before_init, trainer.model.head.means.detach())
     det = trainer.detector()
     x_in, y = _id_data(256, seed=5)
@@ -162,9 +163,134 @@ def test_ice_fine_tuning_initializes_lazily_and_raises_id_likelihood():
     trainer.fit(_id_loader(), steps=50)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.history)
     assert float(det.score(x_in).mean()) < 0.9 * id_score   # ID images look more in-distribution (-max h falls)
-    assert (det.predict(x_in) == y).float().mean() > 0.95
-    # These outliers are far (h ~ -40 and below), so the outlier term is ~0 here; see the next test for it.
-    assert max(h["outlier_nll"] for h in trainer.history) < 1e-6
+    assert (det.predict_class(x_in) == y).float().mean() > 0.95
+
+
+def _near_outlier_loader(spread=0.6, batch=32):
+    """ID images plus N(0, spread^2) noise: about 4x the clusters' spread away from them."""
+    x, _ = _id_data(128, seed=7)
+    x = x + spread * torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    return DataLoader(TensorDataset(x), batch_size=batch, shuffle=True)
+
+
+def test_ice_outlier_term_is_active_from_step_0_with_the_default_head_scale():
+    # Issue 12: with the head at the plain class covariance, -h_y of ID features is about the feature dimension,
+    # so outliers a few cluster widths away have max h ~ -130 and -log(1 - exp(max h)) is ~0 (1e-6 here).
+    # head_scale="median" puts the median ID feature at h_y = -1: the same outliers give the term weight at step 0.
+    active = ICETrainer(_pretrained(), outliers=_near_outlier_loader(), progress=False)
+    active.fit(_id_loader(), steps=1)
+    first = active.history[0]
+    assert first["outlier_nll"] > 1e-3 and first["outlier_grad_vs_ce"] > 1e-3
+    assert 0 < first["outlier_grad_share"] < 1
+    plain = ICETrainer(_pretrained(), outliers=_near_outlier_loader(), head_scale=1.0, progress=False)
+    plain.fit(_id_loader(), steps=1)
+    assert plain.history[0]["outlier_nll"] < 1e-2 * first["outlier_nll"]
+
+
+def test_ice_warns_when_the_outlier_term_carries_no_gradient():
+    # Outliers far beyond every class (max h ~ -1e4 even at the median scale): exp(max h) underflows to 0.
+    far = DataLoader(TensorDataset(10 * _outliers()), batch_size=16, shuffle=True)
+    trainer = ICETrainer(_pretrained(), outliers=far, progress=False)
+    with pytest.warns(MechanismIdleWarning, match="outlier term"):
+        trainer.fit(_id_loader(), steps=1)
+    assert trainer.history[0]["outlier_grad_share"] < 1e-8
+    busy = ICETrainer(_pretrained(), outliers=_near_outlier_loader(), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MechanismIdleWarning)
+        busy.fit(_id_loader(), steps=1)
+
+
+def test_ice_grad_share_is_measured_every_n_steps():
+    trainer = ICETrainer(_pretrained(), outliers=_outlier_loader(), grad_share_every=3, progress=False)
+    trainer.fit(_id_loader(), steps=7)
+    measured = [h["step"] for h in trainer.history if "outlier_grad_share" in h]
+    assert measured == [1, 4, 7]  # before optimizer steps 0, 3, 6
+
+
+def test_ice_defaults_follow_the_paper_recipe():
+    # Wu et al. (AAAI 2023), fine-tuning: lr 0.01 with cosine decay, 128 ID + 256 outliers per batch, lam = 1.
+    trainer = ICETrainer(_pretrained(), outliers=_outlier_loader(), progress=False)
+    assert trainer.lr == 0.01 and trainer.outlier_ratio == 2.0 and trainer.lam == 1.0
+    assert trainer.head_scale == "median" and trainer.grad_clip == 10.0
+    assert isinstance(trainer.optimizer, torch.optim.SGD)
+    trainer.fit(_id_loader(), steps=4)
+    assert isinstance(trainer.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert ICETrainer.progress_keys == ("loss", "ce", "outlier_nll", "outlier_grad_share")
+
+
+def _bn_backbone(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(DIM, 16), nn.BatchNorm1d(16), nn.ReLU())
+
+
+def test_ice_freezes_batchnorm_only_for_a_head_fitted_on_trained_features():
+    # From scratch (a fresh GaussianHead): BatchNorm must learn its statistics.
+    scratch = GaussianClassifier(_bn_backbone(), GaussianHead(16, 2))
+    running = scratch.backbone[1].running_mean.clone()
+    trainer = ICETrainer(scratch, outliers=_outlier_loader(), progress=False)
+    assert trainer.freeze_bn is False
+    trainer.fit(_id_loader(), steps=2)
+    assert not torch.equal(scratch.backbone[1].running_mean, running)
+    # Fine-tuning a trained classifier: the head is fitted on its features, BatchNorm keeps those statistics.
+    classifier = nn.Sequential(_bn_backbone(), nn.Linear(16, 2))
+    StandardTrainer(classifier, lr=0.05, progress=False).fit(_id_loader(), steps=5)
+    lazy = ICETrainer(copy.deepcopy(classifier), outliers=_outlier_loader(), progress=False)
+    assert lazy.freeze_bn is False           # head not fitted yet
+    lazy.fit(_id_loader(), steps=0)
+    assert lazy.freeze_bn is True            # fitted at the start of fit()
+    eager = ICETrainer.from_classifier(copy.deepcopy(classifier), _id_loader(), outliers=_outlier_loader(),
+                                       progress=False)
+    assert eager.freeze_bn is True
+    bn = next(m for m in eager.model.modules() if isinstance(m, nn.BatchNorm1d))
+    running = bn.running_mean.clone()
+    eager.fit(_id_loader(), steps=2)
+    assert torch.equal(bn.running_mean, running)
+    forced = ICETrainer(GaussianClassifier(_bn_backbone(), GaussianHead(16, 2)), outliers=_outlier_loader(),
+                        freeze_bn=True, progress=False)
+    assert forced.freeze_bn is True
+
+
+def test_gaussian_head_median_scale_puts_the_median_training_feature_at_h_minus_1():
+    torch.manual_seed(0)
+    feats, labels = torch.randn(300, 6) * torch.tensor([1.0, 2.0, 0.5, 1.0, 3.0, 1.0]), torch.arange(300) % 3
+    head = GaussianHead(6, 3).double().init_from_features(feats, labels, ridge=0.0, scale="median")
+    with torch.no_grad():
+        h_y = head(feats.double()).gather(1, labels[:, None]).squeeze(1)
+    assert float(h_y.median()) == pytest.approx(-1.0, rel=1e-6)
+    plain = GaussianHead(6, 3).double().init_from_features(feats, labels, ridge=0.0)
+    assert float(plain(feats.double()).gather(1, labels[:, None]).median()) < -3  # about the dimension
+    assert head.init_scale == pytest.approx(float(-plain(feats.double()).gather(1, labels[:, None]).median()),
+                                            rel=1e-6)
+    with pytest.raises(ValueError, match="scale"):
+        GaussianHead(6, 3).init_from_features(feats, labels, scale=0)
+
+
+def test_oe_warns_when_the_outlier_term_is_idle():
+    # A model already uniform on everything (zero weights) with a negligible lr: the OE term has no gradient.
+    model = nn.Sequential(nn.Linear(DIM, 2))
+    nn.init.zeros_(model[0].weight), nn.init.zeros_(model[0].bias)
+    trainer = OETrainer(model, outliers=_outlier_loader(), lr=1e-12, progress=False)
+    with pytest.warns(MechanismIdleWarning, match="outlier_excess"):
+        trainer.fit(_id_loader(), steps=2)
+    assert trainer.history[0]["outlier_excess"] < 1e-6
+    busy = OETrainer(_pretrained(), outliers=_outlier_loader(), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MechanismIdleWarning)
+        busy.fit(_id_loader(), steps=2)
+    assert busy.history[0]["outlier_excess"] > 1e-3
+
+
+def test_energy_oe_warns_when_every_energy_is_inside_its_margin():
+    idle = EnergyOETrainer(_pretrained(), outliers=_outlier_loader(), m_in=1e6, m_out=-1e6, progress=False)
+    with pytest.warns(MechanismIdleWarning, match="margins='auto'"):
+        idle.fit(_id_loader(), steps=2)
+    busy = EnergyOETrainer(_pretrained(), outliers=_outlier_loader(), progress=False)  # -25 / -7: far off here
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MechanismIdleWarning)
+        busy.fit(_id_loader(), steps=2)
+    assert busy.history[0]["margin"] > 0
+    assert EnergyOETrainer.progress_keys == ("loss", "ce", "margin", "acc")
 
 
 def test_ice_outlier_term_pushes_nearby_outliers_away():
@@ -231,7 +357,7 @@ def test_discrepancy_trainer_makes_heads_disagree_on_ood():
     gaps = [h["entropy_gap"] for h in trainer.history[36:]]
     assert sum(gaps[-5:]) / 5 > sum(gaps[:5]) / 5
     x, y = _id_data(256, seed=5)
-    assert (det.predict(x) == y).float().mean() > 0.95  # the heads still classify ID data
+    assert (det.predict_class(x) == y).float().mean() > 0.95  # the heads still classify ID data
 
 
 def test_discrepancy_needs_a_two_head_model():

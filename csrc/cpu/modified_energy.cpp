@@ -1,6 +1,8 @@
 // FIG modified energy on CPU (DESIGN.md, method 1), per row of logits f [B, C] with s = f / c:
 //   E = sum_y s_y (1 - exp(s_y)),        dE/df_y = (1/c) (1 - (1 + s_y) exp(s_y)).
-// Rows are split over threads (at::parallel_for) and walked in blocks of one 64-byte vector (kLanes values).
+// Rows are split over threads (at::parallel_for). float, bfloat16 and float16 rows run the explicitly vectorized
+// kernels of the CPU's capability (cpu/kernels/kernels_impl.h, chosen at run time by cpu/dispatch.cpp); the
+// float64 path below walks rows in blocks of one 64-byte vector (kLanes values).
 // The loops are written so gcc vectorizes them: a branch-free exp, per-lane accumulators in a local array
 // reduced once per row by a tree, and the row's partial last block masked in place (lanes past the row get
 // s = 0, whose energy term is exactly 0) rather than finished by a scalar remainder loop, which for C = 100

@@ -71,10 +71,10 @@ inline vec_t broadcast(double x) {
   return (vec_t)_mm512_set1_pd(x);
 #elif defined(__AVX__)
   return (vec_t)_mm256_set1_pd(x);
+#elif defined(__SSE2__)
+  return (vec_t)_mm_set1_pd(x);  // in a register: filling the lanes through memory stalls store forwarding
 #else
-  vec_t v;
-  for (int l = 0; l < kVec; ++l) v[l] = x;
-  return v;
+  return vec_t{} + x;
 #endif
 }
 inline vec_t fmadd(vec_t a, vec_t b, vec_t c) {

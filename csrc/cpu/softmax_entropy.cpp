@@ -2,7 +2,9 @@
 // S = sum_k e_k and T = sum_k e_k z_k (stable for |f| up to 1e4 and beyond: z <= 0 and S >= 1):
 //   H = log S - T / S,
 //   dH/df_j = -p_j (log p_j + H) = -(e_j / S) (z_j - T / S)        (log p_j = z_j - log S).
-// Rows are split over threads (at::parallel_for) and walked in blocks of one 64-byte vector (kLanes values);
+// Rows are split over threads (at::parallel_for). float, bfloat16 and float16 rows run the explicitly vectorized
+// kernels of the CPU's capability (cpu/kernels/kernels_impl.h, chosen at run time by cpu/dispatch.cpp); the
+// float64 path below walks rows in blocks of one 64-byte vector (kLanes values);
 // the loops are written so gcc vectorizes them: accumulators are per-lane local arrays reduced once per row
 // by a tree, and a row's partial last block is masked in place (lanes past the row get z = -1e30, so e = 0
 // and e z = 0) instead of being finished by a scalar remainder loop, which for C = 100 would cost as much as
@@ -169,7 +171,8 @@ void softmax_entropy_forward_rows(const scalar_t* logits, int64_t rows, int64_t 
     // float, bfloat16, float16: the explicitly vectorized kernels of the CPU's capability (cpu/kernels/).
     const KernelTable& table = kernels();
     at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
-      table.softmax_entropy_forward_rows(row_dtype<scalar_t>(), logits, begin, end, cols, entropy);
+      std::vector<float> work(kRowWork(cols));
+      table.softmax_entropy_forward_rows(row_dtype<scalar_t>(), logits, begin, end, cols, entropy, work.data());
     });
     return;
   }
@@ -205,7 +208,7 @@ void softmax_entropy_backward_rows(const scalar_t* logits, const at::opmath_type
   if constexpr (!std::is_same_v<scalar_t, double>) {
     const KernelTable& table = kernels();
     at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
-      std::vector<float> work((cols + 15) / 16 * 16);  // e_k of the current row, room for a whole last vector
+      std::vector<float> work(kRowWork(cols));  // e_k of the current row (and its widened 16-bit values)
       table.softmax_entropy_backward_rows(row_dtype<scalar_t>(), logits, grad_entropy, begin, end, cols, grad,
                                           work.data());
     });

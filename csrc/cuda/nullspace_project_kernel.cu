@@ -1,7 +1,7 @@
 // Batched null-space projection on CUDA, one thread block per sample; the same algorithm and constants as the
 // CPU kernel (csrc/cpu/nullspace_project.cpp):
 //   G = J^T J, b = J^T r in float64 (rows of [J r] staged through shared memory, each thread owning up to
-//   kEntriesPerThread entries of the upper triangle of [J r]^T [J r]);
+//   kEntriesPerThread entries of the upper triangle of [J r]^T [J r]; for d <= 14 groups of threads split the rows);
 //   delta = kRidge trace(G)/d + kRidgeFloor; Cholesky of G + delta I and the triangular solves by warp 0, with
 //   kRefinements refinements a += (G + delta I)^-1 (b - G a); p = r - J a (float64); v = p / |p| (|p| = 0 -> 0).
 // A sample whose trace(G) or |p|^2 leaves [1e-200, 1e200] is redone with J and r scaled by powers of two; NaN or
@@ -103,12 +103,17 @@ __global__ void __launch_bounds__(kThreads) nullspace_project_kernel(const T* __
   const int ld = d + 1, lane = threadIdx.x & 31;
 
   // This thread's entries (i, j), i <= j <= d, i < d, of [J r]^T [J r] (column d is r: b_i = J_i . r), numbered
-  // row by row: row i starts at start(i) = i (d + 1) - i (i - 1) / 2.
-  int ei[kEntriesPerThread], ej[kEntriesPerThread];
+  // row by row: row i starts at start(i) = i (d + 1) - i (i - 1) / 2. With at most half as many entries as
+  // threads (d <= 14) the threads form `slices` groups that take every slices-th row of a tile each, instead of
+  // leaving most threads idle; the groups' partial sums are added at the end (in a fixed order: deterministic).
   const int entries = d * ld - d * (d - 1) / 2;
+  const int slices = entries < kThreads ? kThreads / entries : 1;
+  const int slice = slices > 1 ? static_cast<int>(threadIdx.x) / entries : 0;
+  const int first_entry = slices > 1 ? static_cast<int>(threadIdx.x) % entries : static_cast<int>(threadIdx.x);
+  int ei[kEntriesPerThread], ej[kEntriesPerThread];
 #pragma unroll
   for (int q = 0; q < kEntriesPerThread; ++q) {
-    const int e = threadIdx.x + q * kThreads;
+    const int e = slice < slices ? first_entry + q * kThreads : entries;
     ei[q] = -1;  // no entry: e is past the last one (where the root below would be of a negative number)
     ej[q] = 0;
     if (e < entries) {
@@ -139,7 +144,7 @@ __global__ void __launch_bounds__(kThreads) nullspace_project_kernel(const T* __
       }
       for (int t = threadIdx.x; t < rows; t += kThreads) smem[t * ld + d] = sr * static_cast<double>(r[k0 + t]);
       __syncthreads();
-      for (int t = 0; t < rows; ++t) {
+      for (int t = slice; t < rows; t += slices) {
         const double* row = smem + t * ld;
 #pragma unroll
         for (int q = 0; q < kEntriesPerThread; ++q)
@@ -147,9 +152,16 @@ __global__ void __launch_bounds__(kThreads) nullspace_project_kernel(const T* __
       }
     }
     __syncthreads();
+    if (slices > 1) {  // one entry per thread (q = 0): add the slices' partial sums into slice 0
+      if (ei[0] >= 0) smem[slice * entries + first_entry] = acc[0];
+      __syncthreads();
+      if (slice == 0 && ei[0] >= 0)
+        for (int s = 1; s < slices; ++s) acc[0] += smem[s * entries + first_entry];
+      __syncthreads();  // smem is overwritten with G below
+    }
 #pragma unroll
     for (int q = 0; q < kEntriesPerThread; ++q) {
-      if (ei[q] < 0) continue;
+      if (ei[q] < 0 || slice != 0) continue;
       if (ej[q] == d) rhs[ei[q]] = acc[q];
       else smem[ei[q] * ld + ej[q]] = acc[q];  // upper triangle and diagonal of G
     }

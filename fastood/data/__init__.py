@@ -6,14 +6,16 @@ All images are float32 in [-1, 1]; every dataset yields ``(image, label)`` pairs
 - :func:`noise` -- ``"gaussian"``, ``"uniform"``, ``"sphere"``, ``"blobs"``, ``"strokes"`` at any shape.
 - :func:`benchmark` -- ``"mnist5k-0to4"``, ``"digits-0to4"``: ID train/test and a dict of OOD test sets.
 - :func:`auxiliary_outliers` / :meth:`Benchmark.auxiliary` -- training outliers disjoint from the test sets.
+- :func:`bounds_for` -- the per-channel box of mean/std-normalized images, for samplers and trainers.
 - :func:`torchvision_dataset`, :func:`image_folder` -- MNIST, FashionMNIST, CIFAR-10/100, SVHN and ODIN-style
   image folders from disk.
 """
 from .benchmarks import AUXILIARY, BENCHMARKS, Benchmark, auxiliary_outliers, benchmark
 from .builtin import BUILTIN, load
 from .datasets import ImageDataset
+from .normalization import bounds_for
 from .synthetic import NOISE_KINDS, noise
 from .vision import VISION, ImageFiles, image_folder, torchvision_dataset
 
-__all__ = ["load", "noise", "benchmark", "auxiliary_outliers", "torchvision_dataset", "image_folder", "ImageDataset",
+__all__ = ["bounds_for", "load", "noise", "benchmark", "auxiliary_outliers", "torchvision_dataset", "image_folder", "ImageDataset",
            "ImageFiles", "Benchmark", "BUILTIN", "BENCHMARKS", "AUXILIARY", "NOISE_KINDS", "VISION"]

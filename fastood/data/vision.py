@@ -159,3 +159,51 @@ def image_folder(root: str, size: int = 32, variant: str = "resize", channels: i
         raise FileNotFoundError(f"image folder {where!r} holds no image file ({', '.join(IMAGE_EXTENSIONS)}); "
                                 "unpack the OOD set's images there")
     return dataset
+
+
+class _Normalize:
+    """Tensor in [0, 1] -> ``(x - mean) / std`` per channel (picklable for DataLoader workers)."""
+
+    def __init__(self, mean, std):
+        import torch
+
+        self.mean = torch.tensor(mean, dtype=torch.float32).reshape(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).reshape(-1, 1, 1)
+
+    def __call__(self, x):
+        return (x - self.mean) / self.std
+
+
+def images_in(root: str, size=None, channels: int = 3, mean=None, std=None) -> ImageFiles:
+    """Every image file under ``root`` (any layout) as ``(x [channels, H, W], -1)``, for scoring a user's model.
+
+    ``size``: resize to ``size x size`` (None keeps each file's size: they must then agree to be batched).
+    ``mean``/``std`` (numbers or one per channel): normalize as ``(x - mean) / std`` from pixels in [0, 1], as the
+    model was trained; without them images are mapped to fastood's [-1, 1]. Raises FileNotFoundError for a missing
+    folder or one without images."""
+    _check_size(size)
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+    if (mean is None) != (std is None):
+        raise ValueError("give both mean and std (the model's input normalization), or neither")
+    where = os.path.abspath(os.path.expanduser(str(root)))
+    if not os.path.isdir(where):
+        raise FileNotFoundError(f"image folder {where!r} does not exist")
+    T = _torchvision().transforms
+    steps = [_ConvertMode("L" if channels == 1 else "RGB")]
+    if size is not None:
+        steps.append(T.Resize((size, size)))
+    steps.append(T.ToTensor())
+    if mean is None:
+        steps.append(_ToUnitRange())
+    else:
+        from .normalization import bounds_for
+
+        lower, _ = bounds_for(mean, std)  # validates them (positive std, matching lengths)
+        if len(lower) not in (1, channels):
+            raise ValueError(f"mean/std have {len(lower)} values but the images have {channels} channel(s)")
+        steps.append(_Normalize(mean, std))
+    dataset = ImageFiles(where, T.Compose(steps))
+    if not dataset.files:
+        raise FileNotFoundError(f"image folder {where!r} holds no image file ({', '.join(IMAGE_EXTENSIONS)})")
+    return dataset

@@ -8,7 +8,7 @@ class Discrepancy(Detector):
     """score = ``sum_k |p1_k - p2_k|`` (the L1 distance of the two heads' softmax outputs). Higher = more OOD;
     scores in [0, 2].
 
-    The model returns ``(logits1, logits2)``, each [B, C] (e.g. ``fastood.models.TwoHead``). ``predict`` is the
+    The model returns ``(logits1, logits2)``, each [B, C] (e.g. ``fastood.models.TwoHead``). ``predict_class`` is the
     argmax of the heads' mean probability ``(p1 + p2) / 2``.
     """
 

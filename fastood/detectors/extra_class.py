@@ -8,7 +8,7 @@ class ExtraClass(Detector):
     """score = ``softmax(f)_{n+1}``, the probability of the last ("outlier") class of a classifier with n + 1
     outputs [B, n + 1]. Higher = more OOD; scores in [0, 1].
 
-    ``predict`` is the argmax over the n ID classes only (the outlier class is ignored).
+    ``predict_class`` is the argmax over the n ID classes only (the outlier class is ignored).
     """
 
     def _score_and_predict(self, x):

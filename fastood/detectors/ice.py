@@ -10,7 +10,7 @@ class ICELikelihood(Detector):
     Higher = more OOD; scores >= 0.
 
     ``exp(max_i h_i)`` is ICE's in-distribution probability (:meth:`in_distribution_probability`);
-    ``predict`` is ``argmax_i h_i``.
+    ``predict_class`` is ``argmax_i h_i``.
     """
 
     def _score_and_predict(self, x):

@@ -4,7 +4,6 @@ import warnings
 
 import torch
 
-from fastood.trainers.base import first_item
 
 from .base import Detector, eval_mode
 
@@ -23,7 +22,7 @@ class Mahalanobis(Detector):
     within-class covariance Sigma_l (pseudo-inverse ``+`` for rank-deficient features).
 
     Args:
-        model: the classifier (its output is used only for ``predict``, so any model works for scoring).
+        model: the classifier (its output is used only for ``predict_class``, so any model works for scoring).
         layers: names of submodules (as in ``model.named_modules()``) whose outputs are globally average-pooled
             into features; default None = the input of the final linear layer (the penultimate features, found
             with :func:`fastood.models.split_head`). A module called several times in one forward pass
@@ -35,13 +34,13 @@ class Mahalanobis(Detector):
     moment per layer (float64, O(classes * F + F^2) memory, independent of the number of images). Classes with
     no training samples (e.g. the outlier class of an n+1 classifier) are left out of the minimum.
     After fitting: ``classes`` [K], ``means`` (per layer [K, F]), ``precisions`` (per layer [F, F]).
-    ``predict`` is the model's argmax when it returns logits [B, C], else None.
+    ``predict_class`` is the model's argmax when it returns logits [B, C], else None.
     """
 
     hyperparameters = ("epsilon",)
 
-    def __init__(self, model, layers=None, epsilon: float = 0.0):
-        super().__init__(model)
+    def __init__(self, model, layers=None, epsilon: float = 0.0, **batch_options):
+        super().__init__(model, **batch_options)
         self.epsilon = epsilon
         self._check_hyperparameters()
         if layers is None:
@@ -108,12 +107,10 @@ class Mahalanobis(Detector):
 
         sums = second = shift = counts = None
         with eval_mode(self.model):
-            for batch in tqdm(loader, desc="Mahalanobis fit", disable=not progress, leave=False):
-                if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-                    raise ValueError("Mahalanobis.fit needs a labeled ID loader yielding (images, labels), got "
-                                     f"{type(batch).__name__} batches")
-                x = self._prepare(first_item(batch))
-                y = torch.as_tensor(batch[1], device=x.device).long().reshape(-1)
+            batches = self.batch_reader.labeled(loader, "Mahalanobis.fit's loader (labeled ID training data)")
+            for images, labels in tqdm(batches, desc="Mahalanobis fit", disable=not progress, leave=False):
+                x = self._prepare(images)
+                y = labels.to(x.device).long().reshape(-1)
                 if y.numel() != x.shape[0]:
                     raise ValueError(f"Mahalanobis.fit: {x.shape[0]} images but {y.numel()} labels in a batch")
                 if y.numel() == 0:

@@ -11,19 +11,41 @@ class ODIN(Detector):
 
     i.e. a step that raises the temperature-scaled confidence; ID inputs gain more than OOD ones.
 
-    The step is taken in the model's input space (fastood images lie in [-1, 1], so a pixel-space step ``e``
-    of the paper, whose code divided by the normalization std, corresponds to ``2 e`` here). Defaults:
+    Units of ``epsilon``: with ``std=None`` the step is taken in the model's input space (fastood's built-in images
+    lie in [-1, 1], so a pixel-space step ``e`` of the paper corresponds to ``2 e`` there). For data normalized
+    with ``(x - mean) / std``, give ``std`` (a number or one per channel, as given to the normalization): epsilon
+    is then in pixel units ([0, 1] images) and channel c moves by ``epsilon / std[c]``, as the paper's code does
+    (its gradient divided by the normalization std). Defaults:
     ``T = 1000``, ``epsilon = 0.0014`` (the paper's CIFAR-10 / DenseNet setting); pick both on validation data
     with :func:`fastood.detectors.tune_detector`. ``epsilon = 0`` is temperature scaling alone (no gradient).
-    ``predict`` classifies the clean input x.
+    ``predict_class`` classifies the clean input x.
     """
 
     hyperparameters = ("T", "epsilon")
 
-    def __init__(self, model, T: float = 1000.0, epsilon: float = 0.0014):
-        super().__init__(model)
+    def __init__(self, model, T: float = 1000.0, epsilon: float = 0.0014, std=None, **batch_options):
+        super().__init__(model, **batch_options)
         self.T, self.epsilon = T, epsilon
         self._check_hyperparameters()
+        self.std = None
+        if std is not None:
+            values = [float(v) for v in (std.reshape(-1).tolist() if isinstance(std, torch.Tensor) else
+                                         (std if hasattr(std, "__len__") else [std]))]
+            if not values or not all(v > 0 and v < float("inf") for v in values):
+                raise ValueError(f"std must be a positive number or one positive number per channel, got {std!r}")
+            self.std = tuple(values)
+
+    def _step(self, x):
+        """``epsilon`` in x's units: a scalar, or [1, C, 1, ...] when ``std`` is per channel."""
+        if self.std is None:
+            return self.epsilon
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device)
+        if std.numel() > 1:
+            if x.dim() < 2 or x.shape[1] != std.numel():
+                raise ValueError(f"ODIN: std has {std.numel()} values but the images have shape {tuple(x.shape[1:])} "
+                                 f"({x.shape[1] if x.dim() > 1 else 0} channels)")
+            std = std.reshape((1, -1) + (1,) * (x.dim() - 2))
+        return self.epsilon / std
 
     def _check_hyperparameters(self):
         if not (isinstance(self.T, (int, float)) and self.T > 0):
@@ -42,7 +64,7 @@ class ODIN(Detector):
         logits = logits_of(self.model(x), "ODIN")
         log_confidence = torch.log_softmax(logits.float() / self.T, dim=1).amax(dim=1)   # log S_yhat(x; T)
         (grad,) = torch.autograd.grad(log_confidence.sum(), x)
-        return (x + self.epsilon * grad.sign()).detach(), logits.detach()   # = x - eps * sign(-grad)
+        return (x + self._step(x) * grad.sign()).detach(), logits.detach()   # = x - eps * sign(-grad)
 
     def perturb(self, x: torch.Tensor) -> torch.Tensor:
         """The perturbed input x~ [B, ...] (on the model's device; x itself when ``epsilon == 0``)."""

@@ -78,17 +78,24 @@ class GaussianHead(nn.Module):
             return -diff.pow(2).sum(-1)                                                                  # [B, C]
 
     @torch.no_grad()
-    def init_from_features(self, features: torch.Tensor, labels: torch.Tensor, ridge: float = 1e-4) -> "GaussianHead":
+    def init_from_features(self, features: torch.Tensor, labels: torch.Tensor, ridge: float = 1e-4,
+                           scale=1.0) -> "GaussianHead":
         """Start from the class means of ``features`` and the Cholesky factor of their tied (within-class,
-        maximum-likelihood) covariance ``Sigma + ridge * mean(diag Sigma) * I``: sets ``reference_tril`` to that
-        factor, ``K = I`` and ``means`` to the whitened class means, so ``class_means`` are the class means and
-        ``covariance`` is the ridged covariance.
+        maximum-likelihood) covariance ``Sigma + ridge * mean(diag Sigma) * I``, times ``scale``: sets
+        ``reference_tril`` to that factor, ``K = I`` and ``means`` to the whitened class means, so ``class_means``
+        are the class means and ``covariance`` is the (scaled) ridged covariance.
 
         Args:
             features: [N, F] features of labeled ID training images (any float dtype and device).
             labels: [N] integer labels in ``0..num_classes-1``; every class needs at least one sample.
             ridge: relative diagonal loading that keeps the factor well conditioned (>= 0).
-        Computed in float64. Returns ``self``.
+            scale: a number > 0 multiplying the covariance (h is divided by it), or ``"median"``: the covariance is
+                scaled so that the median training feature has ``h_y = -1`` (squared Mahalanobis distance 1 to its
+                class mean; in-distribution probability ``exp(h_y) = 0.37``). With scale 1, ``-h_y`` of an ID
+                feature is about its dimension F (a chi-square), so ``exp(max_i h_i)`` is ~0 for every input and
+                ICE's outlier term ``-log(1 - exp(max_i h_i(z_out)))`` has no gradient (see
+                :class:`fastood.trainers.ICETrainer`).
+        Computed in float64. Returns ``self``; ``self.init_scale`` holds the scale applied (a float).
         """
         if not isinstance(features, torch.Tensor) or features.dim() != 2 or features.shape[1] != self.feat_dim:
             got = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
@@ -99,6 +106,9 @@ class GaussianHead(nn.Module):
                              f"{tuple(labels.shape)}")
         if not (isinstance(ridge, (int, float)) and ridge >= 0):
             raise ValueError(f"ridge must be a number >= 0, got {ridge!r}")
+        if not (scale == "median" or (isinstance(scale, (int, float)) and not isinstance(scale, bool)
+                                      and 0 < scale < float("inf"))):
+            raise ValueError(f"scale must be a finite number > 0 or 'median', got {scale!r}")
         features, labels = features.double(), labels.long()
         if not torch.isfinite(features).all():
             raise ValueError("features contain NaN or Inf")
@@ -117,6 +127,11 @@ class GaussianHead(nn.Module):
         chol, info = torch.linalg.cholesky_ex(cov)
         if info.item() != 0:
             raise ValueError("init_from_features: the feature covariance is singular; use a ridge > 0")
+        if scale == "median":
+            white = torch.linalg.solve_triangular(chol, centered.T, upper=False)          # [F, N]
+            scale = float(white.pow(2).sum(0).median().clamp_min(1e-12))
+        chol = chol * float(scale) ** 0.5
+        self.init_scale = float(scale)
         self.reference_tril.copy_(chol)
         self.means.copy_(torch.linalg.solve_triangular(chol, means.T, upper=False).T)
         self.lower.zero_()
@@ -149,9 +164,9 @@ class GaussianClassifier(nn.Module):
         return cls(backbone, head)
 
     @torch.no_grad()
-    def init_from_loader(self, loader, ridge: float = 1e-4) -> "GaussianClassifier":
-        """:meth:`GaussianHead.init_from_features` on the backbone's features (eval mode) of a labeled loader
-        yielding ``(images, labels)``; batches go to the head's device. Returns ``self``."""
+    def init_from_loader(self, loader, ridge: float = 1e-4, scale=1.0) -> "GaussianClassifier":
+        """:meth:`GaussianHead.init_from_features` (``ridge``, ``scale``) on the backbone's features (eval mode) of a
+        labeled loader yielding ``(images, labels)``; batches go to the head's device. Returns ``self``."""
         device = self.head.means.device
         feats, labels = [], []
         with eval_mode(self.backbone):  # restores each submodule's own flag (a BatchNorm the user froze stays so)
@@ -162,7 +177,7 @@ class GaussianClassifier(nn.Module):
                 labels.append(torch.as_tensor(batch[1], device=device).reshape(-1))
         if not feats:
             raise ValueError("init_from_loader: the loader yielded no batch")
-        self.head.init_from_features(torch.cat(feats), torch.cat(labels), ridge=ridge)
+        self.head.init_from_features(torch.cat(feats), torch.cat(labels), ridge=ridge, scale=scale)
         return self
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

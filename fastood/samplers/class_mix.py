@@ -5,7 +5,7 @@ import math
 import torch
 from torch import nn
 
-from fastood.trainers.base import model_device
+from fastood.batches import model_device
 
 from ._model_state import frozen
 from .manifold import check_cvae, model_dtype

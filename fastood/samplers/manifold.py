@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fastood import ops
-from fastood.trainers.base import model_device
+from fastood.batches import model_device
 
 from ._model_state import frozen
 from .noise import bound_tensor, check_bounds, check_count, check_shape

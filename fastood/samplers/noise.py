@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fastood.ops._checks import float_values
-from fastood.trainers.base import model_device
+from fastood.batches import model_device
 
 
 # ---------------------------------------------------------------------------------------------------- bounds

@@ -6,6 +6,7 @@ A method subclasses :class:`Trainer` and implements :meth:`Trainer.training_step
 import itertools
 import logging
 import math
+import numbers
 import os
 import random
 import sys
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fastood.batches import BatchReader, check_device, describe, first_item, model_device  # noqa: F401 (re-exported)
 from fastood.trainers.checkpoint import (CheckpointError, NonFiniteStateError, check_writable, describe_non_finite, first_non_finite,
                                          load_checkpoint_file, save_checkpoint_file)
 from fastood.trainers.interrupt import StopSignals, TrainingInterrupted
@@ -37,15 +39,14 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def first_item(batch):
-    """The image batch of a loader item: a tensor, or the first item of a tuple/list."""
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
+def check_budget(name: str, value) -> int:
+    """``epochs`` / ``steps`` as a positive int; floats (even 2.0), bools, zero and negatives are refused, since
+    ``int(0.5)`` silently trains nothing and ``int(2.7)`` silently trains 2."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value}")
+    return int(value)
 
 
 def is_distributed() -> bool:
@@ -85,13 +86,32 @@ def restore_rng(rng: dict) -> None:
         torch.cuda.set_rng_state_all([state.cpu() for state in rng["cuda"]])
 
 
+def _is_scheduler(value) -> bool:
+    return isinstance(value, torch.optim.lr_scheduler.LRScheduler)
+
+
 class Trainer(metaclass=RecordsHyperparameters):
     """Base trainer.
 
     Args:
         model: the network to train (its parameters are optimized in place).
-        lr, momentum, weight_decay: SGD hyperparameters used by :meth:`configure_optimizer`.
-        optimizer: an optimizer over ``model``'s parameters, overriding the SGD default.
+        lr, momentum, weight_decay: SGD hyperparameters used by :meth:`configure_optimizer` (when fastood builds
+            the optimizer; with ``optimizer=`` set them on your optimizer).
+        optimizer: your optimizer, used as it is (learning rate, groups, schedule untouched), or a callable
+            ``params -> optimizer`` (e.g. ``lambda params: torch.optim.AdamW(params, lr=3e-4)``) that the trainer
+            calls with :meth:`trainable_parameters` once its model is final. An optimizer must hold every parameter
+            the method trains, including heads a trainer adds or replaces (ICE's Gaussian head, an n+1 head, a
+            second head), which an optimizer built on the model before the trainer does not: pass the callable
+            form then. :meth:`fit` refuses an optimizer that misses any, naming them.
+        scheduler: the LR schedule, stepped after every optimizer step. ``"auto"`` (default): the method's paper
+            schedule when fastood builds the optimizer, none with your ``optimizer=`` (fastood never attaches its
+            schedule to your optimizer); ``None``: constant LR; a callable ``optimizer -> scheduler`` (e.g.
+            ``lambda opt: torch.optim.lr_scheduler.StepLR(opt, 10)``) or a scheduler already built on ``optimizer``.
+            Its state is checkpointed with the run. A resumed ``fit`` with a different budget (``steps``/``epochs``)
+            than the checkpoint's rebuilds fastood's schedule for the new budget at the current step (as if the run
+            had had that budget from the start), and says so; your own scheduler continues as it is.
+        batch_fn, batch_keys: how to read images and labels from the loaders' batches when they are not
+            ``(images, labels)`` tuples or dicts with usual keys (:class:`fastood.batches.BatchReader`).
         checkpoint_dir: where ``checkpoint.pt`` is written every ``checkpoint_every`` steps (and every
             ``checkpoint_minutes``), on SIGINT/SIGTERM and at the end; it is checked writable before training.
             :meth:`fit` resumes from it (see ``resume`` there): model, optimizer, step, position in the epoch, RNG
@@ -131,13 +151,28 @@ class Trainer(metaclass=RecordsHyperparameters):
     progress_keys = None
 
     def __init__(self, model: nn.Module, *, lr=None, momentum=0.9, weight_decay=5e-4, optimizer=None,
-                 checkpoint_dir=None, checkpoint_every=100, progress=True, seed=0, device=None, grad_clip=None,
-                 amp=False, freeze_bn=False, checkpoint_minutes=None, skip_nonfinite=False, handle_signals=True,
-                 sync_bn=False):
+                 scheduler="auto", checkpoint_dir=None, checkpoint_every=100, progress=True, seed=0, device=None,
+                 grad_clip=None, amp=False, freeze_bn=False, checkpoint_minutes=None, skip_nonfinite=False,
+                 handle_signals=True, sync_bn=False, batch_fn=None, batch_keys=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if optimizer is not None and not (isinstance(optimizer, torch.optim.Optimizer) or callable(optimizer)):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer or a callable params -> optimizer, got "
+                            f"{type(optimizer).__name__}")
+        if optimizer is not None and lr is not None:
+            raise ValueError(f"lr={lr!r} is for the optimizer fastood builds; with optimizer= set the learning rate on "
+                             "your optimizer")
+        if not (scheduler is None or scheduler == "auto" or callable(scheduler) or _is_scheduler(scheduler)):
+            raise TypeError(f"scheduler must be 'auto', None, a callable optimizer -> LR scheduler or an LR scheduler, "
+                            f"got {scheduler!r}")
+        if _is_scheduler(scheduler) and not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError("a scheduler instance needs the optimizer it schedules as optimizer=; with a callable "
+                             "optimizer= pass scheduler=lambda opt: ... instead")
+        if _is_scheduler(scheduler) and scheduler.optimizer is not optimizer:
+            raise ValueError("scheduler was built on another optimizer than optimizer=: pass the optimizer it "
+                             "schedules, or a callable optimizer -> scheduler")
         self.model = model
-        self.device = torch.device(device) if device is not None else model_device(model)
+        self.device = check_device(device) if device is not None else model_device(model)
         self.model.to(self.device)
         self.lr = self.default_lr if lr is None else float(lr)
         # Beyond the parameters' largest value the SGD update overflows with torch's cryptic "value cannot be
@@ -171,6 +206,12 @@ class Trainer(metaclass=RecordsHyperparameters):
         self.amp = bool(amp) and self.device.type == "cuda"
         self.freeze_bn = bool(freeze_bn)
         self._optimizer = optimizer
+        self._user_optimizer = optimizer is not None
+        self._scheduler_arg = scheduler
+        self._checkpoint_schedule = None  # (total_steps, scheduler state) read from a checkpoint, used by fit
+        self._schedule_total = None       # the budget the current scheduler was built for
+        self.batch_reader = BatchReader(batch_fn=batch_fn, batch_keys=batch_keys)
+        self._range_checked = False
         self.scheduler = None
         self.total_steps = None
         self.step = 0
@@ -195,7 +236,8 @@ class Trainer(metaclass=RecordsHyperparameters):
                                weight_decay=self.weight_decay)
 
     def configure_scheduler(self, optimizer, total_steps: int):
-        """An LR scheduler stepped after every optimizer step, or None (default: constant LR)."""
+        """The method's own LR schedule for a run of ``total_steps`` optimizer steps, stepped after every step, or
+        None (default: constant LR). Used only when fastood builds the optimizer and ``scheduler="auto"``."""
         return None
 
     def mechanism_idle(self, logs: list) -> "str | None":
@@ -239,6 +281,11 @@ class Trainer(metaclass=RecordsHyperparameters):
     def optimizer(self) -> torch.optim.Optimizer:
         if self._optimizer is None:
             self._optimizer = self.configure_optimizer()
+        elif not isinstance(self._optimizer, torch.optim.Optimizer):  # a user's callable params -> optimizer
+            built = self._optimizer(self.trainable_parameters())
+            if not isinstance(built, torch.optim.Optimizer):
+                raise TypeError(f"optimizer(params) must return a torch.optim.Optimizer, got {type(built).__name__}")
+            self._optimizer = built
         return self._optimizer
 
     @property
@@ -253,6 +300,128 @@ class Trainer(metaclass=RecordsHyperparameters):
                 self._net = self.model
         return self._net
 
+    @property
+    def _user_scheduler(self) -> bool:
+        return self._scheduler_arg is not None and self._scheduler_arg != "auto"
+
+    def _setup_schedule(self, total: int) -> None:
+        """Build (or keep) the LR scheduler for a run of ``total`` steps, after any resume.
+
+        Your own scheduler is built once and continues (its checkpointed state restored). fastood's schedule depends
+        on the budget: kept when the budget is unchanged, else rebuilt for ``total`` and advanced to the current step
+        from the optimizer's initial learning rates, so that the LR is what a run with budget ``total`` would have
+        at this step (a cosine schedule resumed from 20 to 40 steps continues a 40-step cosine)."""
+        saved_total, saved_state = self._checkpoint_schedule or (None, None)
+        from_checkpoint = self._checkpoint_schedule is not None
+        self._checkpoint_schedule = None
+        if self._user_scheduler:
+            if self.scheduler is None:
+                arg = self._scheduler_arg
+                self.scheduler = arg if _is_scheduler(arg) else arg(self.optimizer)
+                if not _is_scheduler(self.scheduler) and not callable(getattr(self.scheduler, "step", None)):
+                    raise TypeError(f"scheduler(optimizer) must return an LR scheduler (with step()), got "
+                                    f"{type(self.scheduler).__name__}")
+            if saved_state is not None:
+                self.scheduler.load_state_dict(saved_state)
+            self._schedule_total = total
+            return
+        if self._scheduler_arg is None or self._user_optimizer:  # no schedule: never attached to your optimizer
+            self._schedule_total = total
+            return
+        if from_checkpoint and saved_total in (None, total):
+            # the budget the checkpoint was written with: its scheduler continues exactly
+            self._schedule_total = total
+            self.scheduler = self.configure_scheduler(self.optimizer, total)
+            if self.scheduler is not None and saved_state is not None:
+                self.scheduler.load_state_dict(saved_state)
+            return
+        if not from_checkpoint and self._schedule_total == total and (self.scheduler is not None or self.step == 0):
+            return
+        previous = saved_total if from_checkpoint else self._schedule_total
+        self._schedule_total = total
+        for group in self.optimizer.param_groups:  # the schedule starts again from the base learning rate
+            if "initial_lr" in group:
+                group["lr"] = group["initial_lr"]
+        self.scheduler = self.configure_scheduler(self.optimizer, total)
+        if self.scheduler is not None and self.step > 0:
+            with warnings.catch_warnings():  # stepping without optimizer.step() is intended here
+                warnings.simplefilter("ignore")
+                for _ in range(self.step):
+                    self.scheduler.step()
+            if previous is not None and rank() == 0:
+                lrs = ", ".join(f"{g['lr']:.3g}" for g in self.optimizer.param_groups)
+                warnings.warn(f"{type(self).__name__}: the budget changed from {previous} to {total} steps; the LR "
+                              f"schedule was rebuilt for {total} steps and continues at step {self.step} (lr {lrs})",
+                              stacklevel=3)
+
+    def check_optimizer(self) -> None:
+        """Every parameter the method trains must be in the optimizer, else it would silently never train (e.g. a
+        user optimizer built before a trainer replaced the model's head)."""
+        held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        trained = {id(p) for p in self.trainable_parameters()}
+        missing = [name for name, p in unwrap(self.model).named_parameters() if id(p) in trained and id(p) not in held]
+        if missing:
+            shown = ", ".join(missing[:6]) + (f", ... ({len(missing)} in all)" if len(missing) > 6 else "")
+            raise ValueError(f"{type(self).__name__}: the optimizer does not hold {len(missing)} trainable "
+                             f"parameter(s) of trainer.model: {shown}. This trainer may have added or replaced "
+                             "modules (a new head) after your optimizer was built: pass optimizer=lambda params: "
+                             "torch.optim.SGD(params, lr=...) (any optimizer), which the trainer builds over its "
+                             "final model")
+
+    def data_box(self):
+        """``(lower, upper)`` (tuples of floats, scalar or per channel) where the method generates images, or None.
+        Default: the bounds of the trainer's ``sampler``, when it has them."""
+        sampler = getattr(self, "sampler", None)
+        lower, upper = getattr(sampler, "lower", None), getattr(sampler, "upper", None)
+        return None if lower is None or upper is None else (tuple(lower), tuple(upper))
+
+    def check_data_range(self, images: torch.Tensor) -> None:
+        """Warn once when ID images clearly fall outside :meth:`data_box` (by more than 10% of its width on a
+        channel): samples drawn in the wrong box teach the model nothing about the data (e.g. a [-1, 1] box for
+        mean/std-normalized data in [-2, 2.1])."""
+        if self._range_checked:
+            return
+        self._range_checked = True
+        box = self.data_box()
+        if box is None or images.dim() < 2 or images.numel() == 0:
+            return
+        lower, upper = (torch.tensor(v, dtype=torch.float64) for v in box)
+        x = images.detach().double().transpose(0, 1).reshape(images.shape[1], -1)
+        lo, hi = x.amin(1).cpu(), x.amax(1).cpu()
+        if lower.numel() not in (1, lo.numel()) or upper.numel() not in (1, lo.numel()):
+            return  # a channel-count mismatch is the sampler's error to raise
+        slack = 0.1 * (upper - lower).clamp_min(1e-12)
+        if bool(((lo < lower - slack) | (hi > upper + slack)).any()):
+            def fmt(t):
+                return "[" + ", ".join(f"{v:.3g}" for v in t.tolist()) + "]"
+            warnings.warn(
+                f"{type(self).__name__}: the first ID batch spans {fmt(lo)} .. {fmt(hi)} per channel, but the sampler "
+                f"generates images in lower={fmt(lower)}, upper={fmt(upper)}. If your images are normalized with "
+                "mean/std, pass bounds=fastood.data.bounds_for(mean, std) to the trainer (or to your sampler).",
+                stacklevel=4)
+
+    def explain_batch_error(self, images, labels, err: Exception):
+        """A clear error for labels a classifier cannot take (negative, or >= its number of outputs), or None."""
+        if labels is None or labels.numel() == 0:
+            return None
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0:
+            return ValueError(f"{type(self).__name__}: labels must be class indices >= 0, got {low} (in batch "
+                              f"{self.batch_in_epoch} of epoch {self.epoch}); OOD sets use label -1: train on ID data")
+        try:
+            from fastood._modes import eval_mode
+
+            with torch.no_grad(), eval_mode(self.model):
+                out = unwrap(self.model)(images[:1])
+        except Exception:
+            return None
+        outputs = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(o, torch.Tensor)]
+        if outputs and outputs[0].dim() == 2 and high >= outputs[0].shape[1]:
+            return ValueError(f"{type(self).__name__}: labels range over [{low}, {high}] but the model has "
+                              f"{outputs[0].shape[1]} outputs (classes 0..{outputs[0].shape[1] - 1}) (batch "
+                              f"{self.batch_in_epoch} of epoch {self.epoch}): check num_classes or the labels ({err})")
+        return None
+
     def to_device(self, batch):
         if isinstance(batch, torch.Tensor):
             return batch.to(self.device, non_blocking=True)
@@ -265,6 +434,7 @@ class Trainer(metaclass=RecordsHyperparameters):
             "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "total_steps": self._schedule_total,  # the budget the schedule was built for (a resume may change it)
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "history": list(self.history),
             "rng": capture_rng(),
@@ -278,8 +448,8 @@ class Trainer(metaclass=RecordsHyperparameters):
     def load_state_dict(self, state: dict) -> None:
         unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state.get("scheduler") is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
+        # The schedule is (re)built by fit once the budget is known (_setup_schedule); the saved one waits here.
+        self._checkpoint_schedule = (state.get("total_steps"), state.get("scheduler"))
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.history = list(state["history"])
         self.skipped_batches = list(state.get("skipped_batches", []))
@@ -307,7 +477,7 @@ class Trainer(metaclass=RecordsHyperparameters):
         for name, value in model.state_dict().items():
             yield f"model tensor {name!r}", value
         names = {id(p): n for n, p in model.named_parameters()}
-        if self._optimizer is not None:
+        if isinstance(self._optimizer, torch.optim.Optimizer):  # not a user's callable that was never built
             for param, slots in self._optimizer.state.items():
                 for slot, value in slots.items():
                     yield f"optimizer state {slot!r} of parameter {names.get(id(param), '?')!r}", value
@@ -419,7 +589,8 @@ class Trainer(metaclass=RecordsHyperparameters):
     def fit(self, loader, epochs=None, steps=None, resume="auto"):
         """Train until ``epochs`` epochs or ``steps`` optimizer steps in total (counting resumed progress).
 
-        Exactly one of ``epochs`` / ``steps`` may be given; with neither, one epoch. Returns self.
+        Exactly one of ``epochs`` / ``steps`` (positive integers) may be given; with neither, one epoch. ``loader``
+        yields ``(images, labels)`` batches, dicts, or what ``batch_fn``/``batch_keys`` read. Returns self.
 
         ``resume`` (when ``checkpoint_dir`` is set):
 
@@ -437,6 +608,7 @@ class Trainer(metaclass=RecordsHyperparameters):
             raise ValueError(f"resume must be 'auto', True or False, got {resume!r}")
         if epochs is not None and steps is not None:
             raise ValueError(f"give epochs or steps, not both (got epochs={epochs}, steps={steps})")
+        loader = self.batch_reader.labeled(loader, f"{type(self).__name__}.fit's loader")
         try:
             per_epoch = len(loader)
         except TypeError:
@@ -444,19 +616,13 @@ class Trainer(metaclass=RecordsHyperparameters):
         if per_epoch == 0:
             raise ValueError("loader is empty: it yields no batches")
         if steps is None:
-            epochs = 1 if epochs is None else int(epochs)
-            if epochs < 0:
-                raise ValueError(f"epochs must be >= 0, got {epochs}")
+            epochs = 1 if epochs is None else check_budget("epochs", epochs)
             if per_epoch is None:
                 raise ValueError("loader has no len(); pass steps= instead of epochs=")
             total = epochs * per_epoch
         else:
-            total = int(steps)
-            if total < 0:
-                raise ValueError(f"steps must be >= 0, got {steps}")
-        if self.total_steps != total:
-            self.total_steps = total
-            self.scheduler = self.configure_scheduler(self.optimizer, total)
+            total = check_budget("steps", steps)
+        self.check_optimizer()
         if self.checkpoint_dir is not None:
             check_writable(self.checkpoint_dir)  # fail now, not at the first checkpoint after hours of training
         self.resumed = None
@@ -465,8 +631,10 @@ class Trainer(metaclass=RecordsHyperparameters):
                                     + ("no checkpoint_dir was given" if self.checkpoint_path is None
                                        else f"{self.checkpoint_path} does not exist")
                                     + "; pass resume='auto' to start afresh when there is none")
+        self.total_steps = total
         if resume:
             self.resume()
+        self._setup_schedule(total)
         self.model.train()
         self.on_fit_start(loader)
         bar = None
@@ -487,6 +655,7 @@ class Trainer(metaclass=RecordsHyperparameters):
             while self.step < total:
                 trained_this_epoch = False
                 for batch in self._epoch_batches(loader):
+                    self.check_data_range(batch[0])
                     logs = self._optimize(self.to_device(batch))
                     trained_this_epoch = True
                     if bar is not None:
@@ -566,8 +735,14 @@ class Trainer(metaclass=RecordsHyperparameters):
         # a copy so a non-finite batch leaves the model as it was (buffers are small next to the forward's cost).
         buffers = [b for b in unwrap(self.model).buffers()]
         saved = [b.detach().clone() for b in buffers]
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
-            out = self.training_step(batch)
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+                out = self.training_step(batch)
+        except (IndexError, RuntimeError, ValueError) as err:  # out-of-range labels: say so instead of torch's words
+            clear = self.explain_batch_error(batch[0], batch[1], err) if len(batch) > 1 else None
+            if clear is None:
+                raise
+            raise clear from err
         loss = out["loss"]
         (bad,) = self._agree(not bool(torch.isfinite(loss)))  # under DDP: every rank skips or stops together
         if bad:
@@ -599,7 +774,9 @@ class Trainer(metaclass=RecordsHyperparameters):
             input_finite = bool(torch.isfinite(images).all())
         value = float(loss.detach()) if loss.numel() == 1 else float("nan")
         where = f"step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch} of the epoch)"
-        if input_finite is False:
+        if bool(torch.isfinite(loss.detach()).all()):
+            cause = "another rank's batch gave a non-finite loss (this rank's loss and input are fine)"
+        elif input_finite is False:
             cause = (f"the input batch itself holds {describe_non_finite(images)} non-finite: clean the data "
                      "(or skip such batches with skip_nonfinite=True)")
         elif input_finite is True:

@@ -83,11 +83,20 @@ def check_writable(directory) -> None:
 
 
 def first_non_finite(named_tensors):
-    """The first ``(name, tensor)`` whose floating or complex values are not all finite, or None."""
-    for name, value in named_tensors:
-        if isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex()):
-            if not bool(torch.isfinite(value).all()):
-                return name, value
+    """The first ``(name, tensor)`` whose floating or complex values are not all finite, or None.
+
+    One host synchronization per device (not one per tensor): the check runs before every checkpoint write."""
+    checked = [(name, value, torch.isfinite(value).all()) for name, value in named_tensors
+               if isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex())
+               and value.numel() > 0]
+    by_device = {}
+    for _, _, ok in checked:
+        by_device.setdefault(ok.device, []).append(ok)
+    if all(bool(torch.stack(flags).all()) for flags in by_device.values()):
+        return None
+    for name, value, ok in checked:
+        if not bool(ok):
+            return name, value
     return None
 
 

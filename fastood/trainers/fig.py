@@ -35,7 +35,8 @@ class FIGTrainer(Trainer):
     Args:
         model: a pretrained classifier (logits [B, C]).
         sampler: any sampler of the protocol ``sample(model, n, shape, context=None)``; default: Langevin.
-        k: generated samples per ID sample (paper K = 0.1), > 0.
+        k: generated samples per ID sample (paper K = 0.1), >= 0. ``k=0`` draws nothing and is plain cross-entropy
+            fine-tuning of the pretrained model (the K = 0 point of the paper's Fig. 1), e.g. as a control run.
         lam: weight of the entropy penalty (paper lambda = 1), >= 0.
         joint_forward: True sends the ID and generated images through the model in one concatenated forward.
             BatchNorm layers (in train mode) then normalize both with the statistics of the mixed batch and update
@@ -56,17 +57,24 @@ class FIGTrainer(Trainer):
 
     ``history`` logs, per step: ``loss``, ``ce``, ``gen_entropy`` and ``gen_confidence`` (mean max softmax of the
     generated batch in the training forward), ``gen_energy`` (its mean modified energy), and from a sampler that
-    reports them ``sampler_confidence``, ``sampler_energy`` (eval mode, at the sampler's output) and
-    ``gen_steps`` (mean Langevin updates): the curves of the paper's Fig. 3.
+    reports them ``sampler_confidence``, ``sampler_energy`` (eval mode, at the sampler's output),
+    ``sampler_start_confidence`` (at the chains' starting images: before sampling), ``gen_steps`` (mean Langevin
+    updates per chain) and ``gen_steps_min`` (fewest updates of any chain): the curves of the paper's Fig. 3.
+    The progress bar shows ``loss``, ``ce``, ``gen_steps`` and ``sampler_confidence``.
+
+    Mechanism check (:meth:`mechanism_idle`): when the sampler reports updates and every chain of a whole epoch (or
+    of a shorter fit) took 0 of them, the generated batch is the sampler's starting noise and FIG reduces to an
+    entropy penalty on uniform noise; the trainer then warns once (:class:`~fastood.trainers.MechanismIdleWarning`).
     """
 
     default_lr = 1e-3
+    progress_keys = ("loss", "ce", "gen_steps", "sampler_confidence")
 
     def __init__(self, model, sampler=None, k=0.1, lam=1.0, joint_forward=True, bounds=None, freeze_bn=True,
                  **kwargs):
         super().__init__(model, freeze_bn=freeze_bn, **kwargs)
-        if not (isinstance(k, (int, float)) and math.isfinite(k) and k > 0):
-            raise ValueError(f"k must be a finite number > 0, got {k!r}")
+        if isinstance(k, bool) or not (isinstance(k, (int, float)) and math.isfinite(k) and k >= 0):
+            raise ValueError(f"k must be a finite number >= 0, got {k!r}")
         if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
             raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
         if sampler is not None and bounds is not None:
@@ -89,6 +97,9 @@ class FIGTrainer(Trainer):
         if x.shape[0] == 0:
             raise ValueError("FIGTrainer got an empty ID batch")
         n_gen = math.ceil(self.k * x.shape[0])
+        if n_gen == 0:  # k = 0: plain cross-entropy fine-tuning, no sampling
+            ce = F.cross_entropy(self.net(x).float(), y)
+            return {"loss": ce, "ce": ce}
         generated = self.sampler.sample(unwrap(self.model), n_gen, tuple(x.shape[1:]), context=(x, y))
         generated = generated.to(device=x.device, dtype=x.dtype)
         if self.joint_forward:
@@ -106,7 +117,22 @@ class FIGTrainer(Trainer):
             logs["sampler_confidence"] = stats["confidence"].float().mean()
             logs["sampler_energy"] = stats["energy"].float().mean()
             logs["gen_steps"] = stats["steps"].float().mean()
+            logs["gen_steps_min"] = stats["steps"].min().float()
+        if "start_confidence" in stats and len(stats["start_confidence"]):
+            logs["sampler_start_confidence"] = stats["start_confidence"].float().mean()
         return logs
+
+    def mechanism_idle(self, logs):
+        """A message when the sampler performed no update over ``logs`` (see the class docstring), else None."""
+        steps = [h["gen_steps"] for h in logs if "gen_steps" in h]
+        if not steps or max(steps) > 0:
+            return None
+        start = [h["sampler_start_confidence"] for h in logs if "sampler_start_confidence" in h]
+        conf = f" (mean confidence of the starting images {sum(start) / len(start):.4f})" if start else ""
+        return (f"the sampler performed 0 Langevin updates per chain over {len(steps)} steps{conf}: the generated "
+                "samples are its starting noise, so FIG only penalizes the entropy of uniform noise. Let every chain "
+                "take at least one update before the stop test (LangevinSampler(min_steps=1), the default), or use "
+                "early_stop=None / a higher confidence threshold.")
 
     def detector(self):
         """Maximum softmax probability of the fine-tuned model (the paper's detector; higher score = more OOD)."""
@@ -117,8 +143,17 @@ class FIGTrainer(Trainer):
 
 class GaussianNoiseTrainer(FIGTrainer):
     """GS, FIG's baseline: the same loop and loss with clamped Gaussian noise
-    (:class:`~fastood.samplers.noise.GaussianNoiseSampler`, std 0.5) in place of the Langevin samples.
-    Takes the :class:`FIGTrainer` arguments. Detector: MSP."""
+    (:class:`~fastood.samplers.noise.GaussianNoiseSampler`, std 0.5, fastood's choice: see its docstring) in place
+    of the Langevin samples. Takes the :class:`FIGTrainer` arguments. Detector: MSP.
+
+    Its mechanism is the entropy penalty on the noise batch; the logs ``gen_confidence`` / ``gen_entropy`` show it
+    (the progress bar too). It never warns as idle: noise samples take no updates by design.
+    """
+
+    progress_keys = ("loss", "ce", "gen_entropy", "gen_confidence")
+
+    def mechanism_idle(self, logs):
+        return None
 
     def default_sampler(self, bounds):
         from fastood.samplers.noise import GaussianNoiseSampler

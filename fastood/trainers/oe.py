@@ -1,5 +1,7 @@
 """Outlier Exposure (Hendrycks et al., ICLR 2019) and energy-bounded OE (Liu et al., NeurIPS 2020): the auxiliary-
 outlier baselines of the ICE paper."""
+import math
+
 import torch
 
 from fastood._modes import eval_mode
@@ -19,6 +21,18 @@ class OETrainer(OutlierTrainer):
     Defaults follow the paper's fine-tuning recipe: SGD lr 1e-3 (momentum 0.9, wd 5e-4) with cosine decay to 0
     over the run (``cosine=False`` keeps it constant). Detector: MSP (score ``-max softmax``, higher = more OOD).
 
+    What outliers OE needs: images that resemble the OOD inputs to come (natural images, other classes' objects,
+    textures) more than the ID data does. Noise the pretrained model already scores as OOD teaches it little, and
+    outliers that share low-level statistics with *some* test sets but not others can make those worse: measured
+    on mnist5k-0to4 (``bench/quality_outliers.py --outliers gaussian``), OE trained on Gaussian-noise outliers
+    lowered the mean MSP AUROC over the OOD sets (see docs/fidelity.md, OETrainer, for the figures).
+
+    Mechanism figures (``history``; the progress bar shows ``loss``, ``ce``, ``outlier``, ``acc``): ``outlier`` (the
+    mean uniform cross-entropy of the outliers, >= log C) and ``outlier_excess`` = ``outlier - log C`` (0 when the
+    model is already uniform on them: the term then has no gradient). When ``outlier_excess`` stays below 1e-6 over
+    a whole epoch (or a shorter fit), or no outlier was drawn, the trainer warns once
+    (:class:`~fastood.trainers.MechanismIdleWarning`).
+
     Args:
         model: a classifier, logits [B, C].
         outliers: DataLoader of outlier images (or ``(images, ...)``), a sampler, or an OutlierSource.
@@ -27,6 +41,9 @@ class OETrainer(OutlierTrainer):
     """
 
     default_lr = 1e-3
+    progress_keys = ("loss", "ce", "outlier", "acc")
+    #: below this the outlier term counts as idle
+    idle_below = 1e-6
 
     def __init__(self, model, outliers=None, lam: float = 0.5, cosine: bool = True, **kwargs):
         super().__init__(model, outliers, **kwargs)
@@ -44,7 +61,21 @@ class OETrainer(OutlierTrainer):
         logits_in, logits_out = self.forward_in_out(x, self.draw_outliers(x, y))
         terms = oe_loss_terms(logits_in, y, logits_out, self.lam)
         terms["acc"] = (logits_in.detach().argmax(1) == y).float().mean()
+        terms["outlier_excess"] = (terms["outlier"].detach() - math.log(logits_in.shape[1])
+                                   if logits_out.shape[0] else logits_in.new_zeros(()))
         return terms
+
+    def mechanism_idle(self, logs):
+        """A message when the outlier term was ~0 (above its floor) over ``logs``, else None."""
+        values = [h[self.idle_key] for h in logs if self.idle_key in h]
+        if not values or self.lam == 0 or max(values) >= self.idle_below:
+            return None
+        return (f"the outlier term ({self.idle_key}) stayed below {self.idle_below:g} over {len(values)} steps: "
+                f"{self.idle_reason} Check the outlier source (empty batches?) and {self.idle_fix}")
+
+    idle_key = "outlier_excess"
+    idle_reason = "the model is already uniform on the outliers (or got none), so OE adds no gradient."
+    idle_fix = "use outliers closer to the OOD inputs you expect."
 
 
 class EnergyOETrainer(OETrainer):
@@ -59,7 +90,18 @@ class EnergyOETrainer(OETrainer):
         (as CMG does). They are stored in the checkpoint (``extra_state``) and never re-measured on resume.
 
     Same recipe and one-forward-pass as :class:`OETrainer`. Detector: Energy (score ``E(x)``, higher = more OOD).
+
+    Mechanism figures (``history``; the progress bar shows ``loss``, ``ce``, ``margin``, ``acc``): ``margin`` (the
+    squared-hinge term), ``energy_in`` and ``energy_out`` (mean energies). When ``margin`` stays below 1e-6 over a
+    whole epoch (or a shorter fit) -- every ID energy already below ``m_in`` and every outlier energy above
+    ``m_out`` -- the trainer warns once (:class:`~fastood.trainers.MechanismIdleWarning`).
     """
+
+    progress_keys = ("loss", "ce", "margin", "acc")
+    idle_key = "margin"
+    idle_reason = ("every ID energy is already below m_in and every outlier energy above m_out, so the energy "
+                   "regularizer has no gradient.")
+    idle_fix = "the margins: margins='auto' measures them from this model's energies."
 
     def __init__(self, model, outliers=None, m_in: float = -25.0, m_out: float = -7.0, lam: float = 0.1,
                  T: float = 1.0, margins: str = "fixed", auto_quantiles=(0.2, 0.8), auto_batches: int = 20, **kwargs):

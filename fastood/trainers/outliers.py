@@ -134,6 +134,10 @@ class LoaderOutlierSource(OutlierSource):
 
     @staticmethod
     def _images(item) -> torch.Tensor:
+        if isinstance(item, dict):  # dict batches: the image key found as everywhere else (fastood.batches)
+            from fastood.batches import BatchReader
+
+            return BatchReader().images(item, "the outlier loader")
         x = item[0] if isinstance(item, (tuple, list)) and len(item) > 0 else item
         if not isinstance(x, torch.Tensor):
             raise TypeError("the outlier loader must yield image tensors or tuples whose first item is the image "

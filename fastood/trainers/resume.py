@@ -17,11 +17,14 @@ import torch
 __all__ = ["RecordsHyperparameters", "RUN_SETTINGS", "ResumeMismatch", "Resumed", "method_name",
            "check_compatible"]
 
-# Constructor arguments that do not change what is computed: they may differ between a run and its resume.
-RUN_SETTINGS = frozenset({"checkpoint_dir", "checkpoint_every", "checkpoint_minutes", "progress", "device",
-                          "skip_nonfinite", "handle_signals", "sync_bn"})
+# Constructor arguments that say how a run is carried out rather than what it computes: they may differ between a
+# run and its resume. ``amp`` goes with the device (bf16 autocast is CUDA-only, so a CPU resume of a CUDA run turns
+# it off), ``sync_bn`` with the number of ranks, ``batch_fn``/``batch_keys`` with how the loader is read.
+RUN_SETTINGS = frozenset({"checkpoint_dir", "checkpoint_every", "checkpoint_minutes", "progress", "device", "amp",
+                          "skip_nonfinite", "handle_signals", "sync_bn", "batch_fn", "batch_keys"})
 
 _SIMPLE = (bool, int, float, str, type(None))
+_SKIP = object()
 
 
 class ResumeMismatch(ValueError):
@@ -47,8 +50,6 @@ def _simple(value):
         return tuple(value.detach().cpu().reshape(-1).tolist())
     return _SKIP
 
-
-_SKIP = object()
 
 
 def _record(obj, args, kwargs) -> dict:

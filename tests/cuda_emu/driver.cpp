@@ -167,7 +167,7 @@ void set_watchdog(unsigned seconds);
 int main(int argc, char** argv) {
   if (argc != 2) bad("usage: cuda_emu_driver SCRIPT");
   const char* wd = std::getenv("FASTOOD_EMU_WATCHDOG_S");
-  fastood_emu::set_watchdog(wd ? static_cast<unsigned>(std::atoi(wd)) : 120u);
+  fastood_emu::set_watchdog(wd ? static_cast<unsigned>(std::atoi(wd)) : 240u);  // per launch
   std::ifstream script(argv[1]);
   if (!script) bad(std::string("cannot open ") + argv[1]);
   std::string line;

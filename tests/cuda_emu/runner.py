@@ -5,6 +5,8 @@ A ``Session`` collects buffers and launcher calls; ``run()`` executes them all i
 ASan + UBSan) and returns the saved outputs. Launcher arguments mirror csrc/cuda/<op>_kernel.h.
 """
 import os
+import platform
+import shutil
 import subprocess
 
 import numpy as np
@@ -61,13 +63,18 @@ class Session:
     def call(self, *words):
         self.lines.append(" ".join(_word(w) for w in words))
 
-    def run(self, timeout=300):
+    def run(self, timeout=900):
         script = os.path.join(self.workdir, "script.txt")
         with open(script, "w") as f:
             f.write("\n".join(self.lines) + "\n")
         env = sanitizer_env()
         env["FASTOOD_EMU_SCHEDULE"] = self.schedule
         proc = subprocess.run([self.binary, script], capture_output=True, text=True, env=env, timeout=timeout)
+        if proc.returncode != 0 and "AddressSanitizer:DEADLYSIGNAL" in proc.stderr and shutil.which("setarch"):
+            # Older ASan runtimes crash at start-up under the 32-bit mmap randomization of newer kernels: retry
+            # once without address-space randomization.
+            proc = subprocess.run(["setarch", platform.machine(), "-R", self.binary, script], capture_output=True,
+                                  text=True, env=env, timeout=timeout)
         if proc.returncode != 0:
             raise EmulationError(proc.returncode, proc.stderr)
         result = {}

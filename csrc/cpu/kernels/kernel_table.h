@@ -23,6 +23,9 @@ struct PhiloxKey {
 constexpr int64_t kPhiloxBlocksPerChunk = 64;               // Philox blocks per chunk of normals
 constexpr int64_t kNormalsPerChunk = 4 * kPhiloxBlocksPerChunk;  // four normals per block
 
+// Scratch floats the softmax-entropy row kernels need per call: two rows, each rounded up to 16 floats.
+constexpr int64_t kRowWork(int64_t cols) { return 2 * ((cols + 15) / 16 * 16); }
+
 struct KernelTable {
   const char* name;  // "default", "avx2" or "avx512"
   // FIG modified energy of rows [begin, end) of logits [rows, cols] (s = f * inv_c): energy[b] = sum_y s_y
@@ -30,10 +33,10 @@ struct KernelTable {
   // g_b = inv_c * grad_scale[b] (or inv_c when grad_scale == nullptr). energy/grad have logits' dtype.
   void (*modified_energy_rows)(RowDtype dtype, const void* logits, int64_t begin, int64_t end, int64_t cols,
                                float inv_c, void* energy, void* grad, const float* grad_scale);
-  // Entropy of softmax of rows [begin, end) into entropy[b] (logits' dtype).
+  // Entropy of softmax of rows [begin, end) into entropy[b] (logits' dtype). work: kRowWork(cols) floats.
   void (*softmax_entropy_forward_rows)(RowDtype dtype, const void* logits, int64_t begin, int64_t end,
-                                       int64_t cols, void* entropy);
-  // grad[b, :] = grad_entropy[b] * dH/df for rows [begin, end); work: cols floats of scratch per call.
+                                       int64_t cols, void* entropy, float* work);
+  // grad[b, :] = grad_entropy[b] * dH/df for rows [begin, end); work: kRowWork(cols) floats of scratch.
   void (*softmax_entropy_backward_rows)(RowDtype dtype, const void* logits, const float* grad_entropy,
                                         int64_t begin, int64_t end, int64_t cols, void* grad, float* work);
   // The kNormalsPerChunk standard normals of chunk `chunk` (Philox4x32-10 + Box-Muller, cpu/langevin_step.cpp).

@@ -21,6 +21,7 @@
 
 // gcc 12's _mm512_cvtph_ps starts from an intentionally undefined vector and warns about it when inlined.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 #if !defined(CPU_CAPABILITY)
 #error "define CPU_CAPABILITY (cap_default, cap_avx2 or cap_avx512) before including kernels_impl.h"
@@ -167,6 +168,47 @@ FASTOOD_INLINE uint16_t float_to_half(float f) {
   return static_cast<uint16_t>(out | sign);
 }
 
+// Lanes [0, n) of 16-bit values (n in [1, W)), the others 0, without touching memory past p + n; in registers
+// (masked moves), since building the vector element by element through memory stalls store forwarding.
+FASTOOD_INLINE vh load_u16_partial(const uint16_t* p, int n) {
+#if defined(FASTOOD_CAP_AVX512)
+  return (vh)_mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1u), p);
+#elif defined(FASTOOD_CAP_AVX2)
+  const __m128i pairs = _mm_cmpgt_epi32(_mm_set1_epi32(n / 2), _mm_setr_epi32(0, 1, 2, 3));  // int32 lanes < n/2
+  __m128i h = _mm_maskload_epi32(reinterpret_cast<const int*>(p), pairs);  // whole pairs only
+  switch (n) {  // an odd n leaves one value: insert it (the lane index must be a constant)
+    case 1: h = _mm_insert_epi16(h, p[0], 0); break;
+    case 3: h = _mm_insert_epi16(h, p[2], 2); break;
+    case 5: h = _mm_insert_epi16(h, p[4], 4); break;
+    case 7: h = _mm_insert_epi16(h, p[6], 6); break;
+    default: break;
+  }
+  return (vh)h;
+#else
+  vh h = {};
+  for (int l = 0; l < n; ++l) h[l] = p[l];
+  return h;
+#endif
+}
+
+FASTOOD_INLINE void store_u16_partial(uint16_t* p, vh h, int n) {
+#if defined(FASTOOD_CAP_AVX512)
+  _mm256_mask_storeu_epi16(p, static_cast<__mmask16>((1u << n) - 1u), (__m256i)h);
+#elif defined(FASTOOD_CAP_AVX2)
+  const __m128i pairs = _mm_cmpgt_epi32(_mm_set1_epi32(n / 2), _mm_setr_epi32(0, 1, 2, 3));  // int32 lanes < n/2
+  _mm_maskstore_epi32(reinterpret_cast<int*>(p), pairs, (__m128i)h);
+  switch (n) {
+    case 1: p[0] = static_cast<uint16_t>(_mm_extract_epi16((__m128i)h, 0)); break;
+    case 3: p[2] = static_cast<uint16_t>(_mm_extract_epi16((__m128i)h, 2)); break;
+    case 5: p[4] = static_cast<uint16_t>(_mm_extract_epi16((__m128i)h, 4)); break;
+    case 7: p[6] = static_cast<uint16_t>(_mm_extract_epi16((__m128i)h, 6)); break;
+    default: break;
+  }
+#else
+  for (int l = 0; l < n; ++l) p[l] = h[l];
+#endif
+}
+
 // Storage types: how a row of `T` loads into float vectors and stores back.
 struct F32 {
   using T = float;
@@ -179,12 +221,29 @@ struct F32 {
 
 struct BF16 {
   using T = uint16_t;
-  static FASTOOD_INLINE vf widen(vh h) { return (vf)(__builtin_convertvector(h, vu) << 16); }
+  // Widening is a zero-extension and a shift; narrowing rounds to nearest even and packs (vpmovdw on AVX-512,
+  // packus + a lane permute on AVX2): the generic vector conversions compile to slow shuffle sequences.
+  static FASTOOD_INLINE vf widen(vh h) {
+#if defined(FASTOOD_CAP_AVX512)
+    return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16);
+#elif defined(FASTOOD_CAP_AVX2)
+    return (vf)_mm256_slli_epi32(_mm256_cvtepu16_epi32((__m128i)h), 16);
+#else
+    return (vf)(__builtin_convertvector(h, vu) << 16);
+#endif
+  }
   static FASTOOD_INLINE vh narrow(vf v) {
     const vu u = (vu)v;
     vu r = (u + ((u >> 16) & 1u) + 0x7FFFu) >> 16;
     r = (v != v) ? splat_u(0x7FC0u) : r;
+#if defined(FASTOOD_CAP_AVX512)
+    return (vh)_mm512_cvtepi32_epi16((__m512i)r);
+#elif defined(FASTOOD_CAP_AVX2)
+    const __m256i packed = _mm256_packus_epi32((__m256i)r, (__m256i)r);  // r < 2^16: no saturation
+    return (vh)_mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08));
+#else
     return __builtin_convertvector(r, vh);
+#endif
   }
   static FASTOOD_INLINE vf load(const T* p) {
     vh h;
@@ -192,18 +251,13 @@ struct BF16 {
     return widen(h);
   }
   static FASTOOD_INLINE vf load_partial(const T* p, int n, float fill) {
-    vh h = {};
-    for (int l = 0; l < n; ++l) h[l] = p[l];
-    return iota() < n ? widen(h) : splat(fill);
+    return iota() < n ? widen(load_u16_partial(p, n)) : splat(fill);
   }
   static FASTOOD_INLINE void store(T* p, vf v) {
     const vh h = narrow(v);
     __builtin_memcpy(p, &h, sizeof(h));
   }
-  static FASTOOD_INLINE void store_partial(T* p, vf v, int n) {
-    const vh h = narrow(v);
-    for (int l = 0; l < n; ++l) p[l] = h[l];
-  }
+  static FASTOOD_INLINE void store_partial(T* p, vf v, int n) { store_u16_partial(p, narrow(v), n); }
   static FASTOOD_INLINE T from_float(float v) { return float_to_bf16(v); }
 };
 
@@ -233,18 +287,13 @@ struct F16 {
     return widen(h);
   }
   static FASTOOD_INLINE vf load_partial(const T* p, int n, float fill) {
-    vh h = {};
-    for (int l = 0; l < n; ++l) h[l] = p[l];
-    return iota() < n ? widen(h) : splat(fill);
+    return iota() < n ? widen(load_u16_partial(p, n)) : splat(fill);
   }
   static FASTOOD_INLINE void store(T* p, vf v) {
     const vh h = narrow(v);
     __builtin_memcpy(p, &h, sizeof(h));
   }
-  static FASTOOD_INLINE void store_partial(T* p, vf v, int n) {
-    const vh h = narrow(v);
-    for (int l = 0; l < n; ++l) p[l] = h[l];
-  }
+  static FASTOOD_INLINE void store_partial(T* p, vf v, int n) { store_u16_partial(p, narrow(v), n); }
   static FASTOOD_INLINE T from_float(float v) { return float_to_half(v); }
 };
 
@@ -433,8 +482,18 @@ FASTOOD_INLINE RowStats row_stats(const typename S::T* row, int64_t cols, float*
   return {m, hsum(s0 + s1), hsum(t0 + t1)};
 }
 
+// A row of 16-bit values widened to float once (row_stats reads it twice, the backward a third time).
 template <class S>
-void entropy_forward_rows(const void* logits_v, int64_t begin, int64_t end, int64_t cols, void* entropy_v) {
+FASTOOD_INLINE void widen_row(const typename S::T* row, int64_t cols, float* out) {
+  const int64_t full = cols / W * W;
+  for (int64_t k = 0; k < full; k += W) store_f32(out + k, S::load(row + k));
+  if (cols > full) store_f32_partial(out + full, S::load_partial(row + full, static_cast<int>(cols - full), 0.0f),
+                                     static_cast<int>(cols - full));
+}
+
+template <class S>
+void entropy_forward_rows(const void* logits_v, int64_t begin, int64_t end, int64_t cols, void* entropy_v,
+                          float* work) {
   using T = typename S::T;
   const T* logits = static_cast<const T*>(logits_v);
   T* entropy = static_cast<T*>(entropy_v);
@@ -443,7 +502,13 @@ void entropy_forward_rows(const void* logits_v, int64_t begin, int64_t end, int6
     const int n = static_cast<int>(end - b0 < W ? end - b0 : W);
     vf sums = splat(1.0f), weighted = {};
     for (int r = 0; r < n; ++r) {
-      const RowStats st = row_stats<S, false>(logits + (b0 + r) * cols, cols, nullptr);
+      RowStats st;
+      if constexpr (sizeof(T) == 2) {
+        widen_row<S>(logits + (b0 + r) * cols, cols, work);
+        st = row_stats<F32, false>(work, cols, nullptr);
+      } else {
+        st = row_stats<S, false>(logits + (b0 + r) * cols, cols, nullptr);
+      }
       sums[r] = st.sum;
       weighted[r] = st.weighted;
     }
@@ -460,27 +525,37 @@ void entropy_backward_rows(const void* logits_v, const float* grad_entropy, int6
   T* grad = static_cast<T*>(grad_v);
   const int64_t full = cols / W * W;
   const int rem = static_cast<int>(cols - full);
+  // 16-bit rows: widened once into `wide` (the second half of the work buffer).
+  float* wide = exps + (cols + 15) / 16 * 16;
   for (int64_t b = begin; b < end; ++b) {
     const T* row = logits + b * cols;
     T* out = grad + b * cols;
-    const RowStats st = row_stats<S, true>(row, cols, exps);
-    // dH/df_k = (g / S) e_k (T / S - z_k) = (g / S) e_k ((T / S + m) - f_k)
-    const vf scale = splat(grad_entropy[b] / st.sum), shift = splat(st.weighted / st.sum + st.max);
+    RowStats st;
+    if constexpr (sizeof(T) == 2) {
+      widen_row<S>(row, cols, wide);
+      st = row_stats<F32, true>(wide, cols, exps);
+    } else {
+      st = row_stats<S, true>(row, cols, exps);
+    }
+    // dH/df_k = (g / S) e_k (T / S - z_k), z_k = f_k - m formed first: folding m into T / S would round T / S
+    // to the ulp of m (1e-3 at |f| = 1e4 in float32).
+    const vf scale = splat(grad_entropy[b] / st.sum), mean_z = splat(st.weighted / st.sum), vm = splat(st.max);
+    const float* in = sizeof(T) == 2 ? wide : reinterpret_cast<const float*>(row);
     int64_t k = 0;
-    for (; k < full; k += W) S::store(out + k, scale * load_f32(exps + k) * (shift - S::load(row + k)));
+    for (; k < full; k += W) S::store(out + k, scale * load_f32(exps + k) * (mean_z - (load_f32(in + k) - vm)));
     if (rem > 0) {
-      const vf v = S::load_partial(row + full, rem, 0.0f);
-      S::store_partial(out + full, scale * load_f32(exps + full) * (shift - v), rem);
+      const vf v = load_f32_partial(in + full, rem, 0.0f);
+      S::store_partial(out + full, scale * load_f32(exps + full) * (mean_z - (v - vm)), rem);
     }
   }
 }
 
 void softmax_entropy_forward_rows(RowDtype dtype, const void* logits, int64_t begin, int64_t end, int64_t cols,
-                                  void* entropy) {
+                                  void* entropy, float* work) {
   switch (dtype) {
-    case RowDtype::kFloat: return entropy_forward_rows<F32>(logits, begin, end, cols, entropy);
-    case RowDtype::kBFloat16: return entropy_forward_rows<BF16>(logits, begin, end, cols, entropy);
-    case RowDtype::kHalf: return entropy_forward_rows<F16>(logits, begin, end, cols, entropy);
+    case RowDtype::kFloat: return entropy_forward_rows<F32>(logits, begin, end, cols, entropy, work);
+    case RowDtype::kBFloat16: return entropy_forward_rows<BF16>(logits, begin, end, cols, entropy, work);
+    case RowDtype::kHalf: return entropy_forward_rows<F16>(logits, begin, end, cols, entropy, work);
   }
 }
 
@@ -579,7 +654,7 @@ FASTOOD_INLINE float uniform24(uint32_t bits, int32_t plus) {
 }
 
 // z[lane * 64 + q] comes from Philox block chunk * 64 + q (four uniforms -> two Box-Muller pairs).
-void philox_normals(int64_t chunk, PhiloxKey key, float* z) {
+[[maybe_unused]] void philox_normals_scalar(int64_t chunk, PhiloxKey key, float* z) {
   const uint64_t first = static_cast<uint64_t>(chunk) * kPhiloxBlocksPerChunk;
 #pragma omp simd
   for (int64_t q = 0; q < kPhiloxBlocksPerChunk; ++q) {
@@ -595,6 +670,116 @@ void philox_normals(int64_t chunk, PhiloxKey key, float* z) {
     z[kPhiloxBlocksPerChunk + q] = r0 * s0;
     z[2 * kPhiloxBlocksPerChunk + q] = r1 * c1;
     z[3 * kPhiloxBlocksPerChunk + q] = r1 * s1;
+  }
+}
+
+// ---- The same, W blocks at a time in explicit vectors ----
+
+// Lane-wise 32 x 32 -> 64-bit products of a with the constant m, split into high and low halves: two widening
+// multiplies (even and odd lanes) and two blends, instead of the generic code's widen/narrow permutes.
+FASTOOD_INLINE void mulhilo(vu a, uint32_t m, vu& hi, vu& lo) {
+#if defined(FASTOOD_CAP_AVX512)
+  const __m512i vm = _mm512_set1_epi32(static_cast<int>(m));
+  const __m512i even = _mm512_mul_epu32((__m512i)a, vm);
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64((__m512i)a, 32), vm);
+  lo = (vu)_mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+  hi = (vu)_mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+#elif defined(FASTOOD_CAP_AVX2)
+  const __m256i vm = _mm256_set1_epi32(static_cast<int>(m));
+  const __m256i even = _mm256_mul_epu32((__m256i)a, vm);
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64((__m256i)a, 32), vm);
+  lo = (vu)_mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  hi = (vu)_mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+#elif defined(__SSE2__)
+  const __m128i vm = _mm_set1_epi32(static_cast<int>(m));
+  const vu even = (vu)_mm_mul_epu32((__m128i)a, vm);
+  const vu odd = (vu)_mm_mul_epu32(_mm_srli_epi64((__m128i)a, 32), vm);
+  const vu low_half = (vu)_mm_set_epi32(0, -1, 0, -1);
+  lo = (even & low_half) | (vu)_mm_slli_epi64((__m128i)odd, 32);
+  hi = (vu)_mm_srli_epi64((__m128i)even, 32) | (odd & ~low_half);
+#else
+  for (int l = 0; l < W; ++l) {
+    const uint64_t p = static_cast<uint64_t>(a[l]) * m;
+    hi[l] = static_cast<uint32_t>(p >> 32);
+    lo[l] = static_cast<uint32_t>(p);
+  }
+#endif
+}
+
+FASTOOD_INLINE vf vsqrt(vf x) {
+#if defined(FASTOOD_CAP_AVX512)
+  return (vf)_mm512_sqrt_ps((__m512)x);
+#elif defined(FASTOOD_CAP_AVX2)
+  return (vf)_mm256_sqrt_ps((__m256)x);
+#elif defined(__SSE2__)
+  return (vf)_mm_sqrt_ps((__m128)x);
+#else
+  for (int l = 0; l < W; ++l) x[l] = __builtin_sqrtf(x[l]);
+  return x;
+#endif
+}
+
+// (cos, sin) of 2 pi * turns, turns in [0, 1): sincos_turns in vectors.
+FASTOOD_INLINE void vsincos_turns(vf turns, vf& c_out, vf& s_out) {
+  const vf t = turns * 4.0f;
+  const vi quadrant = __builtin_convertvector(t, vi);  // t >= 0: truncation is floor
+  const vf a = (t - __builtin_convertvector(quadrant, vf)) * 1.57079632679489662f;
+  const vf a2 = a * a;
+  vf s = splat(-2.5052108e-8f);
+  s = madd(s, a2, splat(2.7557319e-6f));
+  s = madd(s, a2, splat(-1.9841270e-4f));
+  s = madd(s, a2, splat(8.3333333e-3f));
+  s = madd(s, a2, splat(-1.6666667e-1f));
+  s = madd(s * a2, a, a);
+  vf c = splat(2.0876757e-9f);
+  c = madd(c, a2, splat(-2.7557319e-7f));
+  c = madd(c, a2, splat(2.4801587e-5f));
+  c = madd(c, a2, splat(-1.3888889e-3f));
+  c = madd(c, a2, splat(4.1666667e-2f));
+  c = madd(c, a2, splat(-0.5f));
+  c = madd(c, a2, splat(1.0f));
+  const vu swap = vu{} - ((vu)quadrant & 1u);
+  const vu flip = ((vu)quadrant & 2u) << 30;
+  const vu cb = (vu)c, sb = (vu)s;
+  c_out = (vf)(((cb & ~swap) | ((sb ^ 0x80000000u) & swap)) ^ flip);
+  s_out = (vf)(((sb & ~swap) | (cb & swap)) ^ flip);
+}
+
+FASTOOD_INLINE vf vuniform24(vu bits, int32_t plus) {
+  return __builtin_convertvector((vi)(bits >> 8) + plus, vf) * (1.0f / 16777216.0f);
+}
+
+// z[lane * 64 + q] comes from Philox block chunk * 64 + q (four uniforms -> two Box-Muller pairs), W blocks at
+// a time: the same normals as the scalar form above up to rounding.
+void philox_normals(int64_t chunk, PhiloxKey key, float* z) {
+  const uint64_t first = static_cast<uint64_t>(chunk) * kPhiloxBlocksPerChunk;
+  // first is a multiple of 64 and q < 64: the low word never carries into the high one
+  const vu hi_word = splat_u(static_cast<uint32_t>(first >> 32));
+  for (int64_t q = 0; q < kPhiloxBlocksPerChunk; q += W) {
+    vu c0 = splat_u(static_cast<uint32_t>(first + static_cast<uint64_t>(q))) + (vu)iota(), c1 = hi_word;
+    vu c2 = splat_u(key.s0), c3 = splat_u(key.s1);
+    uint32_t k0 = key.k0, k1 = key.k1;
+    for (int round = 0; round < 10; ++round) {
+      vu hi0, lo0, hi1, lo1;
+      mulhilo(c0, 0xD2511F53u, hi0, lo0);
+      mulhilo(c2, 0xCD9E8D57u, hi1, lo1);
+      const vu n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
+      c1 = lo1;
+      c3 = lo0;
+      c0 = n0;
+      c2 = n2;
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    const vf r0 = vsqrt(-2.0f * vlog_positive(vuniform24(c0, 1)));
+    const vf r1 = vsqrt(-2.0f * vlog_positive(vuniform24(c2, 1)));
+    vf cos0, sin0, cos1, sin1;
+    vsincos_turns(vuniform24(c1, 0), cos0, sin0);
+    vsincos_turns(vuniform24(c3, 0), cos1, sin1);
+    store_f32(z + q, r0 * cos0);
+    store_f32(z + kPhiloxBlocksPerChunk + q, r0 * sin0);
+    store_f32(z + 2 * kPhiloxBlocksPerChunk + q, r1 * cos1);
+    store_f32(z + 3 * kPhiloxBlocksPerChunk + q, r1 * sin1);
   }
 }
 

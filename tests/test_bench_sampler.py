@@ -1,0 +1,55 @@
+"""bench/bench_sampler.py: the authors' loop takes input gradients only (as the FIG authors' code), the work per
+image is counted with torch.utils.flop_counter, and the GPU-check switches are validated."""
+import os
+import subprocess
+import sys
+
+import torch
+from torch import nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+import bench_sampler  # noqa: E402
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 6 * 6, 5)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).flatten(1))
+
+
+def test_authors_loop_computes_no_parameter_gradient():
+    torch.manual_seed(0)
+    model = TinyNet()
+    calls = []
+    for p in model.parameters():
+        p.register_hook(lambda g: calls.append(g.shape))  # fires whenever autograd computes a parameter's grad
+    x, taken, confidence = bench_sampler.authors_loop(model, 4, (1, 6, 6), steps=3, batch_stop=False,
+                                                      device=torch.device("cpu"))
+    assert taken == 3 and x.shape == (4, 1, 6, 6) and confidence.shape == (4,)
+    assert calls == [], "the authors' loop must differentiate w.r.t. the input only"
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_flops_per_image_are_forward_and_input_backward():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(10, 5, bias=False))
+    forward, backward = bench_sampler.model_flops_per_image(model, (10,), torch.device("cpu"))
+    assert forward == 2 * 10 * 5      # one matrix-vector product per image
+    assert backward == 2 * 10 * 5     # grad of the input only (no weight gradient)
+
+
+def test_native_variant_names_its_configuration():
+    assert bench_sampler.native_variant_name("bf16", True, True) == "fastood-native[bf16,graph,channels_last]"
+    assert bench_sampler.native_variant_name("fp32", False, False) == "fastood-native[fp32,no-graph]"
+
+
+def test_cuda_only_switches_are_refused_on_cpu():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_sampler.py"), "--device", "cpu",
+                           "--quick", "--dtype", "bf16", "--cuda-graphs", "on"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "configure the CUDA sampler" in proc.stderr
