@@ -139,7 +139,8 @@ def main(argv=None):
                         "(default: the paper's %(default)s)")
     parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds 0..N-1 (default: %(default)s)")
     parser.add_argument("--trajectory-epochs", type=int, default=0,
-                        help="epochs of a FIG trajectory, evaluated every half epoch; 0 skips it (default: %(default)s)")
+                        help="epochs of a FIG trajectory, evaluated every half epoch; 0 skips it "
+                             "(default: %(default)s)")
     parser.add_argument("--before", action="store_true",
                         help="add FIG with the sampler defaults before issue 12 (min_steps=0, noise='paper')")
     parser.add_argument("--no-control", action="store_true", help="skip the CE (k=0) control")

@@ -48,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastood.data import ImageDataset, auxiliary_outliers, benchmark, noise  # noqa: E402
 from fastood.detectors import MSP, Energy, ICELikelihood  # noqa: E402
-from fastood.evaluation import compare, evaluate  # noqa: E402
+from fastood.evaluation import evaluate  # noqa: E402
 from fastood.models import GaussianClassifier, TwoHead  # noqa: E402
 from fastood.pretrain import pretrained_small_cnn  # noqa: E402
 from fastood.trainers.discrepancy import DiscrepancyTrainer  # noqa: E402

@@ -253,7 +253,9 @@ def test_ice_freezes_batchnorm_only_for_a_head_fitted_on_trained_features():
 
 def test_gaussian_head_median_scale_puts_the_median_training_feature_at_h_minus_1():
     torch.manual_seed(0)
-    feats, labels = torch.randn(300, 6) * torch.tensor([1.0, 2.0, 0.5, 1.0, 3.0, 1.0]), torch.arange(300) % 3
+    # an odd count: one median
+    feats = torch.randn(301, 6) * torch.tensor([1.0, 2.0, 0.5, 1.0, 3.0, 1.0])
+    labels = torch.arange(301) % 3
     head = GaussianHead(6, 3).double().init_from_features(feats, labels, ridge=0.0, scale="median")
     with torch.no_grad():
         h_y = head(feats.double()).gather(1, labels[:, None]).squeeze(1)

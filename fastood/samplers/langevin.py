@@ -426,7 +426,8 @@ class LangevinSampler:
                                          "sampling; check its weights and inputs")
         x = x.detach().contiguous()
         self._remember(x)
-        self.stats = {"steps": steps, "start_confidence": start_conf, "confidence": conf, "energy": energy, "forwards": counts["forwards"],
+        self.stats = {"steps": steps, "start_confidence": start_conf, "confidence": conf, "energy": energy,
+                      "forwards": counts["forwards"],
                       "passes": counts["passes"], "reused": reused, "folded": folded}
         return x
 
