@@ -191,3 +191,17 @@ def test_only_the_avx_kernels_use_avx_instructions():
     assert not offenders, f"AVX instructions outside the AVX kernels: {sorted(offenders)[:5]}"
     if "avx2" in torch.ops.fastood.cpu_capabilities():
         assert in_caps > 0  # the check would see them
+
+
+@pytest.mark.parametrize("capability", SUPPORTED, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nullspace_kernel_matches_reference(capability, dtype):
+    """The null-space projection is compiled per capability too (register blocks of the capability's width)."""
+    with ops.use_backend("native"):
+        for b, dim, d in [(3, 5, 1), (2, 40, 5), (4, 70, 8), (2, 100, 17), (2, 300, 33), (1, 80, 64)]:
+            jac = torch.randn(b, dim, d, dtype=torch.float64)
+            r = torch.randn(b, dim, dtype=torch.float64)
+            got = ops.nullspace_project(jac.to(dtype), r.to(dtype))
+            want = reference.nullspace_project(jac.to(dtype).double(), r.to(dtype).double())
+            tol = 1e-5 if dtype == torch.float32 else 1e-10
+            assert_close(got, want.to(dtype), tol, f"{capability} {dtype} B{b} D{dim} d{d}")

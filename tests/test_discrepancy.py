@@ -117,7 +117,7 @@ def test_fine_tuning_makes_the_heads_disagree_on_ood_and_keeps_id_accuracy():
     tuned = [h for h in trainer.history if h["phase"] == 1.0]
     assert sum(h["margin_reached"] for h in tuned[-5:]) / 5 > sum(h["margin_reached"] for h in tuned[:5]) / 5
     x, y = id_data(256, seed=5)
-    assert (det.predict(x) == y).float().mean() > 0.95
+    assert (det.predict_class(x) == y).float().mean() > 0.95
 
 
 def test_margin_that_cannot_be_reached_warns():

@@ -353,7 +353,7 @@ def test_max_id_probability_scores_the_id_classes_of_the_n_plus_1_softmax():
     with torch.no_grad():
         p = torch.softmax(model(x), 1)
     torch.testing.assert_close(det.score(x), -p[:, :3].amax(1))  # softmax over n + 1, max over the n ID classes
-    assert torch.equal(det.predict(x), p[:, :3].argmax(1))
+    assert torch.equal(det.predict_class(x), p[:, :3].argmax(1))
     trainer = ManifoldTrainer(tiny_classifier(4), FixedOutliers(), progress=False)
     assert isinstance(trainer.detector(), ExtraClass)
     assert isinstance(trainer.detector("max_id_probability"), MaxIDProbability)

@@ -237,7 +237,7 @@ def test_ice_freezes_batchnorm_only_for_a_head_fitted_on_trained_features():
     StandardTrainer(classifier, lr=0.05, progress=False).fit(_id_loader(), steps=5)
     lazy = ICETrainer(copy.deepcopy(classifier), outliers=_outlier_loader(), progress=False)
     assert lazy.freeze_bn is False           # head not fitted yet
-    lazy.fit(_id_loader(), steps=1)
+    lazy.fit(_id_loader(), steps=1)  # steps >= 1 (issue 14): the head is fitted before it
     assert lazy.freeze_bn is True            # fitted at the start of fit()
     eager = ICETrainer.from_classifier(copy.deepcopy(classifier), _id_loader(), outliers=_outlier_loader(),
                                        progress=False)

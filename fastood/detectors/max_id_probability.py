@@ -10,7 +10,7 @@ class MaxIDProbability(Detector):
     OOD; scores in [-1, 0].
 
     Vernekar et al. (2019) found this score better than the outlier-class probability
-    (:class:`~fastood.detectors.ExtraClass`) on MNIST 0-4. ``predict`` is the argmax over the n ID classes.
+    (:class:`~fastood.detectors.ExtraClass`) on MNIST 0-4. ``predict_class`` is the argmax over the n ID classes.
     """
 
     def _score_and_predict(self, x):

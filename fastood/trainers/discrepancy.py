@@ -40,8 +40,9 @@ class DiscrepancyTrainer(OutlierTrainer):
        ``CE(f1(x), y) + CE(f2(x), y)``) until they classify it (``pretrain_steps=None``: until head 2's training
        accuracy, averaged over the last ``match_window`` steps, is within ``match_tolerance`` of head 1's, at most
        ``max_pretrain_steps`` steps; an int: exactly that many steps). ``TwoHead.from_model(classifier)`` has one
-       trained and one fresh head; fine-tuning with head 2 random inverts the detector (measured: transductive
-       mnist5k-0to4, 3 epochs, AUROC 0.970 for MSP -> 0.184 with no pre-training). The outcome is logged
+       trained and one fresh head; fine-tuning with head 2 random inverted the detector in a short run (transductive
+       mnist5k-0to4, 3 epochs: AUROC 0.970 for MSP -> 0.184 with no pre-training) and recovers slowly (186 steps:
+       94.7 +- 0.7 mean AUROC, ID accuracy 89.9 +- 7.2%). Head 2 matched head 1 after 13 +- 2 steps. The outcome is logged
        (``logging``, and :attr:`pretrain_result`), with a warning when the budget ran out first.
     2. **Fine-tuning**, per mini-batch (``schedule="paper"``): step A, one update on the supervised loss alone;
        then step B, one update on the supervised loss plus the unlabeled discrepancy loss (Eq. 3)::
@@ -50,7 +51,9 @@ class DiscrepancyTrainer(OutlierTrainer):
 
        with ``d(p1, p2) = H(p1) - H(p2)`` (Eq. 1), entropies of the softmax over the classes, m = 1.2
        (:func:`fastood.losses.discrepancy_loss`). ``schedule="joint"`` makes only step B (one combined update per
-       mini-batch, as the public reimplementations do).
+       mini-batch, as the public reimplementations do). Measured (bench/quality_twohead.py, 286 mini-batches,
+       3 seeds): paper 99.27 +- 0.04 mean AUROC, 98.8% ID accuracy; joint 98.57 +- 0.22, 97.5%; near-OOD
+       (digits 5-9) 96.4 against 92.9.
 
     Both pre-training and fine-tuning steps count in ``fit``'s ``steps`` / ``epochs`` (one per mini-batch; under
     the paper's schedule a fine-tuning mini-batch makes two optimizer updates and one scheduler step). In the

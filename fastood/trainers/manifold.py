@@ -99,9 +99,9 @@ class ManifoldTrainer(Trainer):
     batches.) Freezing it (eval mode, running statistics fixed) keeps
     the outliers from shifting the ID normalization, which the base Trainer recommends for trainers that mix
     outliers in, but measured here it costs this method a lot: on mnist5k-0to4 (pretrained SmallCNN grown to 6
-    outputs, 93 steps, beta "paper", bench/quality_cvae.py) the mean AUROC (ExtraClass) was 91.9 with BatchNorm
-    training and 74.5 frozen (seed 0; seed 1: 86.0 frozen against 93.9 training, with the smaller old beta), at
-    the same ID accuracy. ``freeze_bn=True`` freezes it; ``"auto"`` freezes it when the model's BatchNorm layers
+    outputs, 93 steps, beta "paper", 3 seeds, bench/quality_cvae.py --legacy / --ablation) the mean AUROC
+    (ExtraClass) was 91.6 +- 2.9 with BatchNorm training and 81.2 +- 6.0 frozen (with the "authors" beta 93.6 +- 3.1
+    against 83.5 +- 23.0, one frozen seed collapsing to 72% ID accuracy). ``freeze_bn=True`` freezes it; ``"auto"`` freezes it when the model's BatchNorm layers
     already hold statistics (``num_batches_tracked > 0``, a pretrained model) and trains it otherwise (frozen
     layers of a fresh model would never learn theirs).
 

@@ -41,6 +41,12 @@ struct KernelTable {
                                         int64_t begin, int64_t end, int64_t cols, void* grad, float* work);
   // The kNormalsPerChunk standard normals of chunk `chunk` (Philox4x32-10 + Box-Muller, cpu/langevin_step.cpp).
   void (*philox_normals)(int64_t chunk, PhiloxKey key, float* z);
+  // Null-space projection (cpu/nullspace_project.cpp) of samples [begin, end) of jac [B, dim, d], r [B, dim]
+  // (float64 when is_double, else float32) into out [B, dim]; work: nullspace_workspace_doubles(d, dim) zeroed
+  // doubles per call.
+  int64_t (*nullspace_workspace_doubles)(int64_t d, int64_t dim);
+  void (*nullspace_project_samples)(bool is_double, const void* jac, const void* r, void* out, int64_t begin,
+                                    int64_t end, int64_t dim, int64_t d, double* work);
 };
 
 namespace cap_default { extern const KernelTable kTable; }

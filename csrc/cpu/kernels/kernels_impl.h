@@ -783,6 +783,8 @@ void philox_normals(int64_t chunk, PhiloxKey key, float* z) {
   }
 }
 
+#include "cpu/kernels/nullspace_impl.h"
+
 }  // namespace
 
 const KernelTable kTable = {
@@ -793,7 +795,8 @@ const KernelTable kTable = {
 #else
     "default",
 #endif
-    &modified_energy_rows, &softmax_entropy_forward_rows, &softmax_entropy_backward_rows, &philox_normals};
+    &modified_energy_rows, &softmax_entropy_forward_rows, &softmax_entropy_backward_rows, &philox_normals,
+    &nullspace_workspace_doubles, &nullspace_project_samples};
 
 }  // namespace CPU_CAPABILITY
 }  // namespace cpu
