@@ -65,8 +65,10 @@ __attribute__((always_inline)) inline void exp_expm1_lanes(double x, double& e, 
   bits = (bits - 0x4338000000000000ull + 1023ull) << 52;  // the low mantissa bits of `shifted` hold n: 2^n
   double scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  e = std::fma(q, scale, scale);
-  em1 = std::fma(q, scale, scale - 1.0);
+  // q * scale is exact (a power of two): plain operations round once, as an fma would, and cost less where the
+  // baseline build has no FMA instruction (std::fma is then a libm call).
+  e = q * scale + scale;
+  em1 = q * scale + (scale - 1.0);
   const bool big = x > 709.0, tiny = x < -708.0;
   e = big ? std::numeric_limits<double>::infinity() : (tiny ? 0.0 : e);
   em1 = big ? std::numeric_limits<double>::infinity() : (tiny ? -1.0 : em1);
@@ -89,7 +91,7 @@ __attribute__((always_inline)) inline double energy_row(const double* row, int64
       double e, em1;
       exp_expm1_lanes(s, e, em1);
       if constexpr (kEnergy) terms[l] += s * em1;
-      if constexpr (kGrad) out[k + l] = -g * std::fma(s, e, em1);
+      if constexpr (kGrad) out[k + l] = -g * (s * e + em1);
     }
   }
   if (rem > 0) {
@@ -105,7 +107,7 @@ __attribute__((always_inline)) inline double energy_row(const double* row, int64
       double e, em1;
       exp_expm1_lanes(s, e, em1);
       if constexpr (kEnergy) terms[l] += s * em1;
-      if constexpr (kGrad) tail_out[l] = -g * std::fma(s, e, em1);
+      if constexpr (kGrad) tail_out[l] = -g * (s * e + em1);
     }
     if constexpr (kGrad) std::copy(tail_out, tail_out + rem, out + full);
   }
