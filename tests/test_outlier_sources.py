@@ -217,3 +217,17 @@ def test_resume_leaves_the_global_rng_where_a_straight_run_has_it():
     got = [resumed.draw(3, None, None) for _ in range(3)] + [torch.rand(2)]
     for a, b in zip(expected, got):
         assert torch.equal(a, b)
+
+
+def test_resume_at_the_exact_end_of_a_pass_starts_the_next_one():
+    # A checkpoint written right after a pass's last batch (here: 3 batches of a 3-batch loader) used to fail on
+    # resume with "cannot resume the outlier loader at batch 3 of pass 0: it is shorter now".
+    reference = _shuffled_source(False)
+    stream = [_ids(reference.draw(None, None, None)) for _ in range(6)]
+    interrupted = _shuffled_source(False)
+    for _ in range(3):
+        interrupted.draw(None, None, None)
+    resumed = _shuffled_source(False)
+    resumed.load_state_dict(interrupted.state_dict())
+    assert [_ids(resumed.draw(None, None, None)) for _ in range(3)] == stream[3:]
+    assert resumed.epoch == 1 and resumed.batch_in_epoch == 3

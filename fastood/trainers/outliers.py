@@ -112,7 +112,15 @@ class LoaderOutlierSource(OutlierSource):
                 if index == skip - 1:  # re-loading skipped batches must not move the random streams
                     restore_rng(before_skip)
                 item = next(self._iterator, _FIRST)
-                if item is _FIRST:
+                if item is _FIRST and index == skip - 1:
+                    # The interrupted run had consumed this pass exactly: it would have started the next one here.
+                    self._rows_this_pass = 0
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
+                    self._iterator, item = self._start_pass(self.epoch)
+                    if item is _FIRST:
+                        raise ValueError("outlier loader yielded no batches")
+                elif item is _FIRST:
                     raise ValueError(f"cannot resume the outlier loader at batch {self.batch_in_epoch} of pass "
                                      f"{self.epoch}: it is shorter now")
         else:
