@@ -127,6 +127,30 @@ def test_modified_energy_kernels(driver, tmp_path, dtype):
         check(out[key], want, TOLERANCE[dtype], f"{dtype} {key}")
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.float64, 1e-14)])
+def test_modified_energy_kernel_exact_for_small_logits(driver, tmp_path, dtype, tol):
+    """|f/c| from 1e-7 to 1e-2 (both signs), packed and unaligned: E and dE/df keep every digit (issue 15 item 6:
+    1 - exp(s) gave a relative error of 1.4e-3 at s = 1e-5 in float; the kernel uses expm1)."""
+    g = torch.Generator().manual_seed(7)
+    rows, cols, c = 3, 36, 5.0
+    sign = torch.where(torch.rand(rows, cols, generator=g) < 0.5, -1.0, 1.0).double()
+    x = (10.0 ** (torch.rand(rows, cols, generator=g, dtype=torch.float64) * 5 - 7) * sign * c).to(dtype)
+    s64 = x.double() / c
+    want = {"energy": (-s64 * torch.expm1(s64)).sum(1), "grad": (-torch.expm1(s64) - s64 * torch.exp(s64)) / c}
+    s = session(driver, tmp_path)
+    for misaligned in (False, True):
+        xb = s.buffer(x, misalign=misaligned)
+        e, gr = s.buffer(numel=rows, dtype=dtype), s.buffer(numel=rows * cols, dtype=dtype, misalign=misaligned)
+        s.call("modified_energy", dtype, rows, cols, c, xb, e, gr, None)
+        s.save(e, (rows,), f"energy {misaligned}")
+        s.save(gr, (rows, cols), f"grad {misaligned}")
+    out = s.run()
+    for key in [f"{what} {misaligned}" for what in want for misaligned in (False, True)]:
+        ref = want[key.split()[0]]
+        rel = ((out[key].double() - ref) / ref).abs().max().item()
+        assert rel <= tol, f"{dtype} {key}: max relative error {rel:.3e} > {tol:.0e}"
+
+
 # ------------------------------------------------------------------------------------------------ Langevin step
 
 

@@ -105,13 +105,8 @@ def small_logits(dtype, c):
     return (s * c).to(dtype)
 
 
-NATIVE_XFAIL = pytest.mark.xfail(
-    strict=True, reason="the native kernels (csrc/cpu/modified_energy.cpp, csrc/cuda/modified_energy_kernel.cu, owned "
-                        "by i13cpu/i13emu) still compute 1 - exp(s); remove this mark when they use expm1")
-
-
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", [pytest.param("native", marks=[needs_native, NATIVE_XFAIL]), "reference"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.float64, 1e-14)])
 def test_modified_energy_exact_for_small_logits(device, backend, dtype, tol):
     """Relative error of E and dE/df at |f/c| down to 1e-7 (1 - exp(s) gave 1.4e-3 at 1e-5 in float32)."""

@@ -1,13 +1,15 @@
 // FIG modified energy on CPU (DESIGN.md, method 1), per row of logits f [B, C] with s = f / c:
-//   E = sum_y s_y (1 - exp(s_y)),        dE/df_y = (1/c) (1 - (1 + s_y) exp(s_y)).
+//   E = sum_y s_y (1 - exp(s_y)),        dE/df_y = (1/c) (1 - (1 + s_y) exp(s_y)),
+// computed as the reference does, E = sum_y -s_y expm1(s_y) and dE/df_y = (1/c) (-expm1(s_y) - s_y exp(s_y)):
+// 1 - exp(s) keeps only ~|s| / eps of its digits for small |s| (float: relative error 1.4e-3 at s = 1e-5).
 // Rows are split over threads (at::parallel_for). float, bfloat16 and float16 rows run the explicitly vectorized
 // kernels of the CPU's capability (cpu/kernels/kernels_impl.h, chosen at run time by cpu/dispatch.cpp); the
 // float64 path below walks rows in blocks of one 64-byte vector (kLanes values).
-// The loops are written so gcc vectorizes them: a branch-free exp, per-lane accumulators in a local array
+// The loops are written so gcc vectorizes them: a branch-free exp/expm1, per-lane accumulators in a local array
 // reduced once per row by a tree, and the row's partial last block masked in place (lanes past the row get
 // s = 0, whose energy term is exactly 0) rather than finished by a scalar remainder loop, which for C = 100
-// would cost as much as the vector part. float16/bfloat16 rows are converted to float and back in a
-// per-thread buffer. Accumulation in float (double for float64). NaN and +-inf propagate as in the reference.
+// would cost as much as the vector part. Accumulation in float (double for float64). NaN and +-inf propagate as
+// in the reference.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -33,53 +35,91 @@ using namespace cpu;  // row helpers and exp_lanes (cpu/row_math.h)
 
 // ---- Kernels ----
 
+// exp(x) and expm1(x) of a double, branch-free (vectorizable): the scheme of cpu::exp_lanes<true>(double),
+// x = n ln2 + r with |r| <= ln2 / 2, exp(x) = 2^n (1 + q) where q = expm1(r) = r + r^2 P(r) (degree-13 Taylor,
+// < 1 ulp), and expm1(x) = 2^n q + (2^n - 1), where 2^n - 1 is exact and 0 for |x| < ln2 / 2 (then r = x and
+// expm1(x) = q keeps all its digits). Below -708: exp 0, expm1 -1; above 709: both +inf; NaN stays NaN.
+__attribute__((always_inline)) inline void exp_expm1_lanes(double x, double& e, double& em1) {
+  double xc = x < -708.0 ? -708.0 : x;  // NaN passes the clamps and stays NaN through the arithmetic
+  xc = xc > 709.0 ? 709.0 : xc;
+  const double shifted = std::fma(xc, 1.4426950408889634074, 6755399441055744.0);  // 1.5 * 2^52 + round(x / ln2)
+  const double n = shifted - 6755399441055744.0;
+  double r = std::fma(n, -6.93147180369123816490e-01, xc);
+  r = std::fma(n, -1.90821492927058770002e-10, r);
+  double p = 1.0 / 6227020800.0;
+  p = std::fma(p, r, 1.0 / 479001600.0);
+  p = std::fma(p, r, 1.0 / 39916800.0);
+  p = std::fma(p, r, 1.0 / 3628800.0);
+  p = std::fma(p, r, 1.0 / 362880.0);
+  p = std::fma(p, r, 1.0 / 40320.0);
+  p = std::fma(p, r, 1.0 / 5040.0);
+  p = std::fma(p, r, 1.0 / 720.0);
+  p = std::fma(p, r, 1.0 / 120.0);
+  p = std::fma(p, r, 1.0 / 24.0);
+  p = std::fma(p, r, 1.0 / 6.0);
+  p = std::fma(p, r, 0.5);
+  p = std::fma(p, r, 1.0);
+  const double q = p * r;
+  uint64_t bits;
+  std::memcpy(&bits, &shifted, sizeof(bits));
+  bits = (bits - 0x4338000000000000ull + 1023ull) << 52;  // the low mantissa bits of `shifted` hold n: 2^n
+  double scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  // q * scale is exact (a power of two): plain operations round once, as an fma would, and cost less where the
+  // baseline build has no FMA instruction (std::fma is then a libm call).
+  e = q * scale + scale;
+  em1 = q * scale + (scale - 1.0);
+  const bool big = x > 709.0, tiny = x < -708.0;
+  e = big ? std::numeric_limits<double>::infinity() : (tiny ? 0.0 : e);
+  em1 = big ? std::numeric_limits<double>::infinity() : (tiny ? -1.0 : em1);
+}
+
 // One row of `cols` values: returns its energy (kEnergy) and writes out[k] = g * dE/df_k (kGrad).
 // `overread`: the kLanes - 1 values after the row may be read, which lets the partial last block load as one
 // vector; its lanes past the row get s = 0, whose energy term is exactly 0, and their gradients are dropped.
-template <bool kEnergy, bool kGrad, typename acc_t>
-__attribute__((always_inline)) inline acc_t energy_row(const acc_t* row, int64_t cols, bool overread, acc_t inv_c,
-                                                       acc_t g, acc_t* out) {
-  constexpr int W = kLanes<acc_t>;
+template <bool kEnergy, bool kGrad>
+__attribute__((always_inline)) inline double energy_row(const double* row, int64_t cols, bool overread, double inv_c,
+                                                        double g, double* out) {
+  constexpr int W = kLanes<double>;
   const int64_t full = cols / W * W;
   const int rem = static_cast<int>(cols - full);
-  acc_t terms[W] = {};
+  double terms[W] = {};  // sums of s expm1(s), negated once per row
   for (int64_t k = 0; k < full; k += W) {
 #pragma omp simd
     for (int l = 0; l < W; ++l) {
-      const acc_t s = row[k + l] * inv_c;
-      const acc_t e = exp_lanes<true>(s);
-      if constexpr (kEnergy) terms[l] += s * (acc_t(1) - e);
-      if constexpr (kGrad) out[k + l] = g * (acc_t(1) - (acc_t(1) + s) * e);
+      const double s = row[k + l] * inv_c;
+      double e, em1;
+      exp_expm1_lanes(s, e, em1);
+      if constexpr (kEnergy) terms[l] += s * em1;
+      if constexpr (kGrad) out[k + l] = -g * (s * e + em1);
     }
   }
   if (rem > 0) {
-    acc_t copy[W], tail_out[W];
-    const acc_t* tail = row + full;
+    double copy[W], tail_out[W];
+    const double* tail = row + full;
     if (!overread) {
-      for (int l = 0; l < W; ++l) copy[l] = l < rem ? tail[l] : acc_t(0);
+      for (int l = 0; l < W; ++l) copy[l] = l < rem ? tail[l] : 0.0;
       tail = copy;
     }
 #pragma omp simd
     for (int l = 0; l < W; ++l) {
-      const acc_t s = l < rem ? tail[l] * inv_c : acc_t(0);
-      const acc_t e = exp_lanes<true>(s);
-      if constexpr (kEnergy) terms[l] += s * (acc_t(1) - e);
-      if constexpr (kGrad) tail_out[l] = g * (acc_t(1) - (acc_t(1) + s) * e);
+      const double s = l < rem ? tail[l] * inv_c : 0.0;
+      double e, em1;
+      exp_expm1_lanes(s, e, em1);
+      if constexpr (kEnergy) terms[l] += s * em1;
+      if constexpr (kGrad) tail_out[l] = -g * (s * e + em1);
     }
     if constexpr (kGrad) std::copy(tail_out, tail_out + rem, out + full);
   }
-  return kEnergy ? tree_sum(terms) : acc_t(0);
+  return kEnergy ? -tree_sum(terms) : 0.0;
 }
 
 // energy[b] (kEnergy) and grad[b, :] = scale_b * dE/df (kGrad) for every row, where scale_b is grad_scale[b]
-// (the incoming gradient, backward) or 1 (grad_scale == nullptr). float/double rows are used in place;
-// float16/bfloat16 rows go through per-thread float buffers (the input one padded to kLanes).
+// (the incoming gradient, backward) or 1 (grad_scale == nullptr).
 template <typename scalar_t, bool kEnergy, bool kGrad>
 void modified_energy_rows(const scalar_t* logits, int64_t rows, int64_t cols, double c, scalar_t* energy,
                           scalar_t* grad, const at::opmath_type<scalar_t>* grad_scale) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int W = kLanes<acc_t>;
-  constexpr bool kInPlace = std::is_same_v<scalar_t, acc_t>;
   const acc_t inv_c = acc_t(1) / static_cast<acc_t>(c);
   if constexpr (!std::is_same_v<scalar_t, double>) {
     // float, bfloat16, float16: the explicitly vectorized kernels of the CPU's capability (cpu/kernels/).
@@ -88,26 +128,20 @@ void modified_energy_rows(const scalar_t* logits, int64_t rows, int64_t cols, do
       table.modified_energy_rows(row_dtype<scalar_t>(), logits, begin, end, cols, inv_c, kEnergy ? energy : nullptr,
                                  kGrad ? grad : nullptr, grad_scale);
     });
-    return;
-  }
-  const scalar_t* logits_end = logits + rows * cols;
-  at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> in_buf(kInPlace ? 0 : (cols + W - 1) / W * W), out_buf(kInPlace || !kGrad ? 0 : cols);
-    for (int64_t b = begin; b < end; ++b) {
-      const scalar_t* row = logits + b * cols;
-      const acc_t g = grad_scale != nullptr ? grad_scale[b] * inv_c : inv_c;
-      acc_t e;
-      if constexpr (kInPlace) {
+  } else {
+    // float64: the vectorizable row loops above, in place.
+    constexpr int W = kLanes<double>;
+    const double* logits_end = logits + rows * cols;
+    at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const double* row = logits + b * cols;
+        const double g = grad_scale != nullptr ? grad_scale[b] * inv_c : inv_c;
         const bool overread = row + cols + W - 1 <= logits_end;
-        e = energy_row<kEnergy, kGrad>(row, cols, overread, inv_c, g, kGrad ? grad + b * cols : nullptr);
-      } else {
-        to_acc(row, in_buf.data(), cols);
-        e = energy_row<kEnergy, kGrad>(in_buf.data(), cols, /*overread=*/true, inv_c, g, out_buf.data());
-        if constexpr (kGrad) from_acc(out_buf.data(), grad + b * cols, cols);
+        const double e = energy_row<kEnergy, kGrad>(row, cols, overread, inv_c, g, kGrad ? grad + b * cols : nullptr);
+        if constexpr (kEnergy) energy[b] = e;
       }
-      if constexpr (kEnergy) energy[b] = static_cast<scalar_t>(e);
-    }
-  });
+    });
+  }
 }
 
 void check_c(double c) { TORCH_CHECK(c > 0 && std::isfinite(c), "c must be a finite number > 0, got ", c); }

@@ -25,6 +25,9 @@ template <typename T> __device__ __forceinline__ T from_acc(double v) { return s
 
 __device__ __forceinline__ float exp_acc(float v) { return expf(v); }
 __device__ __forceinline__ double exp_acc(double v) { return exp(v); }
+// exp(v) - 1 without the cancellation of computing it that way (exact to ~1 ulp for small |v|).
+__device__ __forceinline__ float expm1_acc(float v) { return expm1f(v); }
+__device__ __forceinline__ double expm1_acc(double v) { return expm1(v); }
 __device__ __forceinline__ float log_acc(float v) { return logf(v); }
 __device__ __forceinline__ double log_acc(double v) { return log(v); }
 

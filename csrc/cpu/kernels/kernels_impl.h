@@ -8,8 +8,8 @@
 // <cmath>-free builtins and <immintrin.h> are included: no inline function compiled with AVX flags can be
 // shared with (and picked by the linker for) code that runs on a CPU without them.
 //
-// Formulas (DESIGN.md): modified energy (FIG) with s = f / c: E = sum_y s_y (1 - e^{s_y}),
-// dE/df_y = (1/c)(1 - (1 + s_y) e^{s_y}); softmax entropy with m = max f, z = f - m, e = exp z, S = sum e,
+// Formulas (DESIGN.md): modified energy (FIG) with s = f / c: E = sum_y s_y (1 - e^{s_y}) = -sum_y s_y expm1(s_y),
+// dE/df_y = (1/c)(1 - (1 + s_y) e^{s_y}) = (1/c)(-expm1(s_y) - s_y e^{s_y}); softmax entropy with m = max f, z = f - m, e = exp z, S = sum e,
 // T = sum e z: H = log S - T/S, dH/df_j = -(e_j / S)(z_j - T/S).
 #include <cstdint>
 
@@ -299,13 +299,13 @@ struct F16 {
 
 // ---- Math ----
 
-// exp(x): Cephes polynomial on x = n ln2 + r (~1 ulp). 0 below -87.3 (where exp is subnormal); NaN stays NaN.
-// kAnySign: +inf above 88.37 (the callers multiply it by |s| > 88, which overflows float anyway, as in the
-// reference); without it x must be <= 0 (softmax's z = f - max f), which saves the upper clamp.
-template <bool kAnySign>
-FASTOOD_INLINE vf vexp(vf x) {
-  vf xc = x < -87.3f ? splat(-87.3f) : x;  // NaN fails the comparisons and stays NaN through the arithmetic
-  if constexpr (kAnySign) xc = xc > 88.37f ? splat(88.37f) : xc;
+// exp(xc) = 2^n (1 + q) for xc in [-87.3, 88.37] (or NaN): Cephes reduction xc = n ln2 + r, |r| <= ln2 / 2, and
+// q = expm1(r) = r + r^2 P(r) (~1 ulp relative, also for tiny r, where r = xc exactly since n = 0).
+struct ExpParts {
+  vf q, scale;  // scale = 2^n
+};
+
+FASTOOD_INLINE ExpParts vexp_parts(vf xc) {
   const vf shifted = madd(xc, splat(1.44269504088896341f), splat(12582912.0f));  // 1.5 * 2^23 + round(x / ln2)
   const vf n = shifted - 12582912.0f;
   vf r = madd(n, splat(-0.693359375f), xc);
@@ -316,11 +316,40 @@ FASTOOD_INLINE vf vexp(vf x) {
   p = madd(p, r, splat(4.1665795894e-2f));
   p = madd(p, r, splat(1.6666665459e-1f));
   p = madd(p, r, splat(5.0000001201e-1f));
-  p = madd(p * r, r, r) + 1.0f;
   const vu bits = ((vu)shifted - 0x4B400000u + 127u) << 23;  // the low mantissa bits of `shifted` hold n: 2^n
-  vf out = p * (vf)bits;
+  return {madd(p * r, r, r), (vf)bits};
+}
+
+// exp(x) (~1 ulp). 0 below -87.3 (where exp is subnormal); NaN stays NaN.
+// kAnySign: +inf above 88.37 (the callers multiply it by |s| > 88, which overflows float anyway, as in the
+// reference); without it x must be <= 0 (softmax's z = f - max f), which saves the upper clamp.
+template <bool kAnySign>
+FASTOOD_INLINE vf vexp(vf x) {
+  vf xc = x < -87.3f ? splat(-87.3f) : x;  // NaN fails the comparisons and stays NaN through the arithmetic
+  if constexpr (kAnySign) xc = xc > 88.37f ? splat(88.37f) : xc;
+  const ExpParts parts = vexp_parts(xc);
+  vf out = (parts.q + 1.0f) * parts.scale;
   if constexpr (kAnySign) out = x > 88.37f ? splat(kInf) : out;
   return x < -87.3f ? splat(0.0f) : out;
+}
+
+// exp(x) and expm1(x) = exp(x) - 1 of any x, both ~1 ulp: expm1 = 2^n q + (2^n - 1), where 2^n - 1 is exact
+// and 0 for |x| < ln2 / 2, so small |x| keep all their digits (1 - exp(x) would keep only ~|x| / eps of them).
+// Below -87.3: exp 0, expm1 -1; above 88.37: both +inf; NaN stays NaN. One fma and one subtraction more than
+// vexp<true>.
+struct ExpExpm1 {
+  vf exp, expm1;
+};
+
+FASTOOD_INLINE ExpExpm1 vexp_expm1(vf x) {
+  vf xc = x < -87.3f ? splat(-87.3f) : x;  // NaN fails the comparisons and stays NaN through the arithmetic
+  xc = xc > 88.37f ? splat(88.37f) : xc;
+  const ExpParts parts = vexp_parts(xc);
+  vf e = madd(parts.q, parts.scale, parts.scale), em1 = madd(parts.q, parts.scale, parts.scale - 1.0f);
+  const vi big = x > 88.37f, tiny = x < -87.3f;
+  e = big ? splat(kInf) : (tiny ? splat(0.0f) : e);
+  em1 = big ? splat(kInf) : (tiny ? splat(-1.0f) : em1);
+  return {e, em1};
 }
 
 // log(x) for normal x > 0 or NaN (here S in [1, C]): Cephes logf polynomial after splitting off the exponent
@@ -353,43 +382,45 @@ FASTOOD_INLINE vf vlog_positive(vf x) {
 
 // ---- Modified energy (FIG) ----
 
+// Per value with s = f / c (the reference's forms, no cancellation for small |s|):
+// energy term -s expm1(s), gradient g (-expm1(s) - s exp(s)).
 template <class S, bool kEnergy, bool kGrad>
 void energy_rows(const typename S::T* logits, int64_t begin, int64_t end, int64_t cols, float inv_c,
                  typename S::T* energy, typename S::T* grad, const float* grad_scale) {
   const int64_t full = cols / W * W;
   const int rem = static_cast<int>(cols - full);
-  const vf vinv = splat(inv_c), one = splat(1.0f);
+  const vf vinv = splat(inv_c);
   for (int64_t b = begin; b < end; ++b) {
     const typename S::T* row = logits + b * cols;
     typename S::T* out = kGrad ? grad + b * cols : nullptr;
     const vf g = splat(grad_scale != nullptr ? grad_scale[b] * inv_c : inv_c);
-    vf acc0 = {}, acc1 = {};  // two chains: the adds do not wait on each other
+    vf acc0 = {}, acc1 = {};  // two chains: the adds do not wait on each other; they sum s expm1(s), negated once
     int64_t k = 0;
     for (; k + 2 * W <= full; k += 2 * W) {
       const vf s0 = S::load(row + k) * vinv, s1 = S::load(row + k + W) * vinv;
-      const vf e0 = vexp<true>(s0), e1 = vexp<true>(s1);
+      const ExpExpm1 e0 = vexp_expm1(s0), e1 = vexp_expm1(s1);
       if constexpr (kEnergy) {
-        acc0 = madd(s0, one - e0, acc0);
-        acc1 = madd(s1, one - e1, acc1);
+        acc0 = madd(s0, e0.expm1, acc0);
+        acc1 = madd(s1, e1.expm1, acc1);
       }
       if constexpr (kGrad) {
-        S::store(out + k, g * (one - (one + s0) * e0));
-        S::store(out + k + W, g * (one - (one + s1) * e1));
+        S::store(out + k, -g * madd(s0, e0.exp, e0.expm1));
+        S::store(out + k + W, -g * madd(s1, e1.exp, e1.expm1));
       }
     }
     for (; k < full; k += W) {
       const vf s = S::load(row + k) * vinv;
-      const vf e = vexp<true>(s);
-      if constexpr (kEnergy) acc0 = madd(s, one - e, acc0);
-      if constexpr (kGrad) S::store(out + k, g * (one - (one + s) * e));
+      const ExpExpm1 e = vexp_expm1(s);
+      if constexpr (kEnergy) acc0 = madd(s, e.expm1, acc0);
+      if constexpr (kGrad) S::store(out + k, -g * madd(s, e.exp, e.expm1));
     }
     if (rem > 0) {  // lanes past the row hold s = 0, whose energy term is exactly 0
       const vf s = S::load_partial(row + full, rem, 0.0f) * vinv;
-      const vf e = vexp<true>(s);
-      if constexpr (kEnergy) acc0 = madd(s, one - e, acc0);
-      if constexpr (kGrad) S::store_partial(out + full, g * (one - (one + s) * e), rem);
+      const ExpExpm1 e = vexp_expm1(s);
+      if constexpr (kEnergy) acc0 = madd(s, e.expm1, acc0);
+      if constexpr (kGrad) S::store_partial(out + full, -g * madd(s, e.exp, e.expm1), rem);
     }
-    if constexpr (kEnergy) energy[b] = S::from_float(hsum(acc0 + acc1));
+    if constexpr (kEnergy) energy[b] = S::from_float(-hsum(acc0 + acc1));
   }
 }
 
