@@ -1,7 +1,7 @@
 """FIG and GS on mnist5k-0to4: does fine-tuning on the model's own Langevin samples improve MSP detection?
 
     python bench/quality_fig.py [--epochs 2] [--seeds 3] [--split-seed 0] [--lr 1e-3] [--before] [--no-control]
-                                [--trajectory-epochs 0] [--json PATH]
+                                [--batch-stop] [--authors-count] [--no-gs] [--trajectory-epochs 0] [--json PATH]
 
 One protocol for every row: the same pretrained model, the same number of optimizer steps (``--epochs`` epochs of
 the ID training set, batch 64), the same learning rate, fine-tuning seeds 0..N-1 (data order and sampler noise).
@@ -14,7 +14,10 @@ the ID training set, batch 64), the same learning rate, fine-tuning seeds 0..N-1
 3. Controls: ``CE (k=0)`` -- the same fine-tuning without generated samples (FIGTrainer(k=0), the K=0 point of the
    paper's Fig. 1), so a gain can be told apart from more cross-entropy steps; ``GS`` -- the same loop with
    clamped Gaussian noise (std 0.5); with ``--before``, ``FIG (before)`` -- the sampler as it was before issue 12
-   (``min_steps=0``: stop test on the starting noise; ``noise="paper"``: variance eps).
+   (``min_steps=0``: stop test on the starting noise; ``noise="paper"``: variance eps); with ``--batch-stop``,
+   ``FIG (batch stop)`` -- the authors' stop rule (``early_stop="batch"``: every chain stops once the batch's mean
+   confidence > 0.9, tested after each update); with ``--authors-count``, ``FIG (authors' count)`` -- the authors'
+   ``max(int(b K), 1)`` generated samples per batch (6 at b = 64) instead of fastood's ``ceil(b K)`` (7).
 
 Prints, per run, the MSP (higher score = more OOD) AUROC averaged over the benchmark's OOD sets and the ID accuracy
 next to the mechanism figures (Langevin updates per chain, mean and fewest; the generated samples' confidence at
@@ -110,6 +113,15 @@ def methods(args):
         rows.append(("FIG (before)", FIGTrainer,
                      {"sampler": LangevinSampler(min_steps=0, noise="paper")}))
     rows.append(("FIG", FIGTrainer, {}))
+    if args.batch_stop:
+        rows.append(("FIG (batch stop)", FIGTrainer, {"sampler": LangevinSampler(early_stop="batch")}))
+    if args.authors_count:
+        # the authors' count max(int(b K), 1) with K = 0.1, as k with ceil(k b) = that count (exact: b is the batch)
+        k = max(int(args.batch_size * 0.1), 1) / args.batch_size
+        rows.append(("FIG (authors' count)", FIGTrainer, {"k": k}))
+        if args.batch_stop:
+            rows.append(("FIG (batch stop, authors' count)", FIGTrainer,
+                         {"k": k, "sampler": LangevinSampler(early_stop="batch")}))
     if not args.no_gs:
         rows.append(("GS", GaussianNoiseTrainer, {}))
     return rows
@@ -143,6 +155,12 @@ def main(argv=None):
                              "(default: %(default)s)")
     parser.add_argument("--before", action="store_true",
                         help="add FIG with the sampler defaults before issue 12 (min_steps=0, noise='paper')")
+    parser.add_argument("--batch-stop", action="store_true",
+                        help="add FIG with the authors' batch-wide stop rule (LangevinSampler(early_stop='batch'): "
+                             "all chains stop once their mean confidence > 0.9)")
+    parser.add_argument("--authors-count", action="store_true",
+                        help="add FIG drawing the authors' max(int(b K), 1) samples per batch (6 for b = 64) instead "
+                             "of ceil(b K) (7); with --batch-stop also both together")
     parser.add_argument("--no-control", action="store_true", help="skip the CE (k=0) control")
     parser.add_argument("--batch-size", type=int, default=64, help="ID batch size (default: %(default)s)")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the data split and the pretraining")
