@@ -1,7 +1,7 @@
 """FIG and GS on mnist5k-0to4: does fine-tuning on the model's own Langevin samples improve MSP detection?
 
     python bench/quality_fig.py [--epochs 2] [--seeds 3] [--split-seed 0] [--lr 1e-3] [--before] [--no-control]
-                                [--batch-stop] [--authors-count] [--no-gs] [--trajectory-epochs 0] [--json PATH]
+                                [--batch-stop] [--authors-count] [--no-fig] [--no-gs] [--trajectory-epochs 0] [--json PATH]
 
 One protocol for every row: the same pretrained model, the same number of optimizer steps (``--epochs`` epochs of
 the ID training set, batch 64), the same learning rate, fine-tuning seeds 0..N-1 (data order and sampler noise).
@@ -112,7 +112,8 @@ def methods(args):
     if args.before:
         rows.append(("FIG (before)", FIGTrainer,
                      {"sampler": LangevinSampler(min_steps=0, noise="paper")}))
-    rows.append(("FIG", FIGTrainer, {}))
+    if not args.no_fig:
+        rows.append(("FIG", FIGTrainer, {}))
     if args.batch_stop:
         rows.append(("FIG (batch stop)", FIGTrainer, {"sampler": LangevinSampler(early_stop="batch")}))
     if args.authors_count:
@@ -166,6 +167,7 @@ def main(argv=None):
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the data split and the pretraining")
     parser.add_argument("--cache", help="cache directory of the pretrained SmallCNN (default: ~/.cache/fastood)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    parser.add_argument("--no-fig", action="store_true", help="skip the FIG row with the defaults")
     parser.add_argument("--no-gs", action="store_true", help="skip the GS baseline")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
