@@ -100,6 +100,16 @@ class LoaderOutlierSource(OutlierSource):
             torch.set_rng_state(rng_state)
         return iterator, first
 
+    def _begin_next_pass(self):
+        """Start pass ``epoch + 1`` and return its first item."""
+        self._rows_this_pass = 0
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        self._iterator, item = self._start_pass(self.epoch)
+        if item is _FIRST:
+            raise ValueError("outlier loader yielded no batches")
+        return item
+
     def _next_batch(self) -> torch.Tensor:
         """The next image batch, starting a new pass at the end of the loader (or fast-forwarding after a resume)."""
         if self._iterator is None:
@@ -114,12 +124,7 @@ class LoaderOutlierSource(OutlierSource):
                 item = next(self._iterator, _FIRST)
                 if item is _FIRST and index == skip - 1:
                     # The interrupted run had consumed this pass exactly: it would have started the next one here.
-                    self._rows_this_pass = 0
-                    self.epoch += 1
-                    self.batch_in_epoch = 0
-                    self._iterator, item = self._start_pass(self.epoch)
-                    if item is _FIRST:
-                        raise ValueError("outlier loader yielded no batches")
+                    item = self._begin_next_pass()
                 elif item is _FIRST:
                     raise ValueError(f"cannot resume the outlier loader at batch {self.batch_in_epoch} of pass "
                                      f"{self.epoch}: it is shorter now")
@@ -128,12 +133,7 @@ class LoaderOutlierSource(OutlierSource):
             if item is _FIRST:
                 if self._rows_this_pass == 0:
                     raise ValueError("outlier loader yields only empty batches")
-                self._rows_this_pass = 0
-                self.epoch += 1
-                self.batch_in_epoch = 0
-                self._iterator, item = self._start_pass(self.epoch)
-                if item is _FIRST:
-                    raise ValueError("outlier loader yielded no batches")
+                item = self._begin_next_pass()
         self.batches_drawn += 1
         self.batch_in_epoch += 1
         x = self._images(item)
