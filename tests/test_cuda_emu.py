@@ -6,7 +6,6 @@ deliberately mutated copies of the kernels must fail.
 Each test batches its cases into one driver process (tests/cuda_emu/runner.py). The driver binary is built
 once per tree state and cached under build/cuda_emu (tests/cuda_emu/build.py).
 """
-import math
 import os
 import re
 import shutil

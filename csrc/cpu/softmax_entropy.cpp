@@ -208,7 +208,7 @@ void softmax_entropy_backward_rows(const scalar_t* logits, const at::opmath_type
   if constexpr (!std::is_same_v<scalar_t, double>) {
     const KernelTable& table = kernels();
     at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
-      std::vector<float> work(kRowWork(cols));  // e_k of the current row (and its widened 16-bit values)
+      std::vector<float> work(kRowWork(cols));  // e_k and z_k = f_k - m of the current row
       table.softmax_entropy_backward_rows(row_dtype<scalar_t>(), logits, grad_entropy, begin, end, cols, grad,
                                           work.data());
     });

@@ -18,9 +18,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastood.batches import BatchReader, check_device, describe, first_item, model_device  # noqa: F401 (re-exported)
-from fastood.trainers.checkpoint import (CheckpointError, NonFiniteStateError, check_writable, describe_non_finite, first_non_finite,
-                                         load_checkpoint_file, save_checkpoint_file)
+from fastood.batches import BatchReader, check_device, first_item, model_device  # noqa: F401 (re-exported)
+from fastood.trainers.checkpoint import (CheckpointError, NonFiniteStateError, check_writable, describe_non_finite,
+                                         first_non_finite, load_checkpoint_file, save_checkpoint_file)
 from fastood.trainers.interrupt import StopSignals, TrainingInterrupted
 from fastood.trainers.resume import RecordsHyperparameters, Resumed, check_compatible, method_name
 

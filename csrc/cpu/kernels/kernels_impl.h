@@ -71,8 +71,47 @@ FASTOOD_INLINE vi iota() {
 // a * b + c with one rounding where the capability has FMA (the kernels are compiled with -ffp-contract=fast).
 FASTOOD_INLINE vf madd(vf a, vf b, vf c) { return a * b + c; }
 
+// Horizontal sum and max in registers (halving: the upper half of the lanes onto the lower half, as the
+// pairwise tree a[l] += a[l + w], w = W/2, ..., 1, so every capability adds in the same order). The generic form
+// (a lane loop over a stack copy) compiled to a scalar chain through memory, a store-forwarding round trip per
+// lane, which cost as much per row as a third of a 100-column row's arithmetic.
+#if defined(__SSE2__)
+FASTOOD_INLINE __m128 to_m128_sum(vf v) {
+#if defined(FASTOOD_CAP_AVX512)
+  const __m256 a = _mm256_add_ps(_mm512_castps512_ps256((__m512)v), _mm512_extractf32x8_ps((__m512)v, 1));
+  return _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+#elif defined(FASTOOD_CAP_AVX2)
+  return _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+#else
+  return (__m128)v;
+#endif
+}
+
+FASTOOD_INLINE __m128 to_m128_max(vf v) {
+#if defined(FASTOOD_CAP_AVX512)
+  const __m256 a = _mm256_max_ps(_mm512_castps512_ps256((__m512)v), _mm512_extractf32x8_ps((__m512)v, 1));
+  return _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+#elif defined(FASTOOD_CAP_AVX2)
+  return _mm_max_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+#else
+  return (__m128)v;
+#endif
+}
+
 FASTOOD_INLINE float hsum(vf v) {
-  // Pairwise halves: the same tree whatever W is.
+  __m128 b = to_m128_sum(v);
+  b = _mm_add_ps(b, _mm_movehl_ps(b, b));                    // lanes 0, 1: (0 + 2), (1 + 3)
+  return _mm_cvtss_f32(_mm_add_ss(b, _mm_shuffle_ps(b, b, 1)));  // lane 0 + lane 1
+}
+
+// Max of the lanes; v holds no NaN here (the row kernels' running maxima skip NaN), so the order is free.
+FASTOOD_INLINE float hmax(vf v) {
+  __m128 b = to_m128_max(v);
+  b = _mm_max_ps(b, _mm_movehl_ps(b, b));
+  return _mm_cvtss_f32(_mm_max_ss(b, _mm_shuffle_ps(b, b, 1)));
+}
+#else
+FASTOOD_INLINE float hsum(vf v) {
   float a[W];
   __builtin_memcpy(a, &v, sizeof(v));
   for (int w = W / 2; w >= 1; w /= 2)
@@ -80,11 +119,12 @@ FASTOOD_INLINE float hsum(vf v) {
   return a[0];
 }
 
-FASTOOD_INLINE float hmax(vf v) {  // NaN lanes are skipped, as the row max of the scalar kernels does
+FASTOOD_INLINE float hmax(vf v) {  // v holds no NaN here (the row kernels' running maxima skip NaN)
   float m = v[0];
   for (int l = 1; l < W; ++l) m = v[l] > m ? v[l] : m;
   return m;
 }
+#endif
 
 // ---- Loads and stores of float, bfloat16 and float16 rows as float vectors ----
 
@@ -459,7 +499,7 @@ struct RowStats {
 // NaN: the max skips it, and it surfaces through exp(NaN - m) in S and T; a +inf gives inf - inf = NaN and a
 // -inf gives 0 * -inf = NaN (as the reference's p log p).
 template <class S, bool kStoreExps>
-FASTOOD_INLINE RowStats row_stats(const typename S::T* row, int64_t cols, float* exps) {
+FASTOOD_INLINE RowStats row_stats(const typename S::T* row, int64_t cols, float* exps, float* zs) {
   const int64_t full = cols / W * W;
   const int rem = static_cast<int>(cols - full);
   vf m0 = splat(-kInf), m1 = splat(-kInf);
@@ -493,6 +533,8 @@ FASTOOD_INLINE RowStats row_stats(const typename S::T* row, int64_t cols, float*
     if constexpr (kStoreExps) {
       store_f32(exps + k, e0);
       store_f32(exps + k + W, e1);
+      store_f32(zs + k, z0);
+      store_f32(zs + k + W, z1);
     }
   }
   for (; k < full; k += W) {
@@ -500,7 +542,10 @@ FASTOOD_INLINE RowStats row_stats(const typename S::T* row, int64_t cols, float*
     const vf e = vexp<false>(z);
     s0 += e;
     t0 = madd(e, z, t0);
-    if constexpr (kStoreExps) store_f32(exps + k, e);
+    if constexpr (kStoreExps) {
+      store_f32(exps + k, e);
+      store_f32(zs + k, z);
+    }
   }
   if (rem > 0) {
     const vi inside = iota() < rem;
@@ -508,18 +553,12 @@ FASTOOD_INLINE RowStats row_stats(const typename S::T* row, int64_t cols, float*
     const vf e = inside ? vexp<false>(z) : splat(0.0f);
     s0 += e;
     t0 += inside ? e * z : splat(0.0f);
-    if constexpr (kStoreExps) store_f32(exps + full, e);
+    if constexpr (kStoreExps) {
+      store_f32(exps + full, e);
+      store_f32(zs + full, z);
+    }
   }
   return {m, hsum(s0 + s1), hsum(t0 + t1)};
-}
-
-// A row of 16-bit values widened to float once (row_stats reads it twice, the backward a third time).
-template <class S>
-FASTOOD_INLINE void widen_row(const typename S::T* row, int64_t cols, float* out) {
-  const int64_t full = cols / W * W;
-  for (int64_t k = 0; k < full; k += W) store_f32(out + k, S::load(row + k));
-  if (cols > full) store_f32_partial(out + full, S::load_partial(row + full, static_cast<int>(cols - full), 0.0f),
-                                     static_cast<int>(cols - full));
 }
 
 template <class S>
@@ -528,18 +567,13 @@ void entropy_forward_rows(const void* logits_v, int64_t begin, int64_t end, int6
   using T = typename S::T;
   const T* logits = static_cast<const T*>(logits_v);
   T* entropy = static_cast<T*>(entropy_v);
+  (void)work;  // 16-bit rows are read in place (widened per vector, which costs less than a widened copy)
   // Rows in groups of W: S and T per row, then H = log S - T / S for the whole group in one vector step.
   for (int64_t b0 = begin; b0 < end; b0 += W) {
     const int n = static_cast<int>(end - b0 < W ? end - b0 : W);
     vf sums = splat(1.0f), weighted = {};
     for (int r = 0; r < n; ++r) {
-      RowStats st;
-      if constexpr (sizeof(T) == 2) {
-        widen_row<S>(logits + (b0 + r) * cols, cols, work);
-        st = row_stats<F32, false>(work, cols, nullptr);
-      } else {
-        st = row_stats<S, false>(logits + (b0 + r) * cols, cols, nullptr);
-      }
+      const RowStats st = row_stats<S, false>(logits + (b0 + r) * cols, cols, nullptr, nullptr);
       sums[r] = st.sum;
       weighted[r] = st.weighted;
     }
@@ -556,28 +590,18 @@ void entropy_backward_rows(const void* logits_v, const float* grad_entropy, int6
   T* grad = static_cast<T*>(grad_v);
   const int64_t full = cols / W * W;
   const int rem = static_cast<int>(cols - full);
-  // 16-bit rows: widened once into `wide` (the second half of the work buffer).
-  float* wide = exps + (cols + 15) / 16 * 16;
+  // z_k = f_k - m goes to the second half of the work buffer as row_stats forms it, so the gradient pass
+  // reads two float rows and never widens the (16-bit) logits again.
+  float* zs = exps + (cols + 15) / 16 * 16;
   for (int64_t b = begin; b < end; ++b) {
-    const T* row = logits + b * cols;
     T* out = grad + b * cols;
-    RowStats st;
-    if constexpr (sizeof(T) == 2) {
-      widen_row<S>(row, cols, wide);
-      st = row_stats<F32, true>(wide, cols, exps);
-    } else {
-      st = row_stats<S, true>(row, cols, exps);
-    }
+    const RowStats st = row_stats<S, true>(logits + b * cols, cols, exps, zs);
     // dH/df_k = (g / S) e_k (T / S - z_k), z_k = f_k - m formed first: folding m into T / S would round T / S
     // to the ulp of m (1e-3 at |f| = 1e4 in float32).
-    const vf scale = splat(grad_entropy[b] / st.sum), mean_z = splat(st.weighted / st.sum), vm = splat(st.max);
-    const float* in = sizeof(T) == 2 ? wide : reinterpret_cast<const float*>(row);
+    const vf scale = splat(grad_entropy[b] / st.sum), mean_z = splat(st.weighted / st.sum);
     int64_t k = 0;
-    for (; k < full; k += W) S::store(out + k, scale * load_f32(exps + k) * (mean_z - (load_f32(in + k) - vm)));
-    if (rem > 0) {
-      const vf v = load_f32_partial(in + full, rem, 0.0f);
-      S::store_partial(out + full, scale * load_f32(exps + full) * (mean_z - (v - vm)), rem);
-    }
+    for (; k < full; k += W) S::store(out + k, scale * load_f32(exps + k) * (mean_z - load_f32(zs + k)));
+    if (rem > 0) S::store_partial(out + full, scale * load_f32(exps + full) * (mean_z - load_f32(zs + full)), rem);
   }
 }
 
