@@ -1,7 +1,8 @@
 """FIG and GS on mnist5k-0to4: does fine-tuning on the model's own Langevin samples improve MSP detection?
 
     python bench/quality_fig.py [--epochs 2] [--seeds 3] [--split-seed 0] [--lr 1e-3] [--before] [--no-control]
-                                [--batch-stop] [--authors-count] [--no-fig] [--no-gs] [--trajectory-epochs 0] [--json PATH]
+                                [--batch-stop] [--authors-count] [--no-fig] [--no-gs] [--trajectory-epochs 0]
+                                [--json PATH]
 
 One protocol for every row: the same pretrained model, the same number of optimizer steps (``--epochs`` epochs of
 the ID training set, batch 64), the same learning rate, fine-tuning seeds 0..N-1 (data order and sampler noise).
