@@ -35,36 +35,17 @@ using namespace cpu;  // row helpers and exp_lanes (cpu/row_math.h)
 
 // ---- Kernels ----
 
-// exp(x) and expm1(x) of a double, branch-free (vectorizable): the scheme of cpu::exp_lanes<true>(double),
+// exp(x) and expm1(x) of a double, branch-free (vectorizable): the scheme of cpu::exp_lanes<true>(double)
+// (the shared reduction and polynomial: cpu::exp_reduce),
 // x = n ln2 + r with |r| <= ln2 / 2, exp(x) = 2^n (1 + q) where q = expm1(r) = r + r^2 P(r) (degree-13 Taylor,
 // < 1 ulp), and expm1(x) = 2^n q + (2^n - 1), where 2^n - 1 is exact and 0 for |x| < ln2 / 2 (then r = x and
 // expm1(x) = q keeps all its digits). Below -708: exp 0, expm1 -1; above 709: both +inf; NaN stays NaN.
 __attribute__((always_inline)) inline void exp_expm1_lanes(double x, double& e, double& em1) {
   double xc = x < -708.0 ? -708.0 : x;  // NaN passes the clamps and stays NaN through the arithmetic
   xc = xc > 709.0 ? 709.0 : xc;
-  const double shifted = std::fma(xc, 1.4426950408889634074, 6755399441055744.0);  // 1.5 * 2^52 + round(x / ln2)
-  const double n = shifted - 6755399441055744.0;
-  double r = std::fma(n, -6.93147180369123816490e-01, xc);
-  r = std::fma(n, -1.90821492927058770002e-10, r);
-  double p = 1.0 / 6227020800.0;
-  p = std::fma(p, r, 1.0 / 479001600.0);
-  p = std::fma(p, r, 1.0 / 39916800.0);
-  p = std::fma(p, r, 1.0 / 3628800.0);
-  p = std::fma(p, r, 1.0 / 362880.0);
-  p = std::fma(p, r, 1.0 / 40320.0);
-  p = std::fma(p, r, 1.0 / 5040.0);
-  p = std::fma(p, r, 1.0 / 720.0);
-  p = std::fma(p, r, 1.0 / 120.0);
-  p = std::fma(p, r, 1.0 / 24.0);
-  p = std::fma(p, r, 1.0 / 6.0);
-  p = std::fma(p, r, 0.5);
-  p = std::fma(p, r, 1.0);
-  const double q = p * r;
-  uint64_t bits;
-  std::memcpy(&bits, &shifted, sizeof(bits));
-  bits = (bits - 0x4338000000000000ull + 1023ull) << 52;  // the low mantissa bits of `shifted` hold n: 2^n
-  double scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
+  double r, scale;
+  const double p = exp_reduce(xc, r, scale);  // its own statement: it sets r, which the next line reads
+  const double q = p * r;                      // expm1(r)
   // q * scale is exact (a power of two): plain operations round once, as an fma would, and cost less where the
   // baseline build has no FMA instruction (std::fma is then a libm call).
   e = q * scale + scale;

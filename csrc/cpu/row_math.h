@@ -135,15 +135,12 @@ __attribute__((always_inline)) inline float exp_lanes(float x) {
   return x < -87.3f ? 0.0f : out;
 }
 
-// exp(x), double: the same scheme with a degree-13 Taylor polynomial on |r| <= ln2 / 2 (< 1 ulp); 0 below
-// -708; kAnySign: +inf above 709 (multiplied by |s| > 709 it overflows double anyway); NaN stays NaN.
-template <bool kAnySign>
-__attribute__((always_inline)) inline double exp_lanes(double x) {
-  double xc = x < -708.0 ? -708.0 : x;
-  if constexpr (kAnySign) xc = xc > 709.0 ? 709.0 : xc;
+// The shared core of the double exp/expm1 below: xc = n ln2 + r with |r| <= ln2 / 2 (xc already clamped), returns
+// P(r) of the degree-13 Taylor series, so that expm1(r) = r P(r) and exp(r) = 1 + r P(r), and sets scale = 2^n.
+__attribute__((always_inline)) inline double exp_reduce(double xc, double& r, double& scale) {
   const double shifted = std::fma(xc, 1.4426950408889634074, 6755399441055744.0);  // 1.5 * 2^52 + round(x / ln2)
   const double n = shifted - 6755399441055744.0;
-  double r = std::fma(n, -6.93147180369123816490e-01, xc);
+  r = std::fma(n, -6.93147180369123816490e-01, xc);
   r = std::fma(n, -1.90821492927058770002e-10, r);
   double p = 1.0 / 6227020800.0;
   p = std::fma(p, r, 1.0 / 479001600.0);
@@ -158,13 +155,22 @@ __attribute__((always_inline)) inline double exp_lanes(double x) {
   p = std::fma(p, r, 1.0 / 6.0);
   p = std::fma(p, r, 0.5);
   p = std::fma(p, r, 1.0);
-  p = std::fma(p, r, 1.0);
   uint64_t bits;
   std::memcpy(&bits, &shifted, sizeof(bits));
-  bits = (bits - 0x4338000000000000ull + 1023ull) << 52;
-  double scale;
+  bits = (bits - 0x4338000000000000ull + 1023ull) << 52;  // the low mantissa bits of `shifted` hold n: 2^n
   std::memcpy(&scale, &bits, sizeof(scale));
-  double out = p * scale;
+  return p;
+}
+
+// exp(x), double: the same scheme with a degree-13 Taylor polynomial on |r| <= ln2 / 2 (< 1 ulp); 0 below
+// -708; kAnySign: +inf above 709 (multiplied by |s| > 709 it overflows double anyway); NaN stays NaN.
+template <bool kAnySign>
+__attribute__((always_inline)) inline double exp_lanes(double x) {
+  double xc = x < -708.0 ? -708.0 : x;
+  if constexpr (kAnySign) xc = xc > 709.0 ? 709.0 : xc;
+  double r, scale;
+  const double p = exp_reduce(xc, r, scale);  // its own statement: it sets r, which the next line reads
+  double out = std::fma(p, r, 1.0) * scale;
   if constexpr (kAnySign) out = x > 709.0 ? std::numeric_limits<double>::infinity() : out;
   return x < -708.0 ? 0.0 : out;
 }

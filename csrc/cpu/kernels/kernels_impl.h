@@ -259,7 +259,26 @@ struct F32 {
   static FASTOOD_INLINE T from_float(float v) { return v; }
 };
 
-struct BF16 {
+// Loads and stores of 16-bit rows, shared by BF16 and F16: `Format` supplies widen (vh -> vf) and narrow (vf -> vh).
+template <class Format>
+struct U16Rows {
+  using T = uint16_t;
+  static FASTOOD_INLINE vf load(const T* p) {
+    vh h;
+    __builtin_memcpy(&h, p, sizeof(h));
+    return Format::widen(h);
+  }
+  static FASTOOD_INLINE vf load_partial(const T* p, int n, float fill) {
+    return iota() < n ? Format::widen(load_u16_partial(p, n)) : splat(fill);
+  }
+  static FASTOOD_INLINE void store(T* p, vf v) {
+    const vh h = Format::narrow(v);
+    __builtin_memcpy(p, &h, sizeof(h));
+  }
+  static FASTOOD_INLINE void store_partial(T* p, vf v, int n) { store_u16_partial(p, Format::narrow(v), n); }
+};
+
+struct BF16 : U16Rows<BF16> {
   using T = uint16_t;
   // Widening is a zero-extension and a shift; narrowing rounds to nearest even and packs (vpmovdw on AVX-512,
   // packus + a lane permute on AVX2): the generic vector conversions compile to slow shuffle sequences.
@@ -285,23 +304,10 @@ struct BF16 {
     return __builtin_convertvector(r, vh);
 #endif
   }
-  static FASTOOD_INLINE vf load(const T* p) {
-    vh h;
-    __builtin_memcpy(&h, p, sizeof(h));
-    return widen(h);
-  }
-  static FASTOOD_INLINE vf load_partial(const T* p, int n, float fill) {
-    return iota() < n ? widen(load_u16_partial(p, n)) : splat(fill);
-  }
-  static FASTOOD_INLINE void store(T* p, vf v) {
-    const vh h = narrow(v);
-    __builtin_memcpy(p, &h, sizeof(h));
-  }
-  static FASTOOD_INLINE void store_partial(T* p, vf v, int n) { store_u16_partial(p, narrow(v), n); }
   static FASTOOD_INLINE T from_float(float v) { return float_to_bf16(v); }
 };
 
-struct F16 {
+struct F16 : U16Rows<F16> {
   using T = uint16_t;
 #if defined(FASTOOD_CAP_AVX512)
   static FASTOOD_INLINE vf widen(vh h) { return (vf)_mm512_cvtph_ps((__m256i)h); }
@@ -321,19 +327,6 @@ struct F16 {
     return h;
   }
 #endif
-  static FASTOOD_INLINE vf load(const T* p) {
-    vh h;
-    __builtin_memcpy(&h, p, sizeof(h));
-    return widen(h);
-  }
-  static FASTOOD_INLINE vf load_partial(const T* p, int n, float fill) {
-    return iota() < n ? widen(load_u16_partial(p, n)) : splat(fill);
-  }
-  static FASTOOD_INLINE void store(T* p, vf v) {
-    const vh h = narrow(v);
-    __builtin_memcpy(p, &h, sizeof(h));
-  }
-  static FASTOOD_INLINE void store_partial(T* p, vf v, int n) { store_u16_partial(p, narrow(v), n); }
   static FASTOOD_INLINE T from_float(float v) { return float_to_half(v); }
 };
 
