@@ -91,7 +91,8 @@ class Setup:
         model = copy.deepcopy(self.pretrained)
         torch.manual_seed(seed)
         loader = DataLoader(self.bench.id_train, batch_size=self.args.batch_size, shuffle=True, drop_last=True)
-        return trainer_cls(model, seed=seed, lr=self.args.lr, progress=not self.args.quiet, **kwargs), loader
+        return trainer_cls(model, seed=seed, lr=self.args.lr, momentum=self.args.momentum,
+                           weight_decay=self.args.weight_decay, progress=not self.args.quiet, **kwargs), loader
 
 
 def mechanism(history):
@@ -105,6 +106,26 @@ def mechanism(history):
     return out
 
 
+def sampler_kwargs(args, **overrides):
+    """LangevinSampler options of the FIG rows: the defaults, with ``--max-steps`` / ``--noise`` when given."""
+    out = {}
+    if args.max_steps is not None:
+        out["max_steps"] = args.max_steps
+    if args.noise is not None:
+        out["noise"] = None if args.noise == "none" else args.noise
+    out.update(overrides)
+    return out
+
+
+def fig_kwargs(args, **sampler_overrides):
+    """FIGTrainer options of a FIG row: ``--k`` when given and a sampler built from :func:`sampler_kwargs`."""
+    out = {} if args.k is None else {"k": args.k}
+    sampler = sampler_kwargs(args, **sampler_overrides)
+    if sampler:
+        out["sampler"] = LangevinSampler(**sampler)
+    return out
+
+
 def methods(args):
     """(name, trainer class, keyword arguments) of every row."""
     rows = []
@@ -114,9 +135,9 @@ def methods(args):
         rows.append(("FIG (before)", FIGTrainer,
                      {"sampler": LangevinSampler(min_steps=0, noise="paper")}))
     if not args.no_fig:
-        rows.append(("FIG", FIGTrainer, {}))
+        rows.append(("FIG", FIGTrainer, fig_kwargs(args)))
     if args.batch_stop:
-        rows.append(("FIG (batch stop)", FIGTrainer, {"sampler": LangevinSampler(early_stop="batch")}))
+        rows.append(("FIG (batch stop)", FIGTrainer, fig_kwargs(args, early_stop="batch")))
     if args.authors_count:
         # the authors' count max(int(b K), 1) with K = 0.1, as k with ceil(k b) = that count (exact: b is the batch)
         k = max(int(args.batch_size * 0.1), 1) / args.batch_size
@@ -131,7 +152,7 @@ def methods(args):
 
 def trajectory(setup, epochs, seed=0):
     """One FIG run evaluated every half epoch: rows of (step, mean AUROC, ID accuracy, gen confidence, gen steps)."""
-    trainer, loader = setup.trainer(FIGTrainer, seed)
+    trainer, loader = setup.trainer(FIGTrainer, seed, **fig_kwargs(setup.args))
     every = max(1, len(loader) // 2)
     rows = []
     for steps in range(every, epochs * len(loader) + 1, every):
@@ -151,6 +172,15 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs of FIG and GS (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate of FIG and GS "
                         "(default: the paper's %(default)s)")
+    parser.add_argument("--steps", type=int, help="fine-tuning steps of every row (overrides --epochs)")
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
+    parser.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (default: %(default)s)")
+    parser.add_argument("--k", type=float, help="FIG rows: generated samples per ID sample (default: FIGTrainer's)")
+    parser.add_argument("--max-steps", type=int, help="FIG rows: LangevinSampler max_steps (default: the sampler's)")
+    parser.add_argument("--noise", choices=("authors", "paper", "none"),
+                        help="FIG rows: LangevinSampler noise (default: the sampler's)")
+    parser.add_argument("--eval-at", metavar="STEPS",
+                        help="comma-separated step counts at which every run is also evaluated (rows 'NAME @STEPS')")
     parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds 0..N-1 (default: %(default)s)")
     parser.add_argument("--trajectory-epochs", type=int, default=0,
                         help="epochs of a FIG trajectory, evaluated every half epoch; 0 skips it "
@@ -172,8 +202,8 @@ def main(argv=None):
     parser.add_argument("--no-gs", action="store_true", help="skip the GS baseline")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    if args.epochs < 1 or args.seeds < 1 or args.trajectory_epochs < 0:
-        parser.error("need --epochs >= 1, --seeds >= 1 and --trajectory-epochs >= 0")
+    if args.epochs < 1 or args.seeds < 1 or args.trajectory_epochs < 0 or (args.steps is not None and args.steps < 1):
+        parser.error("need --epochs >= 1, --steps >= 1, --seeds >= 1 and --trajectory-epochs >= 0")
 
     t_start = time.time()
     setup = Setup(args)
@@ -181,13 +211,25 @@ def main(argv=None):
     probes = {BASE: probe(setup.pretrained, setup.shape)}
     curves, seconds = {}, {}
     rows = methods(args)
+    budget = {"steps": args.steps} if args.steps else {"epochs": args.epochs}
+    total_steps = args.steps or args.epochs * (len(setup.bench.id_train) // args.batch_size)
+    eval_at = sorted({int(v) for v in args.eval_at.split(",") if v.strip()}) if args.eval_at else []
+    if any(not 0 < v < total_steps for v in eval_at):
+        parser.error(f"--eval-at steps must lie in (0, {total_steps}), got {args.eval_at}")
     mech = {}
     for name, trainer_cls, kwargs in rows:
         for seed in range(args.seeds):
             fresh = {k: copy.deepcopy(v) for k, v in kwargs.items()}  # a fresh sampler per run
             trainer, loader = setup.trainer(trainer_cls, seed, **fresh)
             t0 = time.time()
-            trainer.fit(loader, epochs=args.epochs)
+            for at in eval_at:  # intermediate evaluations of the same run (the run continues from each)
+                trainer.fit(loader, steps=at)
+                trainer.model.eval()
+                label = f"{name} @{at}, seed {seed}"
+                reports[label] = evaluate(trainer.detector(), setup.id_test, setup.ood, progress=False)
+                mech[label] = mechanism(trainer.history)
+                trainer.model.train()
+            trainer.fit(loader, **budget)
             label = f"{name}, seed {seed}"
             seconds[label] = time.time() - t0
             trainer.model.eval()
@@ -197,7 +239,7 @@ def main(argv=None):
             mech[label] = mechanism(trainer.history)
 
     base = reports[BASE]
-    steps = args.epochs * (len(setup.bench.id_train) // args.batch_size)
+    steps = total_steps
     print(f"SmallCNN on mnist5k-0to4 (ID digits 0-4), detector MSP (higher score = more OOD); every run fine-tunes "
           f"the same pretrained model for {steps} steps (batch {args.batch_size}, lr {args.lr:g}); metrics in %, "
           f"mean over the OOD sets {list(setup.ood)}")
@@ -219,7 +261,9 @@ def main(argv=None):
     summary = {}
     print("\nChange against the pretrained model (mean +- std over seeds, points):")
     std = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
-    for name, _, _ in rows:
+    names = [name for name, _, _ in rows]
+    names = [f"{name} @{at}" for name in names for at in eval_at] + names
+    for name in names:
         runs = [r for k, r in reports.items() if k.startswith(f"{name}, seed ")]
         d_auroc = [100 * (r.average["auroc"] - base.average["auroc"]) for r in runs]
         d_acc = [100 * (r.id_accuracy - base.id_accuracy) for r in runs]
@@ -263,7 +307,8 @@ def main(argv=None):
     print(f"\ntime: fine-tuning runs {sum(seconds.values()):.0f} s; total {total:.0f} s")
 
     if args.json:
-        out = {"benchmark": "mnist5k-0to4", "epochs": args.epochs, "seeds": args.seeds, "lr": args.lr,
+        out = {"benchmark": "mnist5k-0to4", "epochs": args.epochs, "steps": steps, "seeds": args.seeds, "lr": args.lr,
+               "args": vars(args),
                "seconds": seconds, "reports": {k: r.to_dict() for k, r in reports.items()}, "summary": summary,
                "mechanism": mech, "probes": probes, "history": curves, "trajectory": traj}
         with open(args.json, "w") as f:
