@@ -1,17 +1,23 @@
 """FIG and GS on mnist5k-0to4: does fine-tuning on the model's own Langevin samples improve MSP detection?
 
-    python bench/quality_fig.py [--epochs 2] [--seeds 3] [--split-seed 0] [--lr 1e-3] [--before] [--no-control]
-                                [--batch-stop] [--authors-count] [--no-fig] [--no-gs] [--trajectory-epochs 0]
-                                [--json PATH]
+    python bench/quality_fig.py [--steps 1000 | --epochs N] [--batch-size 128] [--lr 1e-4] [--seeds 3]
+                                [--eval-at 62,250,500] [--split-seed 0] [--before] [--no-control] [--batch-stop]
+                                [--authors-count] [--no-fig] [--no-gs] [--k K] [--max-steps T]
+                                [--noise authors|paper|none] [--momentum 0.9] [--weight-decay 5e-4]
+                                [--trajectory-epochs 0] [--quiet] [--json PATH]
 
-One protocol for every row: the same pretrained model, the same number of optimizer steps (``--epochs`` epochs of
-the ID training set, batch 64), the same learning rate, fine-tuning seeds 0..N-1 (data order and sampler noise).
+One protocol for every row: the same pretrained model, the same number of optimizer steps, the same batch size and
+learning rate, fine-tuning seeds 0..N-1 (data order and sampler noise). By default it is the authors' fine-tuning
+budget (Lawliet-zzl/FIG ``main_FIG.py``: ``train_finetune`` runs 1000 iterations of batch 128 with SGD lr 1e-4,
+momentum 0.9, wd 5e-4): ``--steps 1000 --batch-size 128 --lr 1e-4`` (= FIGTrainer's default lr). Until issue 12's
+last change it was 2 epochs of batch 64 (62 steps) at lr 1e-3: ``--epochs 2 --batch-size 64 --lr 1e-3``.
+``--eval-at`` also evaluates every run after that many steps (rows ``NAME @STEPS``; the run then continues).
 
 1. A SmallCNN pretrained by StandardTrainer on MNIST digits 0-4 (``fastood.pretrain.pretrained_small_cnn``, cached
    under ``--cache``, default ``~/.cache/fastood``).
 2. FIG with fastood's defaults (Algorithm 2: LangevinSampler c=5, eps0=0.1, noise std eps as the authors' code, at
-   least one update per chain, per-chain stop at confidence 0.9, at most 20 updates; K=0.1, lambda=1, SGD lr 1e-3,
-   momentum 0.9, wd 5e-4, BatchNorm frozen).
+   least one update per chain, per-chain stop at confidence 0.9, at most 20 updates; K=0.1, lambda=1, SGD lr 1e-4,
+   momentum 0.9, wd 5e-4, BatchNorm frozen). ``--k``, ``--max-steps`` and ``--noise`` change the FIG rows.
 3. Controls: ``CE (k=0)`` -- the same fine-tuning without generated samples (FIGTrainer(k=0), the K=0 point of the
    paper's Fig. 1), so a gain can be told apart from more cross-entropy steps; ``GS`` -- the same loop with
    clamped Gaussian noise (std 0.5); with ``--before``, ``FIG (before)`` -- the sampler as it was before issue 12
@@ -47,6 +53,8 @@ from fastood.samplers.langevin import LangevinSampler  # noqa: E402
 from fastood.trainers.fig import FIGTrainer, GaussianNoiseTrainer  # noqa: E402
 
 BASE = "pretrained (CE)"
+AUTHORS_STEPS = 1000  # main_FIG.py train_finetune: iteration = 1000
+AUTHORS_BATCH = 128   # main_FIG.py --batch-size default
 
 
 def probe(model, shape, n=256, steps=20, seed=1234):
@@ -167,12 +175,14 @@ def trajectory(setup, epochs, seed=0):
     return rows
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """``(parser, args)``; the budget is ``args.steps`` (the authors' 1000 by default) or ``args.epochs``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs of FIG and GS (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate of FIG and GS "
-                        "(default: the paper's %(default)s)")
-    parser.add_argument("--steps", type=int, help="fine-tuning steps of every row (overrides --epochs)")
+    parser.add_argument("--epochs", type=int, help="fine-tuning epochs of every row, instead of --steps")
+    parser.add_argument("--lr", type=float, default=FIGTrainer.default_lr, help="fine-tuning learning rate of every "
+                        "row (default: FIGTrainer's, the authors' %(default)s)")
+    parser.add_argument("--steps", type=int, help=f"fine-tuning steps of every row (default: the authors' "
+                        f"{AUTHORS_STEPS} iterations, unless --epochs is given)")
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
     parser.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (default: %(default)s)")
     parser.add_argument("--k", type=float, help="FIG rows: generated samples per ID sample (default: FIGTrainer's)")
@@ -194,7 +204,8 @@ def main(argv=None):
                         help="add FIG drawing the authors' max(int(b K), 1) samples per batch (6 for b = 64) instead "
                              "of ceil(b K) (7); with --batch-stop also both together")
     parser.add_argument("--no-control", action="store_true", help="skip the CE (k=0) control")
-    parser.add_argument("--batch-size", type=int, default=64, help="ID batch size (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=AUTHORS_BATCH, help="ID batch size (default: the authors' "
+                        "%(default)s)")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the data split and the pretraining")
     parser.add_argument("--cache", help="cache directory of the pretrained SmallCNN (default: ~/.cache/fastood)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
@@ -202,8 +213,18 @@ def main(argv=None):
     parser.add_argument("--no-gs", action="store_true", help="skip the GS baseline")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    if args.epochs < 1 or args.seeds < 1 or args.trajectory_epochs < 0 or (args.steps is not None and args.steps < 1):
-        parser.error("need --epochs >= 1, --steps >= 1, --seeds >= 1 and --trajectory-epochs >= 0")
+    if args.epochs is not None and args.steps is not None:
+        parser.error("give --steps or --epochs, not both")
+    if args.epochs is None and args.steps is None:
+        args.steps = AUTHORS_STEPS
+    if (args.epochs is not None and args.epochs < 1) or (args.steps is not None and args.steps < 1) \
+            or args.seeds < 1 or args.trajectory_epochs < 0 or args.batch_size < 1:
+        parser.error("need --epochs >= 1, --steps >= 1, --batch-size >= 1, --seeds >= 1 and --trajectory-epochs >= 0")
+    return parser, args
+
+
+def main(argv=None):
+    parser, args = parse_args(argv)
 
     t_start = time.time()
     setup = Setup(args)
