@@ -201,7 +201,7 @@ def test_defaults_and_detector():
     from fastood.detectors import MSP
 
     trainer = FIGTrainer(tiny_cnn(), progress=False)
-    assert isinstance(trainer.sampler, LangevinSampler) and trainer.lr == 1e-4 and trainer.k == 0.1
+    assert isinstance(trainer.sampler, LangevinSampler) and trainer.lr == 1e-3 and trainer.k == 0.1
     assert trainer.sampler.max_steps == 20 and trainer.sampler.confidence == 0.9
     assert isinstance(trainer.optimizer, torch.optim.SGD)
     group = trainer.optimizer.param_groups[0]
@@ -213,23 +213,26 @@ def test_defaults_and_detector():
 
 
 @pytest.mark.parametrize("cls", [FIGTrainer, GaussianNoiseTrainer])
-def test_default_optimizer_is_the_authors_fine_tuning_sgd(cls):
-    # Lawliet-zzl/FIG main_FIG.py FIG(): SGD(lr=0.0001, momentum=0.9, weight_decay=5e-4), written into the code (the
-    # --lr flag is the pretraining's). fastood's lr 1e-3 before cost 1.1-1.5 points of ID accuracy on the demo's
-    # SmallCNN; lr 1e-4 over the authors' 1000 iterations kept it (docs/fidelity.md, FIGTrainer).
+def test_default_optimizer_is_the_papers_fine_tuning_sgd(cls):
+    # Algorithm 2 as DESIGN.md states it: SGD lr 1e-3, momentum 0.9, weight decay 5e-4. (The authors' main_FIG.py writes
+    # lr 1e-4 into FIG(); measured in docs/fidelity.md: both meet issue 12's bound given their budgets, 1e-3 in 4x fewer
+    # steps and with the larger AUROC gain.)
     group = cls(tiny_cnn(), progress=False).optimizer.param_groups[0]
-    assert (group["lr"], group["momentum"], group["weight_decay"]) == (1e-4, 0.9, 5e-4)
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (1e-3, 0.9, 5e-4)
 
 
 def test_quality_bench_protocol_is_the_authors_fine_tuning_budget():
-    # bench/quality_fig.py's default run: main_FIG.py train_finetune's 1000 iterations of batch 128 at FIGTrainer's lr.
+    # bench/quality_fig.py's default run: main_FIG.py train_finetune's 1000 iterations of batch 128, at the paper's lr
+    # (FIGTrainer's). The 62 steps of batch 64 before were too short: ID accuracy -1.1 (worst -1.6) after 62 steps,
+    # 0.0 (worst -0.2) after 1000 (issue 12's done-when; docs/fidelity.md).
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("quality_fig", os.path.join(ROOT, "bench", "quality_fig.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     _, args = bench.parse_args([])
-    assert (args.steps, args.epochs, args.batch_size, args.lr) == (1000, None, 128, FIGTrainer.default_lr)
+    assert (args.steps, args.epochs, args.batch_size, args.lr) == (1000, None, 128, FIGTrainer.default_lr) == \
+        (1000, None, 128, 1e-3)
     _, old = bench.parse_args(["--epochs", "2", "--batch-size", "64", "--lr", "1e-3"])  # the protocol before
     assert (old.steps, old.epochs, old.batch_size, old.lr) == (None, 2, 64, 1e-3)
     with pytest.raises(SystemExit):
