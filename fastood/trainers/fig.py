@@ -48,8 +48,8 @@ class FIGTrainer(Trainer):
             fine-tuning of the pretrained model (the K = 0 point of the paper's Fig. 1), e.g. as a control run.
             fastood draws ``ceil(k b)``; the authors' ``main_FIG.py`` draws ``max(int(b K), 1)`` (6 instead of 7 at
             b = 64). Measured (``bench/quality_fig.py --seeds 3 --authors-count --epochs 2 --batch-size 64``: 62
-            steps): the authors' count gave mean MSP AUROC +9.5 (3/3 seeds) at ID accuracy -1.1 (worst -1.4), the default +9.1 (3/3) at -1.1
-            (worst -1.6): within the seed noise, so the default stays.
+            steps): the authors' count gave mean MSP AUROC +9.5 (3/3 seeds) at ID accuracy -1.1 (worst -1.4), the
+            default +9.1 (3/3) at -1.1 (worst -1.6): within the seed noise, so the default stays.
         lam: weight of the entropy penalty (paper lambda = 1), >= 0.
         joint_forward: True sends the ID and generated images through the model in one concatenated forward.
             BatchNorm layers (in train mode) then normalize both with the statistics of the mixed batch and update
