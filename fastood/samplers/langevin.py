@@ -152,7 +152,8 @@ class LangevinSampler:
             ``max_steps`` updates. ``"chain"`` (default) is fastood's: measured in FIG fine-tuning of the demo's
             SmallCNN (``bench/quality_fig.py --seeds 3 --batch-stop --epochs 2 --batch-size 64``: 62 steps),
             ``"batch"`` gave mean MSP AUROC +6.3 (higher in 2/3 seeds) at ID accuracy -1.6 (worst -4.4),
-            ``"chain"`` +9.1 (3/3) at -1.1 (worst -1.6); the batch rule lets some chains stop below the target while others overshoot it.
+            ``"chain"`` +9.1 (3/3) at -1.1 (worst -1.6); the batch rule lets some chains stop below the target
+            while others overshoot it.
         noise: ``"authors"`` (std eps, default), ``"paper"`` (std sqrt(eps)) or None (noise-free descent).
         bounds: ``(lower, upper)``, each a scalar or a per-channel sequence; samples never leave the box.
         init: ``"uniform"`` (U(lower, upper), the paper) or a tensor [m, *shape] of starting images from which
