@@ -13,7 +13,9 @@ learning rate, fine-tuning seeds 0..N-1 (data order and sampler noise). By defau
 images). The authors' script itself writes lr 1e-4 into ``FIG()``: ``--lr 1e-4``. Until issue 12 was closed the
 protocol was 2 epochs of batch 64 (62 steps): ``--epochs 2 --batch-size 64``; there the entropy term had not yet
 been balanced by cross-entropy and ID accuracy was 1-1.5 points down (docs/fidelity.md, FIGTrainer).
-``--eval-at`` also evaluates every run after that many steps (rows ``NAME @STEPS``; the run then continues).
+``--eval-at`` also evaluates every run after that many steps (rows ``NAME @STEPS``; the run then continues; each
+evaluation advances torch's random stream -- a DataLoader iterator draws its seed -- so the later rows are another
+draw of the sampler noise than the same run without ``--eval-at``).
 
 1. A SmallCNN pretrained by StandardTrainer on MNIST digits 0-4 (``fastood.pretrain.pretrained_small_cnn``, cached
    under ``--cache``, default ``~/.cache/fastood``).
