@@ -617,6 +617,55 @@ void softmax_entropy_backward_rows(RowDtype dtype, const void* logits, const flo
   }
 }
 
+// ---- Langevin step (FIG Algorithm 1) ----
+
+// x - half_step * sign(g) (+ sigma * z), clamped to [lo, hi], W values at a time: the sign step is a select
+// (sign(NaN) = 0, as torch.sign), and a NaN in x or z fails both comparisons of the clamp and stays NaN.
+template <class S, bool kNoise>
+FASTOOD_INLINE vf langevin_value(vf x, vf g, const float* z, int n, vf half, vf sigma, vf lo, vf hi) {
+  const vf step = g > 0.0f ? half : (g < 0.0f ? -half : splat(0.0f));
+  vf v = x - step;
+  if constexpr (kNoise) v = madd(sigma, n == W ? load_f32(z) : load_f32_partial(z, n, 0.0f), v);
+  v = v < lo ? lo : v;
+  return v > hi ? hi : v;
+}
+
+template <class S, bool kNoise>
+void langevin_run_for(void* x_v, const void* grad_v, const float* z, int64_t n, float half_step, float sigma,
+                      float lo, float hi) {
+  using T = typename S::T;
+  T* x = static_cast<T*>(x_v);
+  const T* g = static_cast<const T*>(grad_v);
+  const vf vhalf = splat(half_step), vsigma = splat(sigma), vlo = splat(lo), vhi = splat(hi);
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    S::store(x + i, langevin_value<S, kNoise>(S::load(x + i), S::load(g + i), kNoise ? z + i : nullptr, W, vhalf,
+                                              vsigma, vlo, vhi));
+  }
+  const int rem = static_cast<int>(n - i);
+  if (rem > 0) {
+    const vf v = langevin_value<S, kNoise>(S::load_partial(x + i, rem, 0.0f), S::load_partial(g + i, rem, 0.0f),
+                                           kNoise ? z + i : nullptr, rem, vhalf, vsigma, vlo, vhi);
+    S::store_partial(x + i, v, rem);
+  }
+}
+
+template <class S>
+void langevin_run_dtype(void* x, const void* grad, const float* z, int64_t n, float half_step, float sigma, float lo,
+                        float hi) {
+  if (z != nullptr) return langevin_run_for<S, true>(x, grad, z, n, half_step, sigma, lo, hi);
+  langevin_run_for<S, false>(x, grad, z, n, half_step, sigma, lo, hi);
+}
+
+void langevin_run(RowDtype dtype, void* x, const void* grad, const float* z, int64_t n, float half_step, float sigma,
+                  float lo, float hi) {
+  switch (dtype) {
+    case RowDtype::kFloat: return langevin_run_dtype<F32>(x, grad, z, n, half_step, sigma, lo, hi);
+    case RowDtype::kBFloat16: return langevin_run_dtype<BF16>(x, grad, z, n, half_step, sigma, lo, hi);
+    case RowDtype::kHalf: return langevin_run_dtype<F16>(x, grad, z, n, half_step, sigma, lo, hi);
+  }
+}
+
 // ---- Philox normals (Langevin noise) ----
 // Scalar code written so that the loop over a chunk's 64 independent Philox blocks vectorizes (`omp simd`,
 // built with -fopenmp-simd): plain 32x32->64 products, branch-free log and sincos.
@@ -843,7 +892,7 @@ const KernelTable kTable = {
 #else
     "default",
 #endif
-    &modified_energy_rows, &softmax_entropy_forward_rows, &softmax_entropy_backward_rows, &philox_normals,
+    &modified_energy_rows, &softmax_entropy_forward_rows, &softmax_entropy_backward_rows, &langevin_run, &philox_normals,
     &nullspace_workspace_doubles, &nullspace_project_samples};
 
 }  // namespace CPU_CAPABILITY
