@@ -75,7 +75,11 @@ def test_row_kernels_match_float64_reference(capability, dtype):
             h_ref = reference.softmax_entropy(x64)
             (g_ref,) = torch.autograd.grad((h_ref * w.to(dtype).double()).sum(), x64)
             assert_close(h, h_ref.to(dtype), TOL[dtype], f"entropy {what}")
-            assert_close(g, g_ref.to(dtype), TOL[dtype], f"entropy grad {what}")
+            assert_close(g, g_ref.to(dtype), TOL[dtype], f"entropy grad {what}")  # softmax_entropy_with_grad
+            # the plain forward and backward kernels (no gradient kept by the forward)
+            assert_close(torch.ops.fastood.softmax_entropy(f), h_ref.to(dtype), TOL[dtype], f"entropy fwd {what}")
+            g_plain = torch.ops.fastood.softmax_entropy_backward(w.to(dtype), f)
+            assert_close(g_plain, g_ref.to(dtype), TOL[dtype], f"entropy backward {what}")
 
 
 @pytest.mark.parametrize("capability", SUPPORTED, indirect=True)

@@ -44,6 +44,13 @@ struct KernelTable {
   // sign(NaN) = 0, and a NaN in x (or z) stays NaN through the clamp.
   void (*langevin_run)(RowDtype dtype, void* x, const void* grad, const float* z, int64_t n, float half_step,
                        float sigma, float lo, float hi);
+  // Entropy and its gradient dH/df (float [rows, cols]) of rows [begin, end): one call of the forward when a
+  // backward will follow, so the backward is a row scaling (scale_rows) instead of a second exp pass.
+  void (*softmax_entropy_forward_grad_rows)(RowDtype dtype, const void* logits, int64_t begin, int64_t end,
+                                            int64_t cols, void* entropy, float* dentropy, float* work);
+  // out[b, k] = scale[b] * d[b, k] rounded to `dtype` (out), rows [begin, end) of d (float [rows, cols]).
+  void (*scale_rows)(RowDtype dtype, const float* d, const float* scale, int64_t begin, int64_t end, int64_t cols,
+                     void* out);
   // The kNormalsPerChunk standard normals of chunk `chunk` (Philox4x32-10 + Box-Muller, cpu/langevin_step.cpp).
   void (*philox_normals)(int64_t chunk, PhiloxKey key, float* z);
   // Null-space projection (cpu/nullspace_project.cpp) of samples [begin, end) of jac [B, dim, d], r [B, dim]

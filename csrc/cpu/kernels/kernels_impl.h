@@ -575,26 +575,71 @@ void entropy_forward_rows(const void* logits_v, int64_t begin, int64_t end, int6
   }
 }
 
+// out[k] = g dH/df_k = (g / S) e_k (T / S - z_k) of one row into `Out` storage (the row's dtype, or float for the
+// forward's saved gradient); returns the row's (m, S, T). exps: kRowWork(cols) floats of scratch.
+template <class S, class Out>
+FASTOOD_INLINE RowStats entropy_row_grad(const typename S::T* row, int64_t cols, float g, typename Out::T* out,
+                                         float* exps) {
+  const int64_t full = cols / W * W;
+  const int rem = static_cast<int>(cols - full);
+  // z_k = f_k - m goes to the second half of the work buffer as row_stats forms it, so the gradient pass
+  // reads two float rows and never widens the (16-bit) logits again.
+  float* zs = exps + (cols + 15) / 16 * 16;
+  const RowStats st = row_stats<S, true>(row, cols, exps, zs);
+  // z_k = f_k - m formed first: folding m into T / S would round T / S to the ulp of m (1e-3 at |f| = 1e4 in
+  // float32).
+  const vf scale = splat(g / st.sum), mean_z = splat(st.weighted / st.sum);
+  int64_t k = 0;
+  for (; k < full; k += W) Out::store(out + k, scale * load_f32(exps + k) * (mean_z - load_f32(zs + k)));
+  if (rem > 0) Out::store_partial(out + full, scale * load_f32(exps + full) * (mean_z - load_f32(zs + full)), rem);
+  return st;
+}
+
 template <class S>
 void entropy_backward_rows(const void* logits_v, const float* grad_entropy, int64_t begin, int64_t end, int64_t cols,
                            void* grad_v, float* exps) {
   using T = typename S::T;
   const T* logits = static_cast<const T*>(logits_v);
   T* grad = static_cast<T*>(grad_v);
+  for (int64_t b = begin; b < end; ++b) {
+    entropy_row_grad<S, S>(logits + b * cols, cols, grad_entropy[b], grad + b * cols, exps);
+  }
+}
+
+// H and dH/df (float) of each row: the backward's row pass with g = 1, and H = log S - T / S from the same sums.
+template <class S>
+void entropy_forward_grad_rows(const void* logits_v, int64_t begin, int64_t end, int64_t cols, void* entropy_v,
+                               float* dentropy, float* exps) {
+  using T = typename S::T;
+  const T* logits = static_cast<const T*>(logits_v);
+  T* entropy = static_cast<T*>(entropy_v);
+  for (int64_t b0 = begin; b0 < end; b0 += W) {  // rows in groups of W: one vector log per group
+    const int n = static_cast<int>(end - b0 < W ? end - b0 : W);
+    vf sums = splat(1.0f), weighted = {};
+    for (int r = 0; r < n; ++r) {
+      const int64_t b = b0 + r;
+      const RowStats st = entropy_row_grad<S, F32>(logits + b * cols, cols, 1.0f, dentropy + b * cols, exps);
+      sums[r] = st.sum;
+      weighted[r] = st.weighted;
+    }
+    const vf h = vlog_positive(sums) - weighted / sums;
+    for (int r = 0; r < n; ++r) entropy[b0 + r] = S::from_float(h[r]);
+  }
+}
+
+template <class S>
+void scale_rows_for(const float* d, const float* scale, int64_t begin, int64_t end, int64_t cols, void* out_v) {
+  using T = typename S::T;
+  T* out = static_cast<T*>(out_v);
   const int64_t full = cols / W * W;
   const int rem = static_cast<int>(cols - full);
-  // z_k = f_k - m goes to the second half of the work buffer as row_stats forms it, so the gradient pass
-  // reads two float rows and never widens the (16-bit) logits again.
-  float* zs = exps + (cols + 15) / 16 * 16;
   for (int64_t b = begin; b < end; ++b) {
-    T* out = grad + b * cols;
-    const RowStats st = row_stats<S, true>(logits + b * cols, cols, exps, zs);
-    // dH/df_k = (g / S) e_k (T / S - z_k), z_k = f_k - m formed first: folding m into T / S would round T / S
-    // to the ulp of m (1e-3 at |f| = 1e4 in float32).
-    const vf scale = splat(grad_entropy[b] / st.sum), mean_z = splat(st.weighted / st.sum);
+    const float* row = d + b * cols;
+    T* o = out + b * cols;
+    const vf g = splat(scale[b]);
     int64_t k = 0;
-    for (; k < full; k += W) S::store(out + k, scale * load_f32(exps + k) * (mean_z - load_f32(zs + k)));
-    if (rem > 0) S::store_partial(out + full, scale * load_f32(exps + full) * (mean_z - load_f32(zs + full)), rem);
+    for (; k < full; k += W) S::store(o + k, g * load_f32(row + k));
+    if (rem > 0) S::store_partial(o + full, g * load_f32_partial(row + full, rem, 0.0f), rem);
   }
 }
 
@@ -614,6 +659,25 @@ void softmax_entropy_backward_rows(RowDtype dtype, const void* logits, const flo
     case RowDtype::kBFloat16:
       return entropy_backward_rows<BF16>(logits, grad_entropy, begin, end, cols, grad, work);
     case RowDtype::kHalf: return entropy_backward_rows<F16>(logits, grad_entropy, begin, end, cols, grad, work);
+  }
+}
+
+void softmax_entropy_forward_grad_rows(RowDtype dtype, const void* logits, int64_t begin, int64_t end, int64_t cols,
+                                       void* entropy, float* dentropy, float* work) {
+  switch (dtype) {
+    case RowDtype::kFloat: return entropy_forward_grad_rows<F32>(logits, begin, end, cols, entropy, dentropy, work);
+    case RowDtype::kBFloat16:
+      return entropy_forward_grad_rows<BF16>(logits, begin, end, cols, entropy, dentropy, work);
+    case RowDtype::kHalf: return entropy_forward_grad_rows<F16>(logits, begin, end, cols, entropy, dentropy, work);
+  }
+}
+
+void scale_rows(RowDtype dtype, const float* d, const float* scale, int64_t begin, int64_t end, int64_t cols,
+                void* out) {
+  switch (dtype) {
+    case RowDtype::kFloat: return scale_rows_for<F32>(d, scale, begin, end, cols, out);
+    case RowDtype::kBFloat16: return scale_rows_for<BF16>(d, scale, begin, end, cols, out);
+    case RowDtype::kHalf: return scale_rows_for<F16>(d, scale, begin, end, cols, out);
   }
 }
 
@@ -892,7 +956,8 @@ const KernelTable kTable = {
 #else
     "default",
 #endif
-    &modified_energy_rows, &softmax_entropy_forward_rows, &softmax_entropy_backward_rows, &langevin_run, &philox_normals,
+    &modified_energy_rows, &softmax_entropy_forward_rows, &softmax_entropy_backward_rows,
+    &langevin_run, &softmax_entropy_forward_grad_rows, &scale_rows, &philox_normals,
     &nullspace_workspace_doubles, &nullspace_project_samples};
 
 }  // namespace CPU_CAPABILITY
