@@ -36,6 +36,7 @@ from fastood import distributed as D
 
 MODEL_FORMAT = "fastood-model"
 DEFAULT_OUTLIERS = "blobs"  # auxiliary training outliers, disjoint from every test OOD set
+OUTLIERS_PER_ID_BATCH = 2  # outlier batch / ID batch: 256 / 128 in the OE, Energy-OE and ICE recipes
 CVAE_SIZE = dict(latent_dim=8, width=16, hidden=128)  # the conditional VAE of the manifold and CMG methods
 
 
@@ -394,12 +395,15 @@ class Context:
         return x[:n].to(self.device), y[:n].to(self.device)
 
     def outlier_loader(self) -> DataLoader:
-        """Auxiliary training outliers (smooth random "blobs"), disjoint from every test OOD set."""
+        """Auxiliary training outliers (smooth random "blobs"), disjoint from every test OOD set, in batches of
+        OUTLIERS_PER_ID_BATCH times the ID batch (OE, Energy-OE and ICE train on 128 ID + 256 outliers), and as
+        many batches as the ID loader has."""
         from fastood.data import auxiliary_outliers
 
-        n = len(self.bench.id_train)
+        n = OUTLIERS_PER_ID_BATCH * len(self.bench.id_train)
         outliers = auxiliary_outliers(DEFAULT_OUTLIERS, n=n, shape=self.shape, seed=self.config.seed + 100)
-        return D.distributed_loader(outliers, self.config.batch_size, seed=self.config.seed + 1, drop_last=True)
+        return D.distributed_loader(outliers, OUTLIERS_PER_ID_BATCH * self.config.batch_size,
+                                    seed=self.config.seed + 1, drop_last=True)
 
     def unlabeled_loader(self) -> DataLoader:
         """Unlabeled data for the two-head discrepancy method: ID training images mixed with the auxiliary outliers
