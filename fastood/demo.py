@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from fastood import distributed as D
+from fastood.weights_cache import load_cached_weights, save_cached_weights
 
 MODEL_FORMAT = "fastood-model"
 DEFAULT_OUTLIERS = "blobs"  # auxiliary training outliers, disjoint from every test OOD set
@@ -366,9 +367,8 @@ class Context:
         """
         path = os.path.join(self.cache, key + ".pt")
         model = make()
-        if os.path.exists(path):
+        if load_cached_weights(model, path):
             self.say(f"{what}: cached, loading {path}")
-            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             return model.to(self.device).eval()
         self.say(f"{what} -> {path}")
         if trainer_name == "StandardTrainer":
@@ -380,9 +380,7 @@ class Context:
                                   checkpoint_dir=os.path.join(self.cache, key), checkpoint_every=50)
             trainer.fit(self.train_loader, epochs=epochs)
         if D.is_main_process():
-            tmp = path + ".tmp"
-            torch.save(model.state_dict(), tmp)
-            os.replace(tmp, path)
+            save_cached_weights(model, path)  # checksummed, atomic; refuses NaN/inf weights
             if trainer.checkpoint_path is not None and os.path.exists(trainer.checkpoint_path):
                 os.remove(trainer.checkpoint_path)  # the final weights are cached: the resume state is done
         D.barrier()
