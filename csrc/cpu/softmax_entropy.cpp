@@ -51,19 +51,19 @@ __attribute__((always_inline)) inline float log_positive(float x) {
   m = small ? m + m - 1.0f : m - 1.0f;
   const float z = m * m;
   float y = 7.0376836292e-2f;
-  y = std::fma(y, m, -1.1514610310e-1f);
-  y = std::fma(y, m, 1.1676998740e-1f);
-  y = std::fma(y, m, -1.2420140846e-1f);
-  y = std::fma(y, m, 1.4249322787e-1f);
-  y = std::fma(y, m, -1.6668057665e-1f);
-  y = std::fma(y, m, 2.0000714765e-1f);
-  y = std::fma(y, m, -2.4999993993e-1f);
-  y = std::fma(y, m, 3.3333331174e-1f);
+  y = mul_add(y, m, -1.1514610310e-1f);
+  y = mul_add(y, m, 1.1676998740e-1f);
+  y = mul_add(y, m, -1.2420140846e-1f);
+  y = mul_add(y, m, 1.4249322787e-1f);
+  y = mul_add(y, m, -1.6668057665e-1f);
+  y = mul_add(y, m, 2.0000714765e-1f);
+  y = mul_add(y, m, -2.4999993993e-1f);
+  y = mul_add(y, m, 3.3333331174e-1f);
   y = y * m * z;
   const float fe = static_cast<float>(e);
-  y = std::fma(fe, -2.12194440e-4f, y);
-  y = std::fma(-0.5f, z, y);
-  const float out = std::fma(fe, 0.693359375f, m + y);
+  y = mul_add(fe, -2.12194440e-4f, y);
+  y = mul_add(-0.5f, z, y);
+  const float out = mul_add(fe, 0.693359375f, m + y);
   return x != x ? x : out;
 }
 
