@@ -353,23 +353,31 @@ FASTOOD_INLINE ExpParts vexp_parts(vf xc) {
   return {madd(p * r, r, r), (vf)bits};
 }
 
-// exp(x) (~1 ulp). 0 below -87.3 (where exp is subnormal); NaN stays NaN.
-// kAnySign: +inf above 88.37 (the callers multiply it by |s| > 88, which overflows float anyway, as in the
-// reference); without it x must be <= 0 (softmax's z = f - max f), which saves the upper clamp.
-template <bool kAnySign>
-FASTOOD_INLINE vf vexp(vf x) {
-  vf xc = x < -87.3f ? splat(-87.3f) : x;  // NaN fails the comparisons and stays NaN through the arithmetic
-  if constexpr (kAnySign) xc = xc > 88.37f ? splat(88.37f) : xc;
-  const ExpParts parts = vexp_parts(xc);
-  vf out = (parts.q + 1.0f) * parts.scale;
-  if constexpr (kAnySign) out = x > 88.37f ? splat(kInf) : out;
-  return x < -87.3f ? splat(0.0f) : out;
+// max(lo, x) per lane; a NaN x stays NaN (x86's max returns its second operand when either is NaN).
+FASTOOD_INLINE vf vmax_keep_nan(vf lo, vf x) {
+#if defined(FASTOOD_CAP_AVX512)
+  return (vf)_mm512_max_ps((__m512)lo, (__m512)x);
+#elif defined(FASTOOD_CAP_AVX2)
+  return (vf)_mm256_max_ps((__m256)lo, (__m256)x);
+#elif defined(__SSE2__)
+  return (vf)_mm_max_ps((__m128)lo, (__m128)x);
+#else
+  return x < lo ? lo : x;
+#endif
+}
+
+// exp(z) for z <= 0 (softmax's z = f - max f), ~1 ulp; NaN stays NaN. Below -87.3, where exp(z) is subnormal in
+// float, it returns exp(-87.3) = 1.2e-38 instead of 0 or the subnormal: an absolute error under 1.2e-38, nothing
+// next to S >= 1 or to a gradient's rounding. z = -inf gives 1.2e-38 too, so e z = -inf: the callers turn a -inf
+// T into NaN, as the reference's 0 * -inf (row_stats). One max instead of a compare, a blend and a final select.
+FASTOOD_INLINE vf vexp_nonpositive(vf z) {
+  const ExpParts parts = vexp_parts(vmax_keep_nan(splat(-87.3f), z));
+  return madd(parts.q, parts.scale, parts.scale);  // 2^n (1 + q), one rounding
 }
 
 // exp(x) and expm1(x) = exp(x) - 1 of any x, both ~1 ulp: expm1 = 2^n q + (2^n - 1), where 2^n - 1 is exact
 // and 0 for |x| < ln2 / 2, so small |x| keep all their digits (1 - exp(x) would keep only ~|x| / eps of them).
-// Below -87.3: exp 0, expm1 -1; above 88.37: both +inf; NaN stays NaN. One fma and one subtraction more than
-// vexp<true>.
+// Below -87.3: exp 0, expm1 -1; above 88.37: both +inf; NaN stays NaN.
 struct ExpExpm1 {
   vf exp, expm1;
 };
@@ -518,7 +526,7 @@ FASTOOD_INLINE RowStats row_stats(const typename S::T* row, int64_t cols, float*
   k = 0;
   for (; k + 2 * W <= full; k += 2 * W) {
     const vf z0 = S::load(row + k) - vm, z1 = S::load(row + k + W) - vm;
-    const vf e0 = vexp<false>(z0), e1 = vexp<false>(z1);
+    const vf e0 = vexp_nonpositive(z0), e1 = vexp_nonpositive(z1);
     s0 += e0;
     s1 += e1;
     t0 = madd(e0, z0, t0);
@@ -532,7 +540,7 @@ FASTOOD_INLINE RowStats row_stats(const typename S::T* row, int64_t cols, float*
   }
   for (; k < full; k += W) {
     const vf z = S::load(row + k) - vm;
-    const vf e = vexp<false>(z);
+    const vf e = vexp_nonpositive(z);
     s0 += e;
     t0 = madd(e, z, t0);
     if constexpr (kStoreExps) {
@@ -543,7 +551,7 @@ FASTOOD_INLINE RowStats row_stats(const typename S::T* row, int64_t cols, float*
   if (rem > 0) {
     const vi inside = iota() < rem;
     const vf z = S::load_partial(row + full, rem, 0.0f) - vm;
-    const vf e = inside ? vexp<false>(z) : splat(0.0f);
+    const vf e = inside ? vexp_nonpositive(z) : splat(0.0f);
     s0 += e;
     t0 += inside ? e * z : splat(0.0f);
     if constexpr (kStoreExps) {
@@ -551,7 +559,9 @@ FASTOOD_INLINE RowStats row_stats(const typename S::T* row, int64_t cols, float*
       store_f32(zs + full, z);
     }
   }
-  return {m, hsum(s0 + s1), hsum(t0 + t1)};
+  const float t = hsum(t0 + t1);
+  // T = -inf only from a -inf logit (e z = 1.2e-38 * -inf): NaN, as the reference's 0 * -inf
+  return {m, hsum(s0 + s1), t == -kInf ? __builtin_nanf("") : t};
 }
 
 template <class S>
