@@ -366,6 +366,19 @@ FASTOOD_INLINE vf vmax_keep_nan(vf lo, vf x) {
 #endif
 }
 
+// min(hi, x) per lane; a NaN x stays NaN (as vmax_keep_nan).
+FASTOOD_INLINE vf vmin_keep_nan(vf hi, vf x) {
+#if defined(FASTOOD_CAP_AVX512)
+  return (vf)_mm512_min_ps((__m512)hi, (__m512)x);
+#elif defined(FASTOOD_CAP_AVX2)
+  return (vf)_mm256_min_ps((__m256)hi, (__m256)x);
+#elif defined(__SSE2__)
+  return (vf)_mm_min_ps((__m128)hi, (__m128)x);
+#else
+  return x > hi ? hi : x;
+#endif
+}
+
 // exp(z) for z <= 0 (softmax's z = f - max f), ~1 ulp; NaN stays NaN. Below -87.3, where exp(z) is subnormal in
 // float, it returns exp(-87.3) = 1.2e-38 instead of 0 or the subnormal: an absolute error under 1.2e-38, nothing
 // next to S >= 1 or to a gradient's rounding. z = -inf gives 1.2e-38 too, so e z = -inf: the callers turn a -inf
@@ -383,13 +396,14 @@ struct ExpExpm1 {
 };
 
 FASTOOD_INLINE ExpExpm1 vexp_expm1(vf x) {
-  vf xc = x < -87.3f ? splat(-87.3f) : x;  // NaN fails the comparisons and stays NaN through the arithmetic
-  xc = xc > 88.37f ? splat(88.37f) : xc;
-  const ExpParts parts = vexp_parts(xc);
+  // NaN stays NaN through the clamps (vmax_keep_nan, vmin_keep_nan) and the arithmetic.
+  const ExpParts parts = vexp_parts(vmin_keep_nan(splat(88.37f), vmax_keep_nan(splat(-87.3f), x)));
+  // At the lower clamp 2^n q + (2^n - 1) rounds to -1 by itself; exp must be 0 there (not exp(-87.3)), so that
+  // s exp(s) is NaN at s = -inf, as the reference's -inf * 0.
   vf e = madd(parts.q, parts.scale, parts.scale), em1 = madd(parts.q, parts.scale, parts.scale - 1.0f);
-  const vi big = x > 88.37f, tiny = x < -87.3f;
-  e = big ? splat(kInf) : (tiny ? splat(0.0f) : e);
-  em1 = big ? splat(kInf) : (tiny ? splat(-1.0f) : em1);
+  const vi big = x > 88.37f;
+  e = big ? splat(kInf) : (x < -87.3f ? splat(0.0f) : e);
+  em1 = big ? splat(kInf) : em1;
   return {e, em1};
 }
 
