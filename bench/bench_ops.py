@@ -9,7 +9,8 @@ and torch.compile(reference), timed round-robin in the same run (so that load fr
 them alike: on a shared machine compare the ratios, not the absolute times); the work done -- bytes each op must
 read and write once (inputs + outputs) and the floating-point operations its kernel performs (counted from the
 kernel's arithmetic, FLOPS_PER_ELEMENT) -- and the achieved fraction of the machine's peak
-(_common.machine_peak: on CPU cores x FMA width x clock, on GPU the card's published FLOP/s and bandwidth).
+(_common.machine_peak: on CPU a measured float32 GEMM rate -- the nominal cores x FMA width x clock is printed next to
+it --, on GPU the card's published FLOP/s and bandwidth).
 
 ``--all-capabilities`` (CPU): one native column per instruction set this CPU supports (default, avx2, avx512),
 timed in the same rounds; the CPU kernels otherwise run with the best one (or $FASTOOD_CPU_CAPABILITY).
@@ -37,9 +38,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 # Floating-point operations per element of the kernels (an FMA counts 2), counted from csrc/cpu/kernels/:
 # exp ~22 (range reduction 7, degree-5 polynomial 12, scale 3); modified energy + gradient: s, exp, energy
-# term 3, gradient 4; softmax entropy forward: max, z, exp, S, T (25) and backward: the same again plus 3;
+# term 3, gradient 4; softmax entropy forward: max, z, exp, S, T (25) and backward: on CUDA the same again plus 3,
+# on CPU (where the forward keeps dH/df for the backward: fastood::softmax_entropy_with_grad) 3 in the forward
+# and 1 in the backward;
 # Langevin step: sign step, noise FMA, two clamps (5) plus Box-Muller (log ~20, sqrt, sincos ~25 per pair).
-FLOPS_PER_ELEMENT = {"modified_energy_grad": 30, "softmax_entropy fwd+bwd": 53, "langevin_step_": 29}
+FLOPS_PER_ELEMENT = {"modified_energy_grad": 30, "softmax_entropy fwd+bwd": 53, "softmax_entropy fwd+bwd cpu": 29,
+                     "langevin_step_": 29}
 
 
 def nullspace_flops(b, d_out, d):
@@ -73,9 +77,12 @@ def cases(device, quick, dtype):
                 (g,) = torch.autograd.grad(out.sum(), logits)
                 return g
             return go
-        # forward reads f, writes H; backward reads f and dH, writes df
-        return (run(ops.softmax_entropy), run(reference.softmax_entropy), size * (3 * b * c + 2 * b),
-                FLOPS_PER_ELEMENT["softmax_entropy fwd+bwd"] * b * c)
+        if cuda:  # forward reads f, writes H; backward reads f and dH, writes df
+            moved, flops = size * (3 * b * c + 2 * b), FLOPS_PER_ELEMENT["softmax_entropy fwd+bwd"] * b * c
+        else:  # forward reads f, writes H and dH/df (float32); backward reads dH/df and dH, writes df
+            moved = size * (2 * b * c + 2 * b) + 4 * 2 * b * c
+            flops = FLOPS_PER_ELEMENT["softmax_entropy fwd+bwd cpu"] * b * c
+        return (run(ops.softmax_entropy), run(reference.softmax_entropy), moved, flops)
 
     def langevin(*shape):
         x = (torch.rand(shape, device=device) * 2 - 1).to(dtype)

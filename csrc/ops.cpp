@@ -27,6 +27,10 @@ TORCH_LIBRARY(fastood, m) {
   // H(softmax(f)) per row of logits [B, C].
   m.def("softmax_entropy(Tensor logits) -> Tensor");
   m.def("softmax_entropy_backward(Tensor grad_entropy, Tensor logits) -> Tensor");
+  // CPU, float/bfloat16/float16 logits that a backward will follow: the entropy and dH/df (float32 [B, C]);
+  // the backward is then grad_entropy[b] * dH/df rounded to `dtype` (the logits' dtype).
+  m.def("softmax_entropy_with_grad(Tensor logits) -> (Tensor, Tensor)");
+  m.def("softmax_entropy_backward_from_grad(Tensor grad_entropy, Tensor dentropy, ScalarType dtype) -> Tensor");
   // x <- clamp(x - step/2 sign(grad) + noise_std N(0,1), lower, upper) on rows where active;
   // lower/upper: float64 (or float32) [1] or [C] on x's device.
   m.def(

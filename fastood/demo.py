@@ -33,9 +33,11 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from fastood import distributed as D
+from fastood.weights_cache import load_cached_weights, save_cached_weights
 
 MODEL_FORMAT = "fastood-model"
 DEFAULT_OUTLIERS = "blobs"  # auxiliary training outliers, disjoint from every test OOD set
+OUTLIERS_PER_ID_BATCH = 2  # outlier batch / ID batch: 256 / 128 in the OE, Energy-OE and ICE recipes
 CVAE_SIZE = dict(latent_dim=8, width=16, hidden=128)  # the conditional VAE of the manifold and CMG methods
 
 
@@ -365,9 +367,8 @@ class Context:
         """
         path = os.path.join(self.cache, key + ".pt")
         model = make()
-        if os.path.exists(path):
+        if load_cached_weights(model, path):
             self.say(f"{what}: cached, loading {path}")
-            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             return model.to(self.device).eval()
         self.say(f"{what} -> {path}")
         if trainer_name == "StandardTrainer":
@@ -379,9 +380,7 @@ class Context:
                                   checkpoint_dir=os.path.join(self.cache, key), checkpoint_every=50)
             trainer.fit(self.train_loader, epochs=epochs)
         if D.is_main_process():
-            tmp = path + ".tmp"
-            torch.save(model.state_dict(), tmp)
-            os.replace(tmp, path)
+            save_cached_weights(model, path)  # checksummed, atomic; refuses NaN/inf weights
             if trainer.checkpoint_path is not None and os.path.exists(trainer.checkpoint_path):
                 os.remove(trainer.checkpoint_path)  # the final weights are cached: the resume state is done
         D.barrier()
@@ -394,12 +393,15 @@ class Context:
         return x[:n].to(self.device), y[:n].to(self.device)
 
     def outlier_loader(self) -> DataLoader:
-        """Auxiliary training outliers (smooth random "blobs"), disjoint from every test OOD set."""
+        """Auxiliary training outliers (smooth random "blobs"), disjoint from every test OOD set, in batches of
+        OUTLIERS_PER_ID_BATCH times the ID batch (OE, Energy-OE and ICE train on 128 ID + 256 outliers), and as
+        many batches as the ID loader has."""
         from fastood.data import auxiliary_outliers
 
-        n = len(self.bench.id_train)
+        n = OUTLIERS_PER_ID_BATCH * len(self.bench.id_train)
         outliers = auxiliary_outliers(DEFAULT_OUTLIERS, n=n, shape=self.shape, seed=self.config.seed + 100)
-        return D.distributed_loader(outliers, self.config.batch_size, seed=self.config.seed + 1, drop_last=True)
+        return D.distributed_loader(outliers, OUTLIERS_PER_ID_BATCH * self.config.batch_size,
+                                    seed=self.config.seed + 1, drop_last=True)
 
     def unlabeled_loader(self) -> DataLoader:
         """Unlabeled data for the two-head discrepancy method: ID training images mixed with the auxiliary outliers

@@ -23,19 +23,16 @@ def pretrained_small_cnn(benchmark_name: str = "mnist5k-0to4", epochs: int = 6, 
     from fastood.data import benchmark
     from fastood.models import SmallCNN
     from fastood.trainers import StandardTrainer
+    from fastood.weights_cache import load_cached_weights, save_cached_weights
 
     bench = benchmark(benchmark_name, seed=seed)
     c, h, _ = bench.shape
     torch.manual_seed(seed)
     model = SmallCNN(in_channels=c, num_classes=bench.num_classes, image_size=h, width=width)
     path = os.path.join(cache_dir(cache), f"smallcnn-{benchmark_name}-w{width}-e{epochs}-b{batch_size}-s{seed}.pt")
-    if os.path.exists(path):
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    if load_cached_weights(model, path):
         return model.eval()
     loader = DataLoader(bench.id_train, batch_size=batch_size, shuffle=True, drop_last=True)
     StandardTrainer(model, progress=progress, seed=seed).fit(loader, epochs=epochs)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
+    save_cached_weights(model, path)  # checksummed, atomic; refuses NaN/inf weights
     return model.eval()

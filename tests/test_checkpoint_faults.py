@@ -371,6 +371,32 @@ def test_resume_refuses_other_hyperparameters_or_models(tmp_path, change, expect
     _trainer(checkpoint_dir=tmp_path, checkpoint_every=7, checkpoint_minutes=5).fit(_loader(_data()), steps=3)
 
 
+def test_resume_refuses_another_sampler_setting(tmp_path):
+    """A sampler's own constructor arguments are part of the trainer's record: resuming FIG with another Langevin
+    step size (or another sampler class) is refused, naming the argument; how the chains run (BatchNorm folding)
+    may change."""
+    from fastood.models import SmallCNN
+    from fastood.samplers.langevin import LangevinSampler
+    from fastood.samplers.noise import GaussianNoiseSampler
+    from fastood.trainers.fig import FIGTrainer
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.rand(32, 1, 12, 12) * 2 - 1, torch.randint(0, 3, (32,)))
+
+    def fig(sampler):
+        torch.manual_seed(0)
+        model = SmallCNN(in_channels=1, num_classes=3, image_size=12, width=4)
+        return FIGTrainer(model, sampler=sampler, progress=False, checkpoint_dir=tmp_path)
+
+    fig(LangevinSampler(max_steps=2)).fit(_loader(data), steps=1)
+    with pytest.raises(ResumeMismatch, match=r"sampler\.step_size=0\.1, but this trainer has sampler\.step_size=0\.05"):
+        fig(LangevinSampler(max_steps=2, step_size=0.05)).fit(_loader(data), steps=2)
+    with pytest.raises(ResumeMismatch, match="sampler class='LangevinSampler', but this trainer has sampler class="
+                                             "'GaussianNoiseSampler'"):
+        fig(GaussianNoiseSampler()).fit(_loader(data), steps=2)
+    assert fig(LangevinSampler(max_steps=2, fold_batchnorm=False)).fit(_loader(data), steps=2).resumed
+
+
 def test_resume_refuses_another_method_but_accepts_a_subclass_of_the_same(tmp_path):
     class OwnMethod(Trainer):
         def training_step(self, batch):

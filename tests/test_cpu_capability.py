@@ -75,7 +75,11 @@ def test_row_kernels_match_float64_reference(capability, dtype):
             h_ref = reference.softmax_entropy(x64)
             (g_ref,) = torch.autograd.grad((h_ref * w.to(dtype).double()).sum(), x64)
             assert_close(h, h_ref.to(dtype), TOL[dtype], f"entropy {what}")
-            assert_close(g, g_ref.to(dtype), TOL[dtype], f"entropy grad {what}")
+            assert_close(g, g_ref.to(dtype), TOL[dtype], f"entropy grad {what}")  # softmax_entropy_with_grad
+            # the plain forward and backward kernels (no gradient kept by the forward)
+            assert_close(torch.ops.fastood.softmax_entropy(f), h_ref.to(dtype), TOL[dtype], f"entropy fwd {what}")
+            g_plain = torch.ops.fastood.softmax_entropy_backward(w.to(dtype), f)
+            assert_close(g_plain, g_ref.to(dtype), TOL[dtype], f"entropy backward {what}")
 
 
 @pytest.mark.parametrize("capability", SUPPORTED, indirect=True)
@@ -117,6 +121,32 @@ def test_row_kernels_propagate_non_finite_like_the_reference(capability):
     for got, want, what in [(energy, energy_ref, "energy"), (grad, grad_ref, "grad"), (h, h_ref, "entropy")]:
         assert torch.equal(torch.isnan(got), torch.isnan(want)), f"{capability} {what}: NaN positions differ"
         assert torch.equal(torch.isinf(got), torch.isinf(want.float())), f"{capability} {what}: inf positions differ"
+
+
+@pytest.mark.parametrize("capability", SUPPORTED, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_langevin_step_without_noise_is_the_reference_bit_for_bit(capability, dtype):
+    """The capability's vectorized run (sign step, clamp; no noise) equals the reference exactly: full vectors,
+    masked tails (runs of 1-15 values), per-channel bounds, inactive rows, NaN in x and in the gradient."""
+    torch.manual_seed(3)
+    for shape in [(2, 1, 1, 1), (3, 2, 3, 5), (2, 3, 7, 9), (4, 1, 28, 28)]:
+        x0 = (torch.rand(shape, dtype=torch.float64) * 2.4 - 1.2).to(dtype)
+        grad = torch.randn(shape).to(dtype)
+        grad.view(-1)[::5] = 0.0
+        grad.view(-1)[1::7] = float("nan")
+        x0.view(-1)[2::11] = float("nan")
+        channels = shape[1]
+        lower = torch.linspace(-1.0, -0.5, channels, dtype=torch.float64)
+        upper = torch.linspace(0.5, 1.0, channels, dtype=torch.float64)
+        active = torch.arange(shape[0]) % 2 == 0
+        for lo, hi, act in [(-1.0, 1.0, None), (lower, upper, None), (lower, upper, active)]:
+            got, want = x0.clone(), x0.clone()
+            with ops.use_backend("native"):
+                ops.langevin_step_(got, grad, 0.3, 0.0, lo, hi, act)
+            reference.langevin_step_(want, grad, 0.3, 0.0, lo, hi, act)
+            assert torch.equal(torch.isnan(got), torch.isnan(want)), f"{capability} {shape}: NaN positions differ"
+            ok = ~torch.isnan(want)
+            assert torch.equal(got[ok], want[ok]), f"{capability} {dtype} {shape}: differs from the reference"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

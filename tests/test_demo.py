@@ -173,3 +173,14 @@ def test_tiny_config_shrinks_every_stage():
     full = demo.RunConfig()
     assert (full.methods, full.data, full.model, full.steps, full.eval_limit, full.train_limit) == \
         (["fig"], "mnist5k-0to4", "smallcnn", None, None, None)
+
+
+def test_outlier_batches_are_twice_the_id_batch(tmp_path):
+    """OE, Energy-OE and ICE train on 128 ID + 256 outliers per step: the demo's outlier loader gives batches of
+    twice the ID batch, as many as the ID loader has."""
+    ctx = demo.Context(demo.RunConfig(tiny=True, device="cpu", out=str(tmp_path), cache=str(tmp_path / "cache")))
+    loader = ctx.outlier_loader()
+    batch = next(iter(loader))
+    images = batch[0] if isinstance(batch, (list, tuple)) else batch
+    assert images.shape[0] == 2 * ctx.config.batch_size
+    assert len(loader) == len(ctx.bench.id_train) // ctx.config.batch_size

@@ -159,6 +159,58 @@ def test_opcheck(device):
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float32] + HALF_DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cpu_forward_keeps_the_gradient_for_the_backward(dtype, shape):
+    """CPU logits that require grad take softmax_entropy_with_grad: the forward writes dH/df, the backward scales
+    it by the incoming gradient. Same entropy as the plain forward, the plain backward's values (bit for bit at
+    an incoming gradient of 1), the reference's within tolerance, NaN/inf rows as the reference."""
+    logits = sample_logits(shape, dtype, "cpu")
+    if shape[0] >= 5 and shape[1] >= 3:
+        logits[1, 2] = float("nan")
+        logits[2, 0] = float("inf")
+        logits[3, -1] = float("-inf")
+    g = torch.randn(shape[0], dtype=torch.float64).to(dtype)
+    with native_ops():
+        x = logits.clone().requires_grad_()
+        h = ops.softmax_entropy(x)
+        assert "softmax_entropy_with_grad" in h.grad_fn.name()
+        (grad_one,) = torch.autograd.grad(h.sum(), x, retain_graph=True)
+        (grad,) = torch.autograd.grad(h, x, g)
+        plain_h = torch.ops.fastood.softmax_entropy(logits)
+        plain_one = torch.ops.fastood.softmax_entropy_backward(torch.ones(shape[0], dtype=dtype), logits)
+    assert grad.dtype == dtype and grad.shape == shape
+    torch.testing.assert_close(h.detach(), plain_h, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(grad_one, plain_one, rtol=0, atol=0, equal_nan=True)
+    want = reference.softmax_entropy_backward(g.double(), logits.double())
+    torch.testing.assert_close(grad.double(), want, equal_nan=True, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+
+
+@needs_native
+def test_cpu_forward_without_grad_computes_no_gradient():
+    """Without a backward to follow (no grad needed, or grad mode off) the plain forward runs."""
+    logits = torch.randn(4, 7)
+    with native_ops():
+        assert ops.softmax_entropy(logits).grad_fn is None
+        with torch.no_grad():
+            assert ops.softmax_entropy(logits.requires_grad_()).grad_fn is None
+
+
+@needs_native
+def test_with_grad_ops_opcheck_and_errors():
+    logits = torch.randn(8, 5, requires_grad=True)
+    opcheck(torch.ops.fastood.softmax_entropy_with_grad.default, (logits,))
+    d = torch.ops.fastood.softmax_entropy_with_grad(logits.detach())[1]
+    opcheck(torch.ops.fastood.softmax_entropy_backward_from_grad.default, (torch.randn(8), d, torch.bfloat16))
+    with pytest.raises(RuntimeError, match="float64 logits take fastood::softmax_entropy"):
+        torch.ops.fastood.softmax_entropy_with_grad(logits.detach().double())
+    with pytest.raises(RuntimeError, match="dentropy must be the float32"):
+        torch.ops.fastood.softmax_entropy_backward_from_grad(torch.randn(8), d.double(), torch.float32)
+    with pytest.raises(RuntimeError, match=r"grad_entropy must be \[8\]"):
+        torch.ops.fastood.softmax_entropy_backward_from_grad(torch.randn(7), d, torch.float32)
+
+
+@needs_native
 def test_torch_compile_fullgraph():
     def loss(logits):
         return ops.softmax_entropy(logits).mean()

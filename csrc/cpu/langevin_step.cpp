@@ -23,6 +23,7 @@
 
 #include "checks.h"
 #include "cpu/dispatch.h"
+#include "cpu/row_math.h"
 
 namespace fastood {
 namespace {
@@ -33,7 +34,8 @@ using cpu::kNormalsPerChunk;
 constexpr int64_t kChunk = kNormalsPerChunk;  // elements per chunk (four normals per Philox block)
 constexpr int64_t kGrainChunks = 64;          // 16k elements per parallel task at least
 
-// One run of n elements sharing a bound: v = x - half_step * sign(g) (+ sigma * z), clamped. As torch.sign,
+// float64: one run of n elements sharing a bound: v = x - half_step * sign(g) (+ sigma * z), clamped (float,
+// bfloat16 and float16 runs take the capability's explicit-vector langevin_run instead). As torch.sign,
 // sign(NaN) = 0; NaN in x propagates through the clamp (comparisons with NaN are false, as torch.clamp).
 template <typename scalar_t, typename acc_t, bool kNoise>
 inline void step_run(scalar_t* __restrict__ x, const scalar_t* __restrict__ g, const float* __restrict__ z, int64_t n,
@@ -66,6 +68,7 @@ void langevin_step_forward_kernel(scalar_t* x, const scalar_t* grad, StepShape s
   // A run ends where the bound or the active flag may change.
   const int64_t run_unit = s.nbounds > 1 ? s.inner : (active ? s.per_row : s.numel);
   const auto philox_normals = cpu::kernels().philox_normals;  // the CPU capability's vectorized generator
+  const auto langevin_run = cpu::kernels().langevin_run;
   at::parallel_for(0, chunks, kGrainChunks, [&](int64_t begin, int64_t end) {
     alignas(64) float z[kChunk];
     for (int64_t c = begin; c < end; ++c) {
@@ -79,8 +82,13 @@ void langevin_step_forward_kernel(scalar_t* x, const scalar_t* grad, StepShape s
             generated = true;
           }
           const int64_t b = s.nbounds > 1 ? (e / s.inner) % s.channels : 0;
-          step_run<scalar_t, acc_t, kNoise>(x + e, grad + e, z + (e - first), stop - e, half_step, sigma,
-                                            static_cast<acc_t>(lower[b]), static_cast<acc_t>(upper[b]));
+          if constexpr (std::is_same_v<scalar_t, double>) {
+            step_run<scalar_t, acc_t, kNoise>(x + e, grad + e, z + (e - first), stop - e, half_step, sigma,
+                                              static_cast<acc_t>(lower[b]), static_cast<acc_t>(upper[b]));
+          } else {  // float, bfloat16, float16: the capability's vectorized run (cpu/kernels/kernels_impl.h)
+            langevin_run(cpu::row_dtype<scalar_t>(), x + e, grad + e, kNoise ? z + (e - first) : nullptr, stop - e,
+                         half_step, sigma, static_cast<float>(lower[b]), static_cast<float>(upper[b]));
+          }
         }
         e = stop;
       }

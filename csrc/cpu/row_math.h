@@ -106,6 +106,19 @@ __attribute__((always_inline)) inline acc_t tree_max(acc_t* a) {
   return a[0];
 }
 
+// a * b + c: one fused multiply-add where the build has FMA instructions, else a product and a sum. The portable
+// (baseline x86-64) build of this header has none, and there std::fma is a libm call that emulates the fused
+// rounding in software -- it made the float64 row ops 2x slower than the eager reference. The exp reductions
+// below stay exact without it (ln2's high parts have enough trailing zero bits that n * hi is exact).
+template <typename T>
+__attribute__((always_inline)) inline T mul_add(T a, T b, T c) {
+#if defined(__FMA__)
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
 // exp(x), float: Cephes polynomial on x = n ln2 + r (~1 ulp), branch-free so it vectorizes. 0 below -87.3
 // (where exp is subnormal); NaN stays NaN. kAnySign: +inf above 88.37 (where exp(x) > 2^127.5: the callers
 // multiply it by |s| > 88, which overflows float anyway, as in the reference); without it x must be <= 0
@@ -114,17 +127,17 @@ template <bool kAnySign>
 __attribute__((always_inline)) inline float exp_lanes(float x) {
   float xc = x < -87.3f ? -87.3f : x;  // NaN passes the clamps and stays NaN through the arithmetic
   if constexpr (kAnySign) xc = xc > 88.37f ? 88.37f : xc;
-  const float shifted = std::fma(xc, 1.44269504088896341f, 12582912.0f);  // 1.5 * 2^23 + round(x / ln2)
+  const float shifted = mul_add(xc, 1.44269504088896341f, 12582912.0f);  // 1.5 * 2^23 + round(x / ln2)
   const float n = shifted - 12582912.0f;
-  float r = std::fma(n, -0.693359375f, xc);
-  r = std::fma(n, 2.12194440e-4f, r);
+  float r = mul_add(n, -0.693359375f, xc);
+  r = mul_add(n, 2.12194440e-4f, r);
   float p = 1.9875691500e-4f;
-  p = std::fma(p, r, 1.3981999507e-3f);
-  p = std::fma(p, r, 8.3334519073e-3f);
-  p = std::fma(p, r, 4.1665795894e-2f);
-  p = std::fma(p, r, 1.6666665459e-1f);
-  p = std::fma(p, r, 5.0000001201e-1f);
-  p = std::fma(p * r, r, r) + 1.0f;
+  p = mul_add(p, r, 1.3981999507e-3f);
+  p = mul_add(p, r, 8.3334519073e-3f);
+  p = mul_add(p, r, 4.1665795894e-2f);
+  p = mul_add(p, r, 1.6666665459e-1f);
+  p = mul_add(p, r, 5.0000001201e-1f);
+  p = mul_add(p * r, r, r) + 1.0f;
   uint32_t bits;
   std::memcpy(&bits, &shifted, sizeof(bits));
   bits = (bits - 0x4B400000u + 127u) << 23;  // the low mantissa bits of `shifted` hold n: 2^n as a float
@@ -138,23 +151,23 @@ __attribute__((always_inline)) inline float exp_lanes(float x) {
 // The shared core of the double exp/expm1 below: xc = n ln2 + r with |r| <= ln2 / 2 (xc already clamped), returns
 // P(r) of the degree-13 Taylor series, so that expm1(r) = r P(r) and exp(r) = 1 + r P(r), and sets scale = 2^n.
 __attribute__((always_inline)) inline double exp_reduce(double xc, double& r, double& scale) {
-  const double shifted = std::fma(xc, 1.4426950408889634074, 6755399441055744.0);  // 1.5 * 2^52 + round(x / ln2)
+  const double shifted = mul_add(xc, 1.4426950408889634074, 6755399441055744.0);  // 1.5 * 2^52 + round(x / ln2)
   const double n = shifted - 6755399441055744.0;
-  r = std::fma(n, -6.93147180369123816490e-01, xc);
-  r = std::fma(n, -1.90821492927058770002e-10, r);
+  r = mul_add(n, -6.93147180369123816490e-01, xc);
+  r = mul_add(n, -1.90821492927058770002e-10, r);
   double p = 1.0 / 6227020800.0;
-  p = std::fma(p, r, 1.0 / 479001600.0);
-  p = std::fma(p, r, 1.0 / 39916800.0);
-  p = std::fma(p, r, 1.0 / 3628800.0);
-  p = std::fma(p, r, 1.0 / 362880.0);
-  p = std::fma(p, r, 1.0 / 40320.0);
-  p = std::fma(p, r, 1.0 / 5040.0);
-  p = std::fma(p, r, 1.0 / 720.0);
-  p = std::fma(p, r, 1.0 / 120.0);
-  p = std::fma(p, r, 1.0 / 24.0);
-  p = std::fma(p, r, 1.0 / 6.0);
-  p = std::fma(p, r, 0.5);
-  p = std::fma(p, r, 1.0);
+  p = mul_add(p, r, 1.0 / 479001600.0);
+  p = mul_add(p, r, 1.0 / 39916800.0);
+  p = mul_add(p, r, 1.0 / 3628800.0);
+  p = mul_add(p, r, 1.0 / 362880.0);
+  p = mul_add(p, r, 1.0 / 40320.0);
+  p = mul_add(p, r, 1.0 / 5040.0);
+  p = mul_add(p, r, 1.0 / 720.0);
+  p = mul_add(p, r, 1.0 / 120.0);
+  p = mul_add(p, r, 1.0 / 24.0);
+  p = mul_add(p, r, 1.0 / 6.0);
+  p = mul_add(p, r, 0.5);
+  p = mul_add(p, r, 1.0);
   uint64_t bits;
   std::memcpy(&bits, &shifted, sizeof(bits));
   bits = (bits - 0x4338000000000000ull + 1023ull) << 52;  // the low mantissa bits of `shifted` hold n: 2^n
@@ -170,7 +183,7 @@ __attribute__((always_inline)) inline double exp_lanes(double x) {
   if constexpr (kAnySign) xc = xc > 709.0 ? 709.0 : xc;
   double r, scale;
   const double p = exp_reduce(xc, r, scale);  // its own statement: it sets r, which the next line reads
-  double out = std::fma(p, r, 1.0) * scale;
+  double out = mul_add(p, r, 1.0) * scale;
   if constexpr (kAnySign) out = x > 709.0 ? std::numeric_limits<double>::infinity() : out;
   return x < -708.0 ? 0.0 : out;
 }

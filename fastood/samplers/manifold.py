@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from fastood import ops
+from fastood._hyperparameters import RecordsHyperparameters
 from fastood.batches import model_device
 
 from ._model_state import frozen
@@ -93,7 +94,7 @@ def _check_number_pair(value, name, low_ok=0.0):
     return lo, hi
 
 
-class ManifoldSampler:
+class ManifoldSampler(metaclass=RecordsHyperparameters):
     """Type-I and type-II outliers of a trained conditional VAE (Vernekar et al. 2019).
 
     - :meth:`fit` (once, on ID training data): per class c, the mean ``m_c`` and covariance ``Sigma_c`` of the

@@ -11,6 +11,7 @@ from torch import nn
 
 from fastood.ops._checks import float_values
 from fastood.batches import model_device
+from fastood._hyperparameters import RecordsHyperparameters
 
 
 # ---------------------------------------------------------------------------------------------------- bounds
@@ -88,7 +89,7 @@ def _sampling_device(model):
 
 
 # ---------------------------------------------------------------------------------------------------- samplers
-class _NoiseSampler:
+class _NoiseSampler(metaclass=RecordsHyperparameters):
     """Shared protocol: ``sample(model, n, shape, context=None) -> [n, *shape]`` on the model's device."""
 
     def __init__(self, bounds=(-1.0, 1.0)):

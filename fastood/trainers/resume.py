@@ -4,28 +4,22 @@ Every :class:`~fastood.trainers.base.Trainer` records, right after construction,
 simple-typed constructor arguments (numbers, strings, booleans, None, short tuples of those, small tensors)
 of every ``__init__`` in its class hierarchy, with defaults filled in. Settings that only say how a run is carried
 out (where and how often to checkpoint, progress bars, the device, ...) are left out (:data:`RUN_SETTINGS`).
+A sampler given to a trainer is recorded by its class and its own constructor arguments (the samplers record
+theirs the same way, :mod:`fastood._hyperparameters`), so ``sampler=LangevinSampler(step_size=0.05)`` against a
+checkpoint written with the default 0.1 is a mismatch too.
 The record is stored in each checkpoint; resuming refuses with a message naming the difference when the method
 (trainer class), a recorded hyperparameter or the model's parameter/buffer names and shapes differ.
 """
 from __future__ import annotations
 
-import inspect
 from typing import NamedTuple
 
 import torch
 
+from fastood._hyperparameters import RUN_SETTINGS, RecordsHyperparameters  # noqa: F401 (re-exported)
+
 __all__ = ["RecordsHyperparameters", "RUN_SETTINGS", "ResumeMismatch", "Resumed", "method_name",
            "check_compatible"]
-
-# Constructor arguments that say how a run is carried out rather than what it computes: they may differ between a
-# run and its resume. ``amp`` goes with the device (bf16 autocast is CUDA-only, so a CPU resume of a CUDA run turns
-# it off), ``sync_bn`` with the number of ranks, ``batch_fn``/``batch_keys`` with how the loader is read.
-RUN_SETTINGS = frozenset({"checkpoint_dir", "checkpoint_every", "checkpoint_minutes", "progress", "device", "amp",
-                          "skip_nonfinite", "handle_signals", "sync_bn", "batch_fn", "batch_keys"})
-
-_SIMPLE = (bool, int, float, str, type(None))
-_SKIP = object()
-
 
 class ResumeMismatch(ValueError):
     """The checkpoint was written by a different method, with other hyperparameters, or for another model."""
@@ -37,65 +31,6 @@ class Resumed(NamedTuple):
     path: str
     step: int
     total_steps: int
-
-
-def _simple(value):
-    """``value`` as a comparable plain value, or ``_SKIP`` when it is not a hyperparameter (a module, a loader)."""
-    if isinstance(value, _SIMPLE):
-        return value
-    if isinstance(value, (tuple, list)) and len(value) <= 64:
-        items = [_simple(v) for v in value]
-        return _SKIP if any(i is _SKIP for i in items) else tuple(items)
-    if isinstance(value, torch.Tensor) and value.numel() <= 64 and not value.requires_grad:
-        return tuple(value.detach().cpu().reshape(-1).tolist())
-    return _SKIP
-
-
-
-def _record(obj, args, kwargs) -> dict:
-    cls = type(obj)
-    values = {}
-    # Defaults, base classes first so that a subclass's default of the same name wins.
-    for klass in reversed(cls.__mro__):
-        init = klass.__dict__.get("__init__")
-        if init is None or klass is object:
-            continue
-        for name, p in inspect.signature(init).parameters.items():
-            if p.default is not inspect.Parameter.empty:
-                values[name] = p.default
-    try:
-        bound = inspect.signature(cls.__init__).bind(obj, *args, **kwargs)
-    except TypeError:
-        bound = None
-    if bound is not None:
-        for name, value in bound.arguments.items():
-            kind = bound.signature.parameters[name].kind
-            if kind is inspect.Parameter.VAR_KEYWORD:
-                values.update(value)
-            elif kind is not inspect.Parameter.VAR_POSITIONAL:
-                values[name] = value
-    record = {}
-    for name, value in values.items():
-        if name in ("self", "model") or name in RUN_SETTINGS:
-            continue
-        # The attribute of the same name, when simple, is the value after validation (lr=None -> the method's
-        # default lr, lam=1 -> 1.0), so equivalent spellings compare equal.
-        # Only instance attributes: a property (``optimizer``) must not run here.
-        attr = _simple(obj.__dict__[name]) if name in vars(obj) else _SKIP
-        plain = attr if attr is not _SKIP else _simple(value)
-        if plain is not _SKIP:
-            record[name] = plain
-    return record
-
-
-class RecordsHyperparameters(type):
-    """Metaclass of :class:`~fastood.trainers.base.Trainer`: stores ``hyperparameters`` on every new trainer once
-    its (most derived) ``__init__`` has returned."""
-
-    def __call__(cls, *args, **kwargs):
-        obj = super().__call__(*args, **kwargs)
-        obj.hyperparameters = _record(obj, args, kwargs)
-        return obj
 
 
 def method_name(trainer) -> str:
@@ -113,6 +48,25 @@ def _short(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
+def _first_difference(name, saved, mine):
+    """(what, saved value, my value) of the first difference; a sampler's record ``(class, (arg, value), ...)``
+    is compared argument by argument, so the message names ``sampler.step_size`` rather than two long tuples."""
+    def as_record(v):
+        if isinstance(v, tuple) and v and isinstance(v[0], str) and all(
+                isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in v[1:]):
+            return v[0], dict(v[1:])
+        return None
+    a, b = as_record(saved), as_record(mine)
+    if a is None or b is None:
+        return name, saved, mine
+    if a[0] != b[0]:
+        return f"{name} class", a[0], b[0]
+    for key in sorted(set(a[1]) | set(b[1])):
+        if a[1].get(key) != b[1].get(key):
+            return f"{name}.{key}", a[1].get(key), b[1].get(key)
+    return name, saved, mine
+
+
 def check_compatible(trainer, state: dict, path: str, model_state: dict) -> None:
     """Raise :class:`ResumeMismatch` naming the first difference between ``state`` (a checkpoint of ``path``) and
     ``trainer`` / its model's ``model_state``. Checkpoints without a record (older files) skip those checks."""
@@ -128,8 +82,9 @@ def check_compatible(trainer, state: dict, path: str, model_state: dict) -> None
         mine = getattr(trainer, "hyperparameters", {})
         for name in sorted(set(saved) & set(mine)):
             if saved[name] != mine[name]:
-                raise ResumeMismatch(f"checkpoint {path} was written with {name}={saved[name]!r}, but this trainer "
-                                     f"has {name}={mine[name]!r}" + hint)
+                what, theirs_value, my_value = _first_difference(name, saved[name], mine[name])
+                raise ResumeMismatch(f"checkpoint {path} was written with {what}={theirs_value!r}, but this trainer "
+                                     f"has {what}={my_value!r}" + hint)
     theirs = state["model"]
     missing = [k for k in model_state if k not in theirs]
     extra = [k for k in theirs if k not in model_state]

@@ -39,6 +39,18 @@ struct KernelTable {
   // grad[b, :] = grad_entropy[b] * dH/df for rows [begin, end); work: kRowWork(cols) floats of scratch.
   void (*softmax_entropy_backward_rows)(RowDtype dtype, const void* logits, const float* grad_entropy,
                                         int64_t begin, int64_t end, int64_t cols, void* grad, float* work);
+  // One run of n elements of a Langevin step (cpu/langevin_step.cpp), x in place (x and grad of `dtype`):
+  // x = clamp(x - half_step * sign(grad) + sigma * z, lo, hi), the noise term only when z != nullptr. As torch:
+  // sign(NaN) = 0, and a NaN in x (or z) stays NaN through the clamp.
+  void (*langevin_run)(RowDtype dtype, void* x, const void* grad, const float* z, int64_t n, float half_step,
+                       float sigma, float lo, float hi);
+  // Entropy and its gradient dH/df (float [rows, cols]) of rows [begin, end): one call of the forward when a
+  // backward will follow, so the backward is a row scaling (scale_rows) instead of a second exp pass.
+  void (*softmax_entropy_forward_grad_rows)(RowDtype dtype, const void* logits, int64_t begin, int64_t end,
+                                            int64_t cols, void* entropy, float* dentropy, float* work);
+  // out[b, k] = scale[b] * d[b, k] rounded to `dtype` (out), rows [begin, end) of d (float [rows, cols]).
+  void (*scale_rows)(RowDtype dtype, const float* d, const float* scale, int64_t begin, int64_t end, int64_t cols,
+                     void* out);
   // The kNormalsPerChunk standard normals of chunk `chunk` (Philox4x32-10 + Box-Muller, cpu/langevin_step.cpp).
   void (*philox_normals)(int64_t chunk, PhiloxKey key, float* z);
   // Null-space projection (cpu/nullspace_project.cpp) of samples [begin, end) of jac [B, dim, d], r [B, dim]

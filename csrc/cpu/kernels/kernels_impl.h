@@ -353,35 +353,57 @@ FASTOOD_INLINE ExpParts vexp_parts(vf xc) {
   return {madd(p * r, r, r), (vf)bits};
 }
 
-// exp(x) (~1 ulp). 0 below -87.3 (where exp is subnormal); NaN stays NaN.
-// kAnySign: +inf above 88.37 (the callers multiply it by |s| > 88, which overflows float anyway, as in the
-// reference); without it x must be <= 0 (softmax's z = f - max f), which saves the upper clamp.
-template <bool kAnySign>
-FASTOOD_INLINE vf vexp(vf x) {
-  vf xc = x < -87.3f ? splat(-87.3f) : x;  // NaN fails the comparisons and stays NaN through the arithmetic
-  if constexpr (kAnySign) xc = xc > 88.37f ? splat(88.37f) : xc;
-  const ExpParts parts = vexp_parts(xc);
-  vf out = (parts.q + 1.0f) * parts.scale;
-  if constexpr (kAnySign) out = x > 88.37f ? splat(kInf) : out;
-  return x < -87.3f ? splat(0.0f) : out;
+// max(lo, x) per lane; a NaN x stays NaN (x86's max returns its second operand when either is NaN).
+FASTOOD_INLINE vf vmax_keep_nan(vf lo, vf x) {
+#if defined(FASTOOD_CAP_AVX512)
+  return (vf)_mm512_max_ps((__m512)lo, (__m512)x);
+#elif defined(FASTOOD_CAP_AVX2)
+  return (vf)_mm256_max_ps((__m256)lo, (__m256)x);
+#elif defined(__SSE2__)
+  return (vf)_mm_max_ps((__m128)lo, (__m128)x);
+#else
+  return x < lo ? lo : x;
+#endif
+}
+
+// min(hi, x) per lane; a NaN x stays NaN (as vmax_keep_nan).
+FASTOOD_INLINE vf vmin_keep_nan(vf hi, vf x) {
+#if defined(FASTOOD_CAP_AVX512)
+  return (vf)_mm512_min_ps((__m512)hi, (__m512)x);
+#elif defined(FASTOOD_CAP_AVX2)
+  return (vf)_mm256_min_ps((__m256)hi, (__m256)x);
+#elif defined(__SSE2__)
+  return (vf)_mm_min_ps((__m128)hi, (__m128)x);
+#else
+  return x > hi ? hi : x;
+#endif
+}
+
+// exp(z) for z <= 0 (softmax's z = f - max f), ~1 ulp; NaN stays NaN. Below -87.3, where exp(z) is subnormal in
+// float, it returns exp(-87.3) = 1.2e-38 instead of 0 or the subnormal: an absolute error under 1.2e-38, nothing
+// next to S >= 1 or to a gradient's rounding. z = -inf gives 1.2e-38 too, so e z = -inf: the callers turn a -inf
+// T into NaN, as the reference's 0 * -inf (row_stats). One max instead of a compare, a blend and a final select.
+FASTOOD_INLINE vf vexp_nonpositive(vf z) {
+  const ExpParts parts = vexp_parts(vmax_keep_nan(splat(-87.3f), z));
+  return madd(parts.q, parts.scale, parts.scale);  // 2^n (1 + q), one rounding
 }
 
 // exp(x) and expm1(x) = exp(x) - 1 of any x, both ~1 ulp: expm1 = 2^n q + (2^n - 1), where 2^n - 1 is exact
 // and 0 for |x| < ln2 / 2, so small |x| keep all their digits (1 - exp(x) would keep only ~|x| / eps of them).
-// Below -87.3: exp 0, expm1 -1; above 88.37: both +inf; NaN stays NaN. One fma and one subtraction more than
-// vexp<true>.
+// Below -87.3: exp 0, expm1 -1; above 88.37: both +inf; NaN stays NaN.
 struct ExpExpm1 {
   vf exp, expm1;
 };
 
 FASTOOD_INLINE ExpExpm1 vexp_expm1(vf x) {
-  vf xc = x < -87.3f ? splat(-87.3f) : x;  // NaN fails the comparisons and stays NaN through the arithmetic
-  xc = xc > 88.37f ? splat(88.37f) : xc;
-  const ExpParts parts = vexp_parts(xc);
+  // NaN stays NaN through the clamps (vmax_keep_nan, vmin_keep_nan) and the arithmetic.
+  const ExpParts parts = vexp_parts(vmin_keep_nan(splat(88.37f), vmax_keep_nan(splat(-87.3f), x)));
+  // At the lower clamp 2^n q + (2^n - 1) rounds to -1 by itself; exp must be 0 there (not exp(-87.3)), so that
+  // s exp(s) is NaN at s = -inf, as the reference's -inf * 0.
   vf e = madd(parts.q, parts.scale, parts.scale), em1 = madd(parts.q, parts.scale, parts.scale - 1.0f);
-  const vi big = x > 88.37f, tiny = x < -87.3f;
-  e = big ? splat(kInf) : (tiny ? splat(0.0f) : e);
-  em1 = big ? splat(kInf) : (tiny ? splat(-1.0f) : em1);
+  const vi big = x > 88.37f;
+  e = big ? splat(kInf) : (x < -87.3f ? splat(0.0f) : e);
+  em1 = big ? splat(kInf) : em1;
   return {e, em1};
 }
 
@@ -518,7 +540,7 @@ FASTOOD_INLINE RowStats row_stats(const typename S::T* row, int64_t cols, float*
   k = 0;
   for (; k + 2 * W <= full; k += 2 * W) {
     const vf z0 = S::load(row + k) - vm, z1 = S::load(row + k + W) - vm;
-    const vf e0 = vexp<false>(z0), e1 = vexp<false>(z1);
+    const vf e0 = vexp_nonpositive(z0), e1 = vexp_nonpositive(z1);
     s0 += e0;
     s1 += e1;
     t0 = madd(e0, z0, t0);
@@ -532,7 +554,7 @@ FASTOOD_INLINE RowStats row_stats(const typename S::T* row, int64_t cols, float*
   }
   for (; k < full; k += W) {
     const vf z = S::load(row + k) - vm;
-    const vf e = vexp<false>(z);
+    const vf e = vexp_nonpositive(z);
     s0 += e;
     t0 = madd(e, z, t0);
     if constexpr (kStoreExps) {
@@ -543,7 +565,7 @@ FASTOOD_INLINE RowStats row_stats(const typename S::T* row, int64_t cols, float*
   if (rem > 0) {
     const vi inside = iota() < rem;
     const vf z = S::load_partial(row + full, rem, 0.0f) - vm;
-    const vf e = inside ? vexp<false>(z) : splat(0.0f);
+    const vf e = inside ? vexp_nonpositive(z) : splat(0.0f);
     s0 += e;
     t0 += inside ? e * z : splat(0.0f);
     if constexpr (kStoreExps) {
@@ -551,7 +573,9 @@ FASTOOD_INLINE RowStats row_stats(const typename S::T* row, int64_t cols, float*
       store_f32(zs + full, z);
     }
   }
-  return {m, hsum(s0 + s1), hsum(t0 + t1)};
+  const float t = hsum(t0 + t1);
+  // T = -inf only from a -inf logit (e z = 1.2e-38 * -inf): NaN, as the reference's 0 * -inf
+  return {m, hsum(s0 + s1), t == -kInf ? __builtin_nanf("") : t};
 }
 
 template <class S>
@@ -575,26 +599,71 @@ void entropy_forward_rows(const void* logits_v, int64_t begin, int64_t end, int6
   }
 }
 
+// out[k] = g dH/df_k = (g / S) e_k (T / S - z_k) of one row into `Out` storage (the row's dtype, or float for the
+// forward's saved gradient); returns the row's (m, S, T). exps: kRowWork(cols) floats of scratch.
+template <class S, class Out>
+FASTOOD_INLINE RowStats entropy_row_grad(const typename S::T* row, int64_t cols, float g, typename Out::T* out,
+                                         float* exps) {
+  const int64_t full = cols / W * W;
+  const int rem = static_cast<int>(cols - full);
+  // z_k = f_k - m goes to the second half of the work buffer as row_stats forms it, so the gradient pass
+  // reads two float rows and never widens the (16-bit) logits again.
+  float* zs = exps + (cols + 15) / 16 * 16;
+  const RowStats st = row_stats<S, true>(row, cols, exps, zs);
+  // z_k = f_k - m formed first: folding m into T / S would round T / S to the ulp of m (1e-3 at |f| = 1e4 in
+  // float32).
+  const vf scale = splat(g / st.sum), mean_z = splat(st.weighted / st.sum);
+  int64_t k = 0;
+  for (; k < full; k += W) Out::store(out + k, scale * load_f32(exps + k) * (mean_z - load_f32(zs + k)));
+  if (rem > 0) Out::store_partial(out + full, scale * load_f32(exps + full) * (mean_z - load_f32(zs + full)), rem);
+  return st;
+}
+
 template <class S>
 void entropy_backward_rows(const void* logits_v, const float* grad_entropy, int64_t begin, int64_t end, int64_t cols,
                            void* grad_v, float* exps) {
   using T = typename S::T;
   const T* logits = static_cast<const T*>(logits_v);
   T* grad = static_cast<T*>(grad_v);
+  for (int64_t b = begin; b < end; ++b) {
+    entropy_row_grad<S, S>(logits + b * cols, cols, grad_entropy[b], grad + b * cols, exps);
+  }
+}
+
+// H and dH/df (float) of each row: the backward's row pass with g = 1, and H = log S - T / S from the same sums.
+template <class S>
+void entropy_forward_grad_rows(const void* logits_v, int64_t begin, int64_t end, int64_t cols, void* entropy_v,
+                               float* dentropy, float* exps) {
+  using T = typename S::T;
+  const T* logits = static_cast<const T*>(logits_v);
+  T* entropy = static_cast<T*>(entropy_v);
+  for (int64_t b0 = begin; b0 < end; b0 += W) {  // rows in groups of W: one vector log per group
+    const int n = static_cast<int>(end - b0 < W ? end - b0 : W);
+    vf sums = splat(1.0f), weighted = {};
+    for (int r = 0; r < n; ++r) {
+      const int64_t b = b0 + r;
+      const RowStats st = entropy_row_grad<S, F32>(logits + b * cols, cols, 1.0f, dentropy + b * cols, exps);
+      sums[r] = st.sum;
+      weighted[r] = st.weighted;
+    }
+    const vf h = vlog_positive(sums) - weighted / sums;
+    for (int r = 0; r < n; ++r) entropy[b0 + r] = S::from_float(h[r]);
+  }
+}
+
+template <class S>
+void scale_rows_for(const float* d, const float* scale, int64_t begin, int64_t end, int64_t cols, void* out_v) {
+  using T = typename S::T;
+  T* out = static_cast<T*>(out_v);
   const int64_t full = cols / W * W;
   const int rem = static_cast<int>(cols - full);
-  // z_k = f_k - m goes to the second half of the work buffer as row_stats forms it, so the gradient pass
-  // reads two float rows and never widens the (16-bit) logits again.
-  float* zs = exps + (cols + 15) / 16 * 16;
   for (int64_t b = begin; b < end; ++b) {
-    T* out = grad + b * cols;
-    const RowStats st = row_stats<S, true>(logits + b * cols, cols, exps, zs);
-    // dH/df_k = (g / S) e_k (T / S - z_k), z_k = f_k - m formed first: folding m into T / S would round T / S
-    // to the ulp of m (1e-3 at |f| = 1e4 in float32).
-    const vf scale = splat(grad_entropy[b] / st.sum), mean_z = splat(st.weighted / st.sum);
+    const float* row = d + b * cols;
+    T* o = out + b * cols;
+    const vf g = splat(scale[b]);
     int64_t k = 0;
-    for (; k < full; k += W) S::store(out + k, scale * load_f32(exps + k) * (mean_z - load_f32(zs + k)));
-    if (rem > 0) S::store_partial(out + full, scale * load_f32(exps + full) * (mean_z - load_f32(zs + full)), rem);
+    for (; k < full; k += W) S::store(o + k, g * load_f32(row + k));
+    if (rem > 0) S::store_partial(o + full, g * load_f32_partial(row + full, rem, 0.0f), rem);
   }
 }
 
@@ -614,6 +683,74 @@ void softmax_entropy_backward_rows(RowDtype dtype, const void* logits, const flo
     case RowDtype::kBFloat16:
       return entropy_backward_rows<BF16>(logits, grad_entropy, begin, end, cols, grad, work);
     case RowDtype::kHalf: return entropy_backward_rows<F16>(logits, grad_entropy, begin, end, cols, grad, work);
+  }
+}
+
+void softmax_entropy_forward_grad_rows(RowDtype dtype, const void* logits, int64_t begin, int64_t end, int64_t cols,
+                                       void* entropy, float* dentropy, float* work) {
+  switch (dtype) {
+    case RowDtype::kFloat: return entropy_forward_grad_rows<F32>(logits, begin, end, cols, entropy, dentropy, work);
+    case RowDtype::kBFloat16:
+      return entropy_forward_grad_rows<BF16>(logits, begin, end, cols, entropy, dentropy, work);
+    case RowDtype::kHalf: return entropy_forward_grad_rows<F16>(logits, begin, end, cols, entropy, dentropy, work);
+  }
+}
+
+void scale_rows(RowDtype dtype, const float* d, const float* scale, int64_t begin, int64_t end, int64_t cols,
+                void* out) {
+  switch (dtype) {
+    case RowDtype::kFloat: return scale_rows_for<F32>(d, scale, begin, end, cols, out);
+    case RowDtype::kBFloat16: return scale_rows_for<BF16>(d, scale, begin, end, cols, out);
+    case RowDtype::kHalf: return scale_rows_for<F16>(d, scale, begin, end, cols, out);
+  }
+}
+
+// ---- Langevin step (FIG Algorithm 1) ----
+
+// x - half_step * sign(g) (+ sigma * z), clamped to [lo, hi], W values at a time: the sign step is a select
+// (sign(NaN) = 0, as torch.sign), and a NaN in x or z fails both comparisons of the clamp and stays NaN.
+template <class S, bool kNoise>
+FASTOOD_INLINE vf langevin_value(vf x, vf g, const float* z, int n, vf half, vf sigma, vf lo, vf hi) {
+  const vf step = g > 0.0f ? half : (g < 0.0f ? -half : splat(0.0f));
+  vf v = x - step;
+  if constexpr (kNoise) v = madd(sigma, n == W ? load_f32(z) : load_f32_partial(z, n, 0.0f), v);
+  v = v < lo ? lo : v;
+  return v > hi ? hi : v;
+}
+
+template <class S, bool kNoise>
+void langevin_run_for(void* x_v, const void* grad_v, const float* z, int64_t n, float half_step, float sigma,
+                      float lo, float hi) {
+  using T = typename S::T;
+  T* x = static_cast<T*>(x_v);
+  const T* g = static_cast<const T*>(grad_v);
+  const vf vhalf = splat(half_step), vsigma = splat(sigma), vlo = splat(lo), vhi = splat(hi);
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    S::store(x + i, langevin_value<S, kNoise>(S::load(x + i), S::load(g + i), kNoise ? z + i : nullptr, W, vhalf,
+                                              vsigma, vlo, vhi));
+  }
+  const int rem = static_cast<int>(n - i);
+  if (rem > 0) {
+    const vf v = langevin_value<S, kNoise>(S::load_partial(x + i, rem, 0.0f), S::load_partial(g + i, rem, 0.0f),
+                                           kNoise ? z + i : nullptr, rem, vhalf, vsigma, vlo, vhi);
+    S::store_partial(x + i, v, rem);
+  }
+}
+
+template <class S>
+void langevin_run_dtype(void* x, const void* grad, const float* z, int64_t n, float half_step, float sigma, float lo,
+                        float hi) {
+  if (z != nullptr) return langevin_run_for<S, true>(x, grad, z, n, half_step, sigma, lo, hi);
+  langevin_run_for<S, false>(x, grad, z, n, half_step, sigma, lo, hi);
+}
+
+void langevin_run(RowDtype dtype, void* x, const void* grad, const float* z, int64_t n, float half_step, float sigma,
+                  float lo, float hi) {
+  switch (dtype) {
+    case RowDtype::kFloat: return langevin_run_dtype<F32>(x, grad, z, n, half_step, sigma, lo, hi);
+    case RowDtype::kBFloat16: return langevin_run_dtype<BF16>(x, grad, z, n, half_step, sigma, lo, hi);
+    case RowDtype::kHalf: return langevin_run_dtype<F16>(x, grad, z, n, half_step, sigma, lo, hi);
   }
 }
 
@@ -843,7 +980,8 @@ const KernelTable kTable = {
 #else
     "default",
 #endif
-    &modified_energy_rows, &softmax_entropy_forward_rows, &softmax_entropy_backward_rows, &philox_normals,
+    &modified_energy_rows, &softmax_entropy_forward_rows, &softmax_entropy_backward_rows,
+    &langevin_run, &softmax_entropy_forward_grad_rows, &scale_rows, &philox_normals,
     &nullspace_workspace_doubles, &nullspace_project_samples};
 
 }  // namespace CPU_CAPABILITY
