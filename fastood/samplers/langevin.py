@@ -125,7 +125,7 @@ class LangevinSampler(metaclass=RecordsHyperparameters):
     FIG fine-tuning of that SmallCNN (``bench/quality_fig.py --seeds 3 --before --epochs 2 --batch-size 64``, 62
     steps): std eps +9.1 mean MSP AUROC at -1.5 points ID accuracy; variance eps (with ``min_steps=0``) +14.9 at -0.3
     (its chains stay at confidence ~0.7). With the authors' budget (the bench's protocol now: 1000 iterations of
-    batch 128) std eps gives +23.7 at 0.0 (worst seed -0.2); docs/fidelity.md.
+    batch 128) std eps gives +23.8 at 0.0 (worst seed -0.2); docs/fidelity.md.
 
     At least ``min_steps`` (default 1) updates run before any stop test, as in the authors' loop (update, then
     test the batch's mean confidence): a pretrained classifier is often >= 0.999 confident on uniform noise, and
