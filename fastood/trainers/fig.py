@@ -38,8 +38,9 @@ class FIGTrainer(Trainer):
     (the authors' ``--batch-size``) after 62 steps +11.2 AUROC at ID accuracy -1.1 (worst seed -1.2), after 248
     +21.3 / -0.3 (worst -0.4), after the authors' 1000 iterations (``main_FIG.py`` ``train_finetune``; the
     bench's default run) +23.8 / 0.0 (worst -0.2); with batches of 64 after 62 steps (2 epochs) +9.1 / -1.1
-    (worst -1.6), after 248 (8 epochs) +21.1 / 0.0 (worst 0.0). The authors' script writes lr 1e-4 into ``FIG()``; with it the same 1000 iterations gave
-    +15.8 / 0.0 (after 62 steps nothing: -0.4), so fastood keeps the paper's 1e-3 (see docs/fidelity.md).
+    (worst -1.6), after 248 (8 epochs) +21.1 / 0.0 (worst 0.0). The authors' script writes lr 1e-4 into
+    ``FIG()``; with it the same 1000 iterations gave +15.8 / 0.0 (after 62 steps nothing: -0.4), so fastood keeps
+    the paper's 1e-3 (see docs/fidelity.md).
 
     Args:
         model: a pretrained classifier (logits [B, C]).
