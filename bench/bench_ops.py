@@ -9,8 +9,9 @@ and torch.compile(reference), timed round-robin in the same run (so that load fr
 them alike: on a shared machine compare the ratios, not the absolute times); the work done -- bytes each op must
 read and write once (inputs + outputs) and the floating-point operations its kernel performs (counted from the
 kernel's arithmetic, FLOPS_PER_ELEMENT) -- and the achieved fraction of the machine's peak
-(_common.machine_peak: on CPU a measured float32 GEMM rate -- the nominal cores x FMA width x clock is printed next to
-it --, on GPU the card's published FLOP/s and bandwidth).
+(_common.machine_peak: on CPU the FMA throughput of the capability's vectors measured by a native probe -- the
+measured GEMM rate and the nominal cores x FMA width x clock are printed next to it --, on GPU the card's
+published FLOP/s and bandwidth).
 
 ``--all-capabilities`` (CPU): one native column per instruction set this CPU supports (default, avx2, avx512),
 timed in the same rounds; the CPU kernels otherwise run with the best one (or $FASTOOD_CPU_CAPABILITY).

@@ -30,9 +30,9 @@ All implementations use the authors' noise (std eps) so that the dynamics agree.
 the Langevin updates performed per chain (``sampler.stats["steps"]`` for fastood), the work done -- FLOPs of one
 model forward and of one input backward per image, counted with ``torch.utils.flop_counter`` on the model as
 given (fastood folds BatchNorm, so it does slightly less) -- and the achieved FLOP/s as a fraction of the
-machine's peak (_common.machine_peak: CPU a measured float32 GEMM rate, with the nominal cores x FMA width x clock
-next to it; GPU the card's published FP32 or, with ``--dtype bf16``, BF16 tensor peak). The FLOPs are those of direct
-convolutions: a convolution library using Winograd does fewer, and then "% peak" can pass 100. images/s = chains / wall time of one sampling call: the median over rounds of calls timed round-robin, so that load on the machine hits every
+machine's peak (_common.machine_peak: CPU the FMA throughput measured by a native probe, with the measured GEMM
+rate and the nominal cores x FMA width x clock next to it; GPU the card's published FP32 or, with ``--dtype bf16``,
+BF16 tensor peak). images/s = chains / wall time of one sampling call: the median over rounds of calls timed round-robin, so that load on the machine hits every
 implementation alike (at least ``--repeats`` rounds, more until ``--min-time`` seconds have passed). Prints a
 table and writes the rows as JSON with ``--json``.
 

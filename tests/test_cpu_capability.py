@@ -259,3 +259,17 @@ def test_nullspace_kernel_matches_reference(capability, dtype):
             want = reference.nullspace_project(jac.to(dtype).double(), r.to(dtype).double())
             tol = 1e-5 if dtype == torch.float32 else 1e-10
             assert_close(got, want.to(dtype), tol, f"{capability} {dtype} B{b} D{dim} d{d}")
+
+
+def test_fma_peak_probe_runs_on_every_capability_and_checks_its_argument():
+    """bench/'s CPU "% peak" divides by this probe's FLOP/s (a rate, not asserted: speed is for bench/)."""
+    before = torch.ops.fastood.cpu_capability()
+    try:
+        for cap in SUPPORTED:
+            torch.ops.fastood.set_cpu_capability(cap)
+            rate = torch.ops.fastood.cpu_fma_peak_flops(1000)
+            assert rate > 0 and rate == rate and rate != float("inf"), cap
+    finally:
+        torch.ops.fastood.set_cpu_capability(before)
+    with pytest.raises(RuntimeError, match="iterations must be > 0, got 0"):
+        torch.ops.fastood.cpu_fma_peak_flops(0)

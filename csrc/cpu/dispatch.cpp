@@ -3,13 +3,19 @@
 //   fastood::cpu_capabilities() -> str[]          compiled into this library
 //   fastood::cpu_capabilities_supported() -> str[] compiled and runnable on this CPU
 //   fastood::set_cpu_capability(str name) -> ()   switch (tests compare every capability in one process)
+//   fastood::cpu_fma_peak_flops(int iterations) -> float   measured FMA throughput of the active capability on
+//                                                  torch's threads (bench/: the "% peak" of the CPU figures)
 // The build defines FASTOOD_CPU_HAVE_AVX2 / FASTOOD_CPU_HAVE_AVX512 when it compiled those kernels.
 #include "cpu/dispatch.h"
 
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <mutex>
 
@@ -123,11 +129,34 @@ void set_cpu_capability(const std::string& name) {
   active.store(table, std::memory_order_release);
 }
 
+// FLOP/s of the active capability's fma_probe run on every torch thread at once (the best of three runs, so a
+// descheduled thread does not drag the figure down).
+double cpu_fma_peak_flops(int64_t iterations) {
+  TORCH_CHECK(iterations > 0, "cpu_fma_peak_flops: iterations must be > 0, got ", iterations);
+  const KernelTable& table = kernels();
+  const int threads = at::get_num_threads();
+  double best = 0;
+  for (int run = 0; run < 3; ++run) {
+    std::vector<double> flops(threads, 0.0);
+    std::vector<float> sinks(threads, 0.0f);
+    const auto start = std::chrono::steady_clock::now();
+    at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) flops[t] = table.fma_probe(iterations, &sinks[t]);
+    });
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    double total = 0;
+    for (double f : flops) total += f;
+    best = std::max(best, total / seconds);
+  }
+  return best;
+}
+
 TORCH_LIBRARY_FRAGMENT(fastood, m) {
   m.def("cpu_capability() -> str", &cpu_capability);
   m.def("cpu_capabilities() -> str[]", &compiled_capabilities);
   m.def("cpu_capabilities_supported() -> str[]", &supported_capabilities);
   m.def("set_cpu_capability(str name) -> ()", &set_cpu_capability);
+  m.def("cpu_fma_peak_flops(int iterations) -> float", &cpu_fma_peak_flops);
 }
 
 }  // namespace cpu

@@ -51,6 +51,9 @@ struct KernelTable {
   // out[b, k] = scale[b] * d[b, k] rounded to `dtype` (out), rows [begin, end) of d (float [rows, cols]).
   void (*scale_rows)(RowDtype dtype, const float* d, const float* scale, int64_t begin, int64_t end, int64_t cols,
                      void* out);
+  // Peak probe: `iterations` rounds of 12 independent FMA chains on the capability's vectors, register-resident
+  // (what a core's FMA pipes sustain); returns the float32 FLOPs done (an FMA counts 2). `sink` keeps the result.
+  double (*fma_probe)(int64_t iterations, float* sink);
   // The kNormalsPerChunk standard normals of chunk `chunk` (Philox4x32-10 + Box-Muller, cpu/langevin_step.cpp).
   void (*philox_normals)(int64_t chunk, PhiloxKey key, float* z);
   // Null-space projection (cpu/nullspace_project.cpp) of samples [begin, end) of jac [B, dim, d], r [B, dim]

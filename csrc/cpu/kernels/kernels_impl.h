@@ -968,6 +968,43 @@ void philox_normals(int64_t chunk, PhiloxKey key, float* z) {
   }
 }
 
+// ---- Peak probe ----
+
+// One FMA on a chain that must stay in its register: the empty asm "uses" the value there, so the loop is neither
+// folded away nor spilled to memory (an array of accumulators was kept on the stack: a load and a store per FMA).
+#if defined(__x86_64__) || defined(__i386__)
+#define FASTOOD_PROBE_FMA(a) \
+  a = madd(a, mul, add);     \
+  __asm__ volatile("" : "+v"(a))
+#else
+#define FASTOOD_PROBE_FMA(a) a = madd(a, mul, add)
+#endif
+
+double fma_probe(int64_t iterations, float* sink) {
+  // 12 chains > FMA latency (4 cycles) x pipes (2): the pipes never wait on a result.
+  vf a0 = splat(1.00f), a1 = splat(1.01f), a2 = splat(1.02f), a3 = splat(1.03f), a4 = splat(1.04f),
+     a5 = splat(1.05f), a6 = splat(1.06f), a7 = splat(1.07f), a8 = splat(1.08f), a9 = splat(1.09f),
+     a10 = splat(1.10f), a11 = splat(1.11f);
+  const vf mul = splat(0.9999999f), add = splat(1e-7f);
+  for (int64_t i = 0; i < iterations; ++i) {
+    FASTOOD_PROBE_FMA(a0);
+    FASTOOD_PROBE_FMA(a1);
+    FASTOOD_PROBE_FMA(a2);
+    FASTOOD_PROBE_FMA(a3);
+    FASTOOD_PROBE_FMA(a4);
+    FASTOOD_PROBE_FMA(a5);
+    FASTOOD_PROBE_FMA(a6);
+    FASTOOD_PROBE_FMA(a7);
+    FASTOOD_PROBE_FMA(a8);
+    FASTOOD_PROBE_FMA(a9);
+    FASTOOD_PROBE_FMA(a10);
+    FASTOOD_PROBE_FMA(a11);
+  }
+  *sink = hsum(((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)) + ((a8 + a9) + (a10 + a11)));
+  return static_cast<double>(iterations) * 12 * W * 2.0;
+}
+#undef FASTOOD_PROBE_FMA
+
 #include "cpu/kernels/nullspace_impl.h"
 
 }  // namespace
@@ -981,7 +1018,7 @@ const KernelTable kTable = {
     "default",
 #endif
     &modified_energy_rows, &softmax_entropy_forward_rows, &softmax_entropy_backward_rows,
-    &langevin_run, &softmax_entropy_forward_grad_rows, &scale_rows, &philox_normals,
+    &langevin_run, &softmax_entropy_forward_grad_rows, &scale_rows, &fma_probe, &philox_normals,
     &nullspace_workspace_doubles, &nullspace_project_samples};
 
 }  // namespace CPU_CAPABILITY
