@@ -15,6 +15,7 @@ Usage in a script::
 
 Scripts import it as ``_common`` after putting bench/ on ``sys.path`` (it is not part of the package).
 """
+import importlib
 import json
 import os
 import platform
@@ -250,7 +251,7 @@ def measured_fma_flops(capability, threads=None, iterations=5_000_000):
     key = (capability, threads)
     if key not in _FMA_FLOPS:
         try:
-            import fastood.ops  # noqa: F401 - loads the extension
+            importlib.import_module("fastood.ops")  # loads the extension
             fastood_ops = torch.ops.fastood
             before, threads_before = fastood_ops.cpu_capability(), torch.get_num_threads()
         except (ImportError, AttributeError, RuntimeError):
