@@ -37,36 +37,7 @@ using namespace cpu;  // row helpers, tree reductions and exp_lanes (cpu/row_mat
 
 // ---- Math ----
 
-// log(x), float, for normal x > 0 or NaN (here S in [1, C] or NaN): Cephes logf polynomial after splitting
-// off the exponent (~1e-7 relative error), branch-free so a loop over rows vectorizes. float64: std::log.
-__attribute__((always_inline)) inline float log_positive(float x) {
-  int32_t bits;
-  std::memcpy(&bits, &x, sizeof(bits));
-  int32_t e = ((bits >> 23) & 0xff) - 126;
-  bits = (bits & 0x007fffff) | 0x3f000000;  // mantissa in [0.5, 1)
-  float m;
-  std::memcpy(&m, &bits, sizeof(m));
-  const bool small = m < 0.707106781186547524f;
-  e = small ? e - 1 : e;
-  m = small ? m + m - 1.0f : m - 1.0f;
-  const float z = m * m;
-  float y = 7.0376836292e-2f;
-  y = mul_add(y, m, -1.1514610310e-1f);
-  y = mul_add(y, m, 1.1676998740e-1f);
-  y = mul_add(y, m, -1.2420140846e-1f);
-  y = mul_add(y, m, 1.4249322787e-1f);
-  y = mul_add(y, m, -1.6668057665e-1f);
-  y = mul_add(y, m, 2.0000714765e-1f);
-  y = mul_add(y, m, -2.4999993993e-1f);
-  y = mul_add(y, m, 3.3333331174e-1f);
-  y = y * m * z;
-  const float fe = static_cast<float>(e);
-  y = mul_add(fe, -2.12194440e-4f, y);
-  y = mul_add(-0.5f, z, y);
-  const float out = mul_add(fe, 0.693359375f, m + y);
-  return x != x ? x : out;
-}
-
+// log(S) of the float64 rows (float, bfloat16 and float16 rows take the capability kernels' vlog_positive).
 __attribute__((always_inline)) inline double log_positive(double x) { return std::log(x); }
 
 // ---- Kernels ----
