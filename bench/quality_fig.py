@@ -205,8 +205,8 @@ def parse_args(argv=None):
                         help="add FIG with the authors' batch-wide stop rule (LangevinSampler(early_stop='batch'): "
                              "all chains stop once their mean confidence > 0.9)")
     parser.add_argument("--authors-count", action="store_true",
-                        help="add FIG drawing the authors' max(int(b K), 1) samples per batch (6 for b = 64) instead "
-                             "of ceil(b K) (7); with --batch-stop also both together")
+                        help="add FIG drawing the authors' max(int(b K), 1) samples per batch (12 for b = 128, 6 for "
+                             "b = 64) instead of ceil(b K) (13, 7); with --batch-stop also both together")
     parser.add_argument("--no-control", action="store_true", help="skip the CE (k=0) control")
     parser.add_argument("--batch-size", type=int, default=AUTHORS_BATCH, help="ID batch size (default: the authors' "
                         "%(default)s)")

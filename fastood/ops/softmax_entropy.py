@@ -31,6 +31,8 @@ def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 _WITH_GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The built extension has the CPU with-gradient ops (one built before them has not); looked up once, not per call.
+_HAS_WITH_GRAD = native_available() and hasattr(torch.ops.fastood, "softmax_entropy_with_grad")
 
 
 def _forward_computes_grad(logits: torch.Tensor) -> bool:
@@ -38,7 +40,7 @@ def _forward_computes_grad(logits: torch.Tensor) -> bool:
     follow): the forward has every exp in hand, so the backward becomes a row scaling instead of a second pass.
     Costs a float32 [B, C] tensor kept for the backward (the reference's autograd keeps two)."""
     return (logits.device.type == "cpu" and logits.dtype in _WITH_GRAD_DTYPES and logits.requires_grad
-            and torch.is_grad_enabled() and hasattr(torch.ops.fastood, "softmax_entropy_with_grad"))
+            and torch.is_grad_enabled() and _HAS_WITH_GRAD)
 
 if native_available():
     @torch.library.register_fake("fastood::softmax_entropy")
@@ -70,7 +72,7 @@ if native_available():
     torch.library.register_autograd("fastood::softmax_entropy_backward", _backward_bw,
                                     setup_context=_setup_context_bw)
 
-    if hasattr(torch.ops.fastood, "softmax_entropy_with_grad"):  # CPU only (csrc/cpu/softmax_entropy.cpp)
+    if _HAS_WITH_GRAD:  # CPU only (csrc/cpu/softmax_entropy.cpp)
         @torch.library.register_fake("fastood::softmax_entropy_with_grad")
         def _fake_entropy_with_grad(logits):
             return (logits.new_empty(logits.shape[:1]),

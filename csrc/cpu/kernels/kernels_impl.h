@@ -578,25 +578,31 @@ FASTOOD_INLINE RowStats row_stats(const typename S::T* row, int64_t cols, float*
   return {m, hsum(s0 + s1), t == -kInf ? __builtin_nanf("") : t};
 }
 
-template <class S>
-void entropy_forward_rows(const void* logits_v, int64_t begin, int64_t end, int64_t cols, void* entropy_v,
-                          float* work) {
-  using T = typename S::T;
-  const T* logits = static_cast<const T*>(logits_v);
-  T* entropy = static_cast<T*>(entropy_v);
-  (void)work;  // 16-bit rows are read in place (widened per vector, which costs less than a widened copy)
-  // Rows in groups of W: S and T per row, then H = log S - T / S for the whole group in one vector step.
+// entropy[b] = H = log S - T / S for rows [begin, end), with (S, T) = stats_of(b): rows in groups of W, one vector
+// log per group.
+template <class S, class StatsOf>
+FASTOOD_INLINE void entropy_of_rows(int64_t begin, int64_t end, typename S::T* entropy, StatsOf stats_of) {
   for (int64_t b0 = begin; b0 < end; b0 += W) {
     const int n = static_cast<int>(end - b0 < W ? end - b0 : W);
     vf sums = splat(1.0f), weighted = {};
     for (int r = 0; r < n; ++r) {
-      const RowStats st = row_stats<S, false>(logits + (b0 + r) * cols, cols, nullptr, nullptr);
+      const RowStats st = stats_of(b0 + r);
       sums[r] = st.sum;
       weighted[r] = st.weighted;
     }
     const vf h = vlog_positive(sums) - weighted / sums;
     for (int r = 0; r < n; ++r) entropy[b0 + r] = S::from_float(h[r]);
   }
+}
+
+template <class S>
+void entropy_forward_rows(const void* logits_v, int64_t begin, int64_t end, int64_t cols, void* entropy_v,
+                          float* work) {
+  using T = typename S::T;
+  const T* logits = static_cast<const T*>(logits_v);
+  (void)work;  // 16-bit rows are read in place (widened per vector, which costs less than a widened copy)
+  entropy_of_rows<S>(begin, end, static_cast<T*>(entropy_v),
+                     [&](int64_t b) { return row_stats<S, false>(logits + b * cols, cols, nullptr, nullptr); });
 }
 
 // out[k] = g dH/df_k = (g / S) e_k (T / S - z_k) of one row into `Out` storage (the row's dtype, or float for the
@@ -636,19 +642,9 @@ void entropy_forward_grad_rows(const void* logits_v, int64_t begin, int64_t end,
                                float* dentropy, float* exps) {
   using T = typename S::T;
   const T* logits = static_cast<const T*>(logits_v);
-  T* entropy = static_cast<T*>(entropy_v);
-  for (int64_t b0 = begin; b0 < end; b0 += W) {  // rows in groups of W: one vector log per group
-    const int n = static_cast<int>(end - b0 < W ? end - b0 : W);
-    vf sums = splat(1.0f), weighted = {};
-    for (int r = 0; r < n; ++r) {
-      const int64_t b = b0 + r;
-      const RowStats st = entropy_row_grad<S, F32>(logits + b * cols, cols, 1.0f, dentropy + b * cols, exps);
-      sums[r] = st.sum;
-      weighted[r] = st.weighted;
-    }
-    const vf h = vlog_positive(sums) - weighted / sums;
-    for (int r = 0; r < n; ++r) entropy[b0 + r] = S::from_float(h[r]);
-  }
+  entropy_of_rows<S>(begin, end, static_cast<T*>(entropy_v), [&](int64_t b) {
+    return entropy_row_grad<S, F32>(logits + b * cols, cols, 1.0f, dentropy + b * cols, exps);
+  });
 }
 
 template <class S>
