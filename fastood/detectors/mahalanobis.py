@@ -6,14 +6,7 @@ import torch
 
 
 from .base import Detector, eval_mode
-
-
-def _pool(t: torch.Tensor) -> torch.Tensor:
-    """Features [B, F] in float64: global average pool of [B, C, H, W] (or [B, C, L]), flatten of [B, F]."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"Mahalanobis: a hooked layer produced {type(t).__name__}, expected a tensor")
-    t = t.mean(dim=tuple(range(2, t.dim()))) if t.dim() > 2 else t.reshape(t.shape[0], -1)
-    return t.double()
+from .features import LayerFeatures
 
 
 class Mahalanobis(Detector):
@@ -43,20 +36,8 @@ class Mahalanobis(Detector):
         super().__init__(model, **batch_options)
         self.epsilon = epsilon
         self._check_hyperparameters()
-        if layers is None:
-            from fastood.models import split_head
-
-            self._targets = [("penultimate", split_head(model)[1], True)]
-        else:
-            if isinstance(layers, str) or not layers:
-                raise ValueError(f"layers must be a non-empty list of module names, got {layers!r}")
-            modules = dict(model.named_modules())
-            missing = [n for n in layers if n not in modules]
-            if missing:
-                raise ValueError(f"layers {missing} not found in the model; valid names include "
-                                 f"{[n for n in modules if n][:15]}")
-            self._targets = [(n, modules[n], False) for n in layers]
-        self.layers = [name for name, _, _ in self._targets]
+        self._extractor = LayerFeatures(model, layers, who="Mahalanobis")
+        self.layers = self._extractor.names
         self.classes = None     # [K] class indices that had training samples
         self.means = None       # per layer [K, F]
         self.precisions = None  # per layer [F, F]
@@ -81,23 +62,7 @@ class Mahalanobis(Detector):
     # ------------------------------------------------------------------ features
     def _features(self, x):
         """(per-layer pooled features [B, F_l] float64, model output) from one forward pass."""
-        feats, handles = {}, []
-        for name, module, use_input in self._targets:
-            if use_input:
-                hook = (lambda n: lambda m, args: feats.__setitem__(n, _pool(args[0])))(name)
-                handles.append(module.register_forward_pre_hook(hook))
-            else:
-                hook = (lambda n: lambda m, args, out: feats.__setitem__(n, _pool(out)))(name)
-                handles.append(module.register_forward_hook(hook))
-        try:
-            output = self.model(x)
-        finally:
-            for h in handles:
-                h.remove()
-        missing = [name for name in self.layers if name not in feats]
-        if missing:
-            raise RuntimeError(f"Mahalanobis: layers {missing} were not called in the model's forward pass")
-        return [feats[name] for name in self.layers], output
+        return self._extractor(x)
 
     # ------------------------------------------------------------------ fitting
     @torch.no_grad()
