@@ -14,14 +14,16 @@ def gram_vectors(t: torch.Tensor, orders) -> torch.Tensor:
     """Row sums of the p-th order Gram matrices of feature maps t [B, C, ...] -> [B, P, C] float64 (paper Sec. 2.1):
     ``G_p = (F^p (F^p)^T)^(1/p)`` with F = t reshaped [C, HW] and the powers elementwise; the signed p-th root
     ``sign(g) |g|^(1/p)``. Row sums, not the full C x C matrix, as the authors' code (``G_p``) computes them
-    ([B, F] outputs count as F channels of one position)."""
+    ([B, F] outputs count as F channels of one position). Cost O(P C HW) per image: the row sums are
+    ``F^p (F^p)^T 1 = F^p ((F^p)^T 1)``, never the C x C matrix."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"GM: a hooked layer produced {type(t).__name__}, expected a tensor")
     f = t.detach().double().reshape(t.shape[0], t.shape[1], -1)
     out = []
     for p in orders:
         fp = f ** p
-        g = (fp @ fp.transpose(1, 2)).sum(dim=2)                                # [B, C]
+        # Row sums of fp fp^T without the C x C matrix: sum_j (fp fp^T)_ij = sum_k fp_ik (sum_j fp_jk).
+        g = (fp * fp.sum(dim=1, keepdim=True)).sum(dim=2)                      # [B, C]
         out.append(g.sign() * g.abs() ** (1.0 / p))
     return torch.stack(out, dim=1)
 
@@ -52,7 +54,7 @@ class GM(Detector):
         val_fraction, val_size: when ``fit`` gets no ``val_loader``, a seeded random ``val_fraction`` (0.1, as the
             paper's 10% validation split) of each training batch is held out of the min / max, and a uniform sample
             of at most ``val_size`` of those images is kept (on the CPU) to estimate ``E_va[delta_l]``.
-        normalize: False sums the raw layer deviations (the authors' ``normalize=False``).
+        normalize: False sums the raw layer deviations (the authors' ``normalize=False``); nothing is held out.
 
     ``fit(loader, val_loader=None)`` streams the training data once keeping running min / max tables
     (``classes x orders x channels`` per layer, float64: memory independent of the number of images), plus at most
@@ -95,6 +97,8 @@ class GM(Detector):
         self.mins = None           # per layer [K, P, C_l]
         self.maxs = None
         self.expected = None       # [L] E_va[delta_l] (ones when normalize=False)
+        self.held_out = 0          # training images held out of the ranges by the last fit
+        self.val_count = 0         # validation images behind ``expected``
 
     def _check_hyperparameters(self):
         orders = self.orders
@@ -130,9 +134,10 @@ class GM(Detector):
         by_label = self.classes_from == "label"
         read = self.batch_reader.labeled if by_label else self.batch_reader.unlabeled
         generator = torch.Generator().manual_seed(self.seed)
-        held = SmallestKeys(self.val_size, self.seed + 1) if val_loader is None else None
+        held = SmallestKeys(self.val_size, self.seed + 1) if val_loader is None and self.normalize else None
         mins = maxs = None
         num_classes = None
+        self.held_out = 0
         with eval_mode(self.model):
             for images, labels in tqdm(read(loader, "GM.fit's loader (ID training data)"), desc="GM fit",
                                        disable=not progress, leave=False):
@@ -142,6 +147,7 @@ class GM(Detector):
                 y = check_labels(x, labels, "GM") if by_label else None
                 if held is not None:
                     out = (torch.rand(x.shape[0], generator=generator) < self.val_fraction).to(x.device)
+                    self.held_out += int(out.sum())
                     if out.any():
                         held.add(torch.cat([x[out].flatten(1).cpu(), (y[out] if by_label else
                                             torch.zeros(int(out.sum()), device=x.device)).double().cpu()[:, None]
@@ -201,6 +207,7 @@ class GM(Detector):
                 count += x.shape[0]
         if count == 0:
             raise ValueError("GM.fit: the validation data yielded no samples")
+        self.val_count = count
         return (total / count + 1e-7).cpu()
 
     def _score_and_predict(self, x):

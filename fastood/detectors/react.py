@@ -82,7 +82,7 @@ class ReAct(Detector):
         receives the (unclipped) activations."""
         def change(t):
             if collect is not None:
-                collect.append(t.detach().reshape(-1).float())
+                collect.append(t.detach().reshape(-1))  # the model's dtype (float32: 4 bytes a value)
             return t if clip is None else t.clamp(max=clip)
 
         if self._use_input:
