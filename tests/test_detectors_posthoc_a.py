@@ -126,13 +126,15 @@ def test_knn_float32_bank_ranks_like_float64():
 
 def test_knn_subsample_against_exact():
     """The approximate option (the paper's sampling ratio alpha, k scaled to alpha k) against the exact search:
-    6,000 training features from 10 clusters in 64-d, 300 ID and 300 OOD queries (recorded: with alpha = 10%,
-    AUROC 0.9974 -> 0.9974 (difference < 0.002), Spearman correlation of the scores 0.99)."""
+    6,000 training features from 10 clusters in 64-d, 300 ID queries from the clusters and 300 OOD queries from
+    shrunken, wider clusters. Recorded (seed 3): exact AUROC 0.9579; alpha = 50% (k 25): 0.9580, Spearman
+    correlation of the scores with the exact ones 0.9994; alpha = 10% (k 5): 0.9501, 0.9949; alpha = 1% (k 1):
+    0.9362, 0.9669."""
     gen = torch.Generator().manual_seed(0)
     centers = torch.randn(10, 64, generator=gen) * 2
     train = centers[torch.arange(6000) % 10] + torch.randn(6000, 64, generator=gen)
     id_q = centers[torch.arange(300) % 10] + torch.randn(300, 64, generator=gen)
-    ood_q = torch.randn(300, 64, generator=gen) * 2
+    ood_q = centers[torch.arange(300) % 10] * 0.6 + torch.randn(300, 64, generator=gen) * 1.1
     net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
     loader = DataLoader(TensorDataset(train), batch_size=500)
     exact = KNN(net, k=50).fit(loader)
@@ -143,8 +145,9 @@ def test_knn_subsample_against_exact():
     m_exact, m_approx = ood_metrics(se[:300], se[300:]), ood_metrics(sa[:300], sa[300:])
     rank = lambda s: s.argsort().argsort().double()
     spearman = float(torch.corrcoef(torch.stack([rank(se), rank(sa)]))[0, 1])
-    assert abs(m_exact["auroc"] - m_approx["auroc"]) < 0.01, (m_exact["auroc"], m_approx["auroc"])
-    assert spearman > 0.95, spearman
+    assert abs(m_exact["auroc"] - 0.9579) < 1e-3 and abs(m_approx["auroc"] - 0.9501) < 1e-3
+    assert abs(m_exact["auroc"] - m_approx["auroc"]) < 0.01
+    assert spearman > 0.99, spearman
     with pytest.raises(ValueError, match="refit to change the fraction"):
         exact.replace(fraction=0.5).score(q)
 

@@ -69,8 +69,12 @@ class KNN(Detector):
     ``dtype`` on the model's device (60,000 x 128 float32 = 31 MB; 60,000 x 512 = 123 MB). Features are normalized
     in float64. The search is exact and blockwise (no N x M matrix).
 
-    Approximation measured against the exact answer (``tests/test_detectors_posthoc_a.py``, 6,000 clustered
-    64-d training points, 400 queries): see ``test_knn_subsample_against_exact``.
+    Approximation measured against the exact answer (``test_knn_subsample_against_exact``: 6,000 clustered 64-d
+    training features, 300 ID and 300 near-OOD queries, exact AUROC 0.9579): alpha = 50% (k 25) AUROC 0.9580,
+    Spearman correlation with the exact scores 0.9994; alpha = 10% (k 5) 0.9501, 0.9949; alpha = 1% (k 1) 0.9362,
+    0.9669. Speed of the exact search (:func:`kth_neighbour`, k = 50, 60,000 training features): 230-310 queries/s
+    on 2 shared, heavily loaded CPU cores (F = 512 / 128), half of it the matmuls, half the running top-k; GPU not
+    measured yet.
     """
 
     hyperparameters = ("k", "fraction")
