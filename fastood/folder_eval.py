@@ -12,7 +12,11 @@ import torch
 from torch.utils.data import DataLoader
 
 # detectors that need ID training data or a validation split: not available on bare folders
-_NEEDS_TRAINING_DATA = ("mahalanobis",)
+def _needs_training_data(name: str) -> bool:
+    """Whether detector ``name`` must be fitted on ID training data (its class overrides ``Detector.fit``)."""
+    from fastood.detectors import DETECTORS, Detector
+
+    return name in DETECTORS and DETECTORS[name].fit is not Detector.fit
 
 
 def folder_loaders(id_dir, ood_dirs, *, size=None, channels=3, mean=None, std=None, batch_size=256):
@@ -59,9 +63,10 @@ def run_eval_folders(payload: dict, id_dir: str, ood_dirs, *, detector="auto", s
     if channels is None:
         channels = int(shape[0]) if shape is not None else 3
     name = (payload.get("detector") or "msp") if detector == "auto" else detector
-    if name in _NEEDS_TRAINING_DATA:
+    if _needs_training_data(name):
         raise ValueError(f"--detector {name} is fitted on labeled ID training data, which image folders do not "
-                         "give; use the Python API (fastood.detectors.Mahalanobis(model).fit(train_loader)) or "
+                         f"give; use the Python API (fastood.detectors.{DETECTORS[name].__name__}(model)"
+                         ".fit(train_loader)) or "
                          "another detector")
     if name not in DETECTORS:
         raise ValueError(f"unknown detector {name!r}; valid detectors: {', '.join(DETECTORS)}")
