@@ -560,3 +560,36 @@ def test_contract_on_a_small_cnn(make):
     assert all(m.training for m in net.modules())           # ... and after scoring
     assert det.score_loader(_loader(x[:10], batch_size=4)).shape == (10,)
     assert torch.equal(det.predict_class(x[:5]), net.eval()(x[:5]).argmax(1)) or isinstance(det, ReAct)
+
+
+def test_torchvision_model_features_by_layer_name():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    net = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=3).eval()          # torchvision's ResNet, one block a stage
+    x = torch.rand(9, 3, 16, 16) * 2 - 1
+    y = torch.arange(9) % 3
+    with torch.no_grad():
+        trunk = nn.Sequential(*list(net.children())[:-1])              # up to avgpool: the penultimate features
+        pen = trunk(x).flatten(1).double()
+        l4 = nn.Sequential(*list(net.children())[:-2])(x).mean(dim=(2, 3)).double()
+    knn = KNN(net, k=2, dtype=torch.float64).fit(_loader(x, y, batch_size=5))
+    torch.testing.assert_close(knn.bank, pen / pen.norm(dim=1, keepdim=True))
+    knn4 = KNN(net, k=2, layer="layer4", dtype=torch.float64).fit(_loader(x, y, batch_size=5))
+    torch.testing.assert_close(knn4.bank, l4 / l4.norm(dim=1, keepdim=True))
+    react = ReAct(net).fit(_loader(x, y))
+    assert math.isclose(react.threshold, np.percentile(pen.numpy(), 90), rel_tol=1e-5)
+    with torch.no_grad():
+        want = -torch.logsumexp(net.fc(pen.float().clamp(max=react.threshold)), 1)
+    torch.testing.assert_close(react.score(x), want, rtol=1e-5, atol=1e-5)
+    gm = GM(net, orders=(1, 2))
+    assert len(gm.layers) == 12 and gm.layers[0] == "conv1"                  # every Conv2d by default
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                     # a class no training image is predicted as
+        gm = GM(net, layers=["layer1", "layer4"], orders=(1, 2)).fit(_loader(x, y, batch_size=5),
+                                                                    val_loader=_loader(x))
+    assert gm.mins[1].shape == (3, 2, 512) and torch.isfinite(gm.score(x)).all()
+    assert (gm.score(x) == 0).all()                                        # training images lie inside the ranges
+    with pytest.raises(ValueError, match=r"layers \['layer9'\] not found"):
+        KNN(net, layer="layer9")

@@ -93,9 +93,11 @@ class OpenMax(Detector):
     training images get ``W = 1`` (fully revised) with a warning. ``predict_class`` = argmax of the logits.
 
     Differences from pytorch-ood 0.4.0's ``OpenMax`` (``tailsize=25, alpha=10, euclid_weight=1.0`` there): its
-    Weibull fit is scipy's numerical ``exponweib.fit``, fastood's the exact likelihood root (the scores agree to
-    1e-6 on the recorded case; ``tests/data/reference_detectors``); its MAVs use all images, its distance is
-    Euclidean, its defaults differ as listed.
+    MAVs use all labeled images, its distance is Euclidean (fastood: ``correct_only=False, distance="euclidean"``
+    for its setting); it computes in float32 (the logits as a float32 numpy array, so the translated tail
+    ``10000 + d`` has a spacing of 1e-3) and fits with scipy's numerical ``exponweib.fit``, where fastood solves the
+    likelihood equation in float64 (its fit's likelihood is never lower). On the recorded case
+    (``tests/data/reference_detectors/posthoc_a.json``) the probabilities of the unknown agree to 2e-4.
     """
 
     hyperparameters = ("tail_size", "alpha", "distance")
