@@ -326,6 +326,9 @@ def test_openmax_recalibration_matches_the_algorithm(distance):
     np.testing.assert_allclose(det.recalibrated(test).numpy(), want, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(det.score(test).numpy(), want[:, 0], rtol=1e-9, atol=1e-12)
     assert det.score(test)[3:].mean() > det.score(test)[:3].mean()       # far from every MAV: more unknown
+    # replace(tail_size=...) refits the Weibull models from the activation vectors fit kept (no data pass)
+    again = OpenMax(det.model, tail_size=6, alpha=2, distance=distance).fit(_loader(train, y, batch_size=50))
+    torch.testing.assert_close(det.replace(tail_size=6).score(test), again.score(test), rtol=1e-12, atol=1e-12)
 
 
 def test_openmax_errors_and_reference():
@@ -419,9 +422,13 @@ def test_gm_score_matches_the_paper_equations():
     val = torch.rand(20, 1, 5, 5, dtype=torch.float64) * 2 - 1
     test = torch.cat([torch.rand(4, 1, 5, 5, dtype=torch.float64) * 2 - 1,
                       torch.randn(4, 1, 5, 5, dtype=torch.float64) * 3])
+    with torch.no_grad():                                  # a bias that splits the training images between classes
+        gap = net(train)[:, 0] - net(train)[:, 1]
+        net[-1].bias.copy_(torch.tensor([-float(gap.median()) - 1e-3, 0.0]))
     layers, orders = ["1", "2"], (1, 2, 3)
     det = GM(net, layers=layers, orders=orders).fit(_loader(train, batch_size=7), val_loader=_loader(val))
     want, expected = _gm_by_hand(net, layers, orders, train, val, test)
+    assert set(det.predict_class(torch.cat([train, test])).tolist()) == {0, 1}
     np.testing.assert_allclose(det.expected.numpy(), expected, rtol=1e-9)
     np.testing.assert_allclose(det.score(test).numpy(), want, rtol=1e-9, atol=1e-12)
     assert det.score(test)[4:].mean() > det.score(test)[:4].mean()
@@ -563,7 +570,7 @@ def test_contract_on_a_small_cnn(make):
 
 
 def test_torchvision_model_features_by_layer_name():
-    torchvision = pytest.importorskip("torchvision")
+    pytest.importorskip("torchvision")
     torch.manual_seed(0)
     from torchvision.models.resnet import BasicBlock, ResNet
 

@@ -57,12 +57,6 @@ def weibull_fit(samples: torch.Tensor):
     return k, lam
 
 
-def weibull_cdf(x: torch.Tensor, shape: float, scale: float) -> torch.Tensor:
-    """``1 - exp(-(x / scale)^shape)`` for x >= 0 (0 below), in float64."""
-    x = x.double().clamp_min(0.0)
-    return -torch.expm1(-torch.exp(shape * (torch.log(x) - math.log(scale))))
-
-
 class OpenMax(Detector):
     """score = ``P(y = 0 | x)``, the recalibrated probability of the unknown class (paper Alg. 2; higher = more OOD).
 
