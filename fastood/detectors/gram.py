@@ -11,7 +11,8 @@ from .features import LayerFeatures, SmallestKeys, check_labels, check_unfitted,
 
 
 def gram_vectors(t: torch.Tensor, orders) -> torch.Tensor:
-    """Row sums of the p-th order Gram matrices of feature maps t [B, C, ...] -> [B, P, C] float64 (paper Sec. 2.1):
+    """Row sums of the p-th order Gram matrices of feature maps t [B, C, ...] -> [B, P, C] float64 (the paper's p-th order
+    Gram matrix):
     ``G_p = (F^p (F^p)^T)^(1/p)`` with F = t reshaped [C, HW] and the powers elementwise; the signed p-th root
     ``sign(g) |g|^(1/p)``. Row sums, not the full C x C matrix, as the authors' code (``G_p``) computes them
     ([B, F] outputs count as F channels of one position). Cost O(P C HW) per image: the row sums are
@@ -29,7 +30,7 @@ def gram_vectors(t: torch.Tensor, orders) -> torch.Tensor:
 
 
 def deviation(g: torch.Tensor, mins: torch.Tensor, maxs: torch.Tensor) -> torch.Tensor:
-    """Paper Eq. 3 summed over entries: ``sum relu(min - g) / |min| + relu(g - max) / |max|`` over the last two axes
+    """The paper's deviation delta summed over entries: ``sum relu(min - g) / |min| + relu(g - max) / |max|`` over the last two axes
     of g [B, P, C] against mins/maxs [B, P, C] -> [B] (``|m + 1e-6|`` in the denominators, as the authors' code)."""
     low = torch.relu(mins - g) / (mins + 1e-6).abs()
     high = torch.relu(g - maxs) / (maxs + 1e-6).abs()
@@ -37,9 +38,9 @@ def deviation(g: torch.Tensor, mins: torch.Tensor, maxs: torch.Tensor) -> torch.
 
 
 class GM(Detector):
-    """score = ``Delta(x) = sum_l delta_l(x) / E_va[delta_l]`` (paper Eq. 4; higher = more OOD), where for the
+    """score = ``Delta(x) = sum_l delta_l(x) / E_va[delta_l]`` (the paper's total deviation; higher = more OOD), where for the
     predicted class c = argmax f(x), ``delta_l(x) = sum_p sum_j delta(min_c[l,p,j], max_c[l,p,j], G_l^p(x)_j)``,
-    ``delta(mn, mx, v) = 0`` in range, ``(mn - v)/|mn|`` below, ``(v - mx)/|mx|`` above (Eq. 3), and the min / max
+    ``delta(mn, mx, v) = 0`` in range, ``(mn - v)/|mn|`` below, ``(v - mx)/|mx|`` above, and the min / max
     are over the ID training images (predicted as) class c. ``E_va[delta_l]`` is the mean layer deviation of held-out
     ID validation images (+1e-7, the authors' code).
 

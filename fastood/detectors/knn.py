@@ -47,7 +47,7 @@ def kth_neighbour(queries: torch.Tensor, bank: torch.Tensor, k: int, query_block
 
 
 class KNN(Detector):
-    """score = ``|z - z_(k)|_2`` (paper Alg. 1 / Eq. 2; higher = more OOD), with ``z = phi(x) / |phi(x)|_2`` the
+    """score = ``|z - z_(k)|_2`` (paper Alg. 1; higher = more OOD), with ``z = phi(x) / |phi(x)|_2`` the
     L2-normalized feature of x and ``z_(k)`` the k-th nearest of the normalized ID training features.
 
     Args:
@@ -57,7 +57,7 @@ class KNN(Detector):
             grid to tune it on validation data.
         layer: a module name whose output (globally average-pooled) is the feature; default None = the penultimate
             features (the input of the final linear layer).
-        fraction: the paper's sampling ratio alpha (Sec. 4.2): keep a uniform random ``fraction`` of the training
+        fraction: the paper's sampling ratio alpha (its ImageNet experiments): keep a uniform random ``fraction`` of the training
             features (chosen while streaming, with a generator seeded by ``seed``), and use rank
             ``k_used = max(1, round(fraction * k))`` (the paper scales k with alpha: ImageNet k = 1000 at alpha =
             100%, 10 at 1%). 1.0 = the exact method.
@@ -112,7 +112,7 @@ class KNN(Detector):
 
     @property
     def k_used(self) -> int:
-        """The rank searched: ``k`` scaled by the bank's sampling fraction (paper Sec. 4.2)."""
+        """The rank searched: ``k`` scaled by the bank's sampling fraction, as the paper does."""
         return max(1, int(round(self.fraction * self.k)))
 
     @torch.no_grad()

@@ -64,9 +64,9 @@ class OpenMax(Detector):
     class's Weibull model ``W_j`` of its largest training distances (Alg. 1, libMR ``FitHigh``):
 
     - ``s = argsort(v)`` descending; for rank ``i = 1..alpha``: ``w_s(i) = 1 - (alpha + 1 - i)/alpha *
-      W_s(i)(d(v, mu_s(i)))`` (the weights of the authors' ``compute_openmax.py``; the paper's printed Alg. 2 has
-      ``(alpha - i)/alpha``, which leaves the top class's activation untouched); other classes ``w_j = 1``;
-    - ``v^_j = v_j w_j``, ``v^_0 = sum_j v_j (1 - w_j)`` (Eq. 4), ``P = softmax(v^_0, v^_1, ..., v^_C)`` (Eq. 5).
+      W_s(i)(d(v, mu_s(i)))`` (the rank weights of the authors' ``compute_openmax.py``, which pytorch-ood uses
+      too); other classes ``w_j = 1``;
+    - ``v^_j = v_j w_j``, ``v^_0 = sum_j v_j (1 - w_j)``, ``P = softmax(v^_0, v^_1, ..., v^_C)``.
 
     ``W_j(d) = 1 - exp(-((d + 10000 - t_j) / lam_j)^k_j)``, with ``t_j`` the smallest of the ``tail_size`` largest
     training distances of class j, to which the Weibull ``(k_j, lam_j)`` is fitted by maximum likelihood
@@ -78,7 +78,7 @@ class OpenMax(Detector):
         alpha: the number of top classes revised (paper: 10 for ImageNet's 1000 classes; capped at C).
         distance: ``"eucos"`` = ``|v - mu|_2 / 200 + (1 - cos(v, mu))``, the authors' code's default for the
             paper's results; ``"euclidean"`` (pytorch-ood's default); ``"cosine"``.
-        correct_only: MAVs and distances from the correctly classified training images only (paper Sec. 3.1,
+        correct_only: MAVs and distances from the correctly classified training images only (the paper,
             True); False uses every labeled image (pytorch-ood).
 
     ``fit(loader)`` streams labeled ID training data once. Memory: the method needs each class's mean before its

@@ -65,7 +65,7 @@ class ResidualFlow(nn.Module):
 
 class DRF(Detector):
     """score = ``sum_l -max_c log p_{l,c}(z_l)`` (higher = more OOD), the class-conditional log-likelihood of the
-    pooled features z_l of each chosen layer under the residual flow (paper Eq. 5-8):
+    pooled features z_l of each chosen layer under the residual flow (the paper's change of variables):
 
         ``log p_{l,c}(z) = log N(f_{l,c}(A_l (z - mu_{l,c})); 0, I) + log|det df_{l,c}/du| + log|det A_l|``,
 
