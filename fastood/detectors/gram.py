@@ -11,8 +11,8 @@ from .features import LayerFeatures, SmallestKeys, check_labels, check_unfitted,
 
 
 def gram_vectors(t: torch.Tensor, orders) -> torch.Tensor:
-    """Row sums of the p-th order Gram matrices of feature maps t [B, C, ...] -> [B, P, C] float64 (the paper's p-th order
-    Gram matrix):
+    """Row sums of the p-th order Gram matrices of feature maps t [B, C, ...] -> [B, P, C] float64 (the paper's
+    p-th order Gram matrix):
     ``G_p = (F^p (F^p)^T)^(1/p)`` with F = t reshaped [C, HW] and the powers elementwise; the signed p-th root
     ``sign(g) |g|^(1/p)``. Row sums, not the full C x C matrix, as the authors' code (``G_p``) computes them
     ([B, F] outputs count as F channels of one position). Cost O(P C HW) per image: the row sums are
@@ -30,25 +30,26 @@ def gram_vectors(t: torch.Tensor, orders) -> torch.Tensor:
 
 
 def deviation(g: torch.Tensor, mins: torch.Tensor, maxs: torch.Tensor) -> torch.Tensor:
-    """The paper's deviation delta summed over entries: ``sum relu(min - g) / |min| + relu(g - max) / |max|`` over the last two axes
-    of g [B, P, C] against mins/maxs [B, P, C] -> [B] (``|m + 1e-6|`` in the denominators, as the authors' code)."""
+    """The paper's deviation delta summed over entries: ``sum relu(min - g) / |min| + relu(g - max) / |max|`` over
+    the last two axes of g [B, P, C] against mins/maxs [B, P, C] -> [B] (``|m + 1e-6|`` in the denominators, as
+    the authors' code)."""
     low = torch.relu(mins - g) / (mins + 1e-6).abs()
     high = torch.relu(g - maxs) / (maxs + 1e-6).abs()
     return (low + high).sum(dim=(1, 2))
 
 
 class GM(Detector):
-    """score = ``Delta(x) = sum_l delta_l(x) / E_va[delta_l]`` (the paper's total deviation; higher = more OOD), where for the
-    predicted class c = argmax f(x), ``delta_l(x) = sum_p sum_j delta(min_c[l,p,j], max_c[l,p,j], G_l^p(x)_j)``,
-    ``delta(mn, mx, v) = 0`` in range, ``(mn - v)/|mn|`` below, ``(v - mx)/|mx|`` above, and the min / max
-    are over the ID training images (predicted as) class c. ``E_va[delta_l]`` is the mean layer deviation of held-out
+    """score = ``Delta(x) = sum_l delta_l(x) / E_va[delta_l]`` (the paper's total deviation; higher = more OOD),
+    where for the predicted class c = argmax f(x),
+    ``delta_l(x) = sum_p sum_j delta(min_c[l,p,j], max_c[l,p,j], G_l^p(x)_j)``, ``delta(mn, mx, v) = 0`` in range,
+    ``(mn - v)/|mn|`` below, ``(v - mx)/|mx|`` above, and the min / max are over the ID training images (predicted as) class c. ``E_va[delta_l]`` is the mean layer deviation of held-out
     ID validation images (+1e-7, the authors' code).
 
     Args:
         model: a classifier returning logits [B, C] (the class picks the ranges).
         layers: module names whose outputs are the feature maps; default None = every ``nn.Conv2d`` of the model
-            (the paper uses every conv / ReLU / BatchNorm output of ResNet and DenseNet blocks; pass those names for
-            that setting).
+            (the authors' code records many intermediate outputs of every ResNet / DenseNet block; pass such names
+            for that setting).
         orders: the Gram orders p, default 1..10 (the paper's).
         classes_from: ``"prediction"`` (default, the authors' code: training images are grouped by the model's
             predicted class, as test images are) or ``"label"`` (pytorch-ood).

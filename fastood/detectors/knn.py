@@ -57,8 +57,8 @@ class KNN(Detector):
             grid to tune it on validation data.
         layer: a module name whose output (globally average-pooled) is the feature; default None = the penultimate
             features (the input of the final linear layer).
-        fraction: the paper's sampling ratio alpha (its ImageNet experiments): keep a uniform random ``fraction`` of the training
-            features (chosen while streaming, with a generator seeded by ``seed``), and use rank
+        fraction: the paper's sampling ratio alpha (its ImageNet experiments): keep a uniform random ``fraction`` of
+            the training features (chosen while streaming, with a generator seeded by ``seed``), and use rank
             ``k_used = max(1, round(fraction * k))`` (the paper scales k with alpha: ImageNet k = 1000 at alpha =
             100%, 10 at 1%). 1.0 = the exact method.
         dtype: dtype of the stored bank (float32 default: half the memory of float64; only the ranking uses it, the

@@ -22,12 +22,14 @@ def percentile(values: torch.Tensor, p: float) -> float:
 
 class ReAct(Detector):
     """score = ``-log sum_k exp(f_k(x; c))`` (the energy score negated, so higher = more OOD), where the
-    logits ``f(x; c) = W^T min(h(x), c) + b`` (the paper's ReAct operation) come from the penultimate activations h(x) clipped at c, the
-    ``percentile``-th percentile of the activations of ID data (all units of all training images, flattened).
+    logits ``f(x; c) = W^T min(h(x), c) + b`` (the paper's ReAct operation) come from the penultimate activations
+    h(x) clipped at c, the ``percentile``-th percentile of the activations of ID data (all units of all training
+    images, flattened).
 
     Args:
         model: a classifier returning logits [B, C].
-        percentile: p in (0, 100]; default 90, the paper's choice (its ablation sweeps other p); ``tuning_grid`` = OpenOOD's {85, 90, 95, 99}.
+        percentile: p in (0, 100]; default 90, the paper's choice (its ablation sweeps other p); ``tuning_grid`` =
+            OpenOOD's {85, 90, 95, 99}.
         layer: a module name whose output is clipped (elementwise) instead; the rest of the network runs on the
             clipped output. Default None = the input of the final linear layer (found with
             :func:`fastood.models.split_head`), as the paper.
