@@ -42,8 +42,9 @@ class GM(Detector):
     """score = ``Delta(x) = sum_l delta_l(x) / E_va[delta_l]`` (the paper's total deviation; higher = more OOD),
     where for the predicted class c = argmax f(x),
     ``delta_l(x) = sum_p sum_j delta(min_c[l,p,j], max_c[l,p,j], G_l^p(x)_j)``, ``delta(mn, mx, v) = 0`` in range,
-    ``(mn - v)/|mn|`` below, ``(v - mx)/|mx|`` above, and the min / max are over the ID training images (predicted as) class c. ``E_va[delta_l]`` is the mean layer deviation of held-out
-    ID validation images (+1e-7, the authors' code).
+    ``(mn - v)/|mn|`` below, ``(v - mx)/|mx|`` above, and the min / max are over the ID training images (predicted
+    as) class c. ``E_va[delta_l]`` is the mean layer deviation of held-out ID validation images (+1e-7, the
+    authors' code).
 
     Args:
         model: a classifier returning logits [B, C] (the class picks the ranges).
