@@ -600,3 +600,20 @@ def test_torchvision_model_features_by_layer_name():
     assert (gm.score(x) == 0).all()                                        # training images lie inside the ranges
     with pytest.raises(ValueError, match=r"layers \['layer9'\] not found"):
         KNN(net, layer="layer9")
+
+
+def test_drf_perturbation_matches_manual_autograd():
+    x, y = _gaussian_features()
+    net = _identity_model()
+    eps = 0.05
+    det = DRF(net, epochs=2, couplings=2, hidden=6, epsilon=eps).fit(_loader(x, y))
+    q = torch.randn(4, 4, dtype=torch.float64) * 2
+
+    def nll(v):                                   # -max_c log p_c(z), z = v (the model's penultimate input)
+        return -det.log_likelihoods([v])[0].amax(1)
+
+    qr = q.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(nll(qr).sum(), qr)
+    with torch.no_grad():
+        want = nll(q - eps * grad.sign())         # the step towards the most likely class, then scored there
+    torch.testing.assert_close(det.score(q), want, rtol=1e-10, atol=1e-10)

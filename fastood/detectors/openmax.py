@@ -129,7 +129,7 @@ class OpenMax(Detector):
         """``d(v, mu_j)`` [B, C] (float64) of activation vectors v [B, C] to every class's MAV."""
         check_unfitted(self.means, "OpenMax")
         v, mu = v.double(), self.means.to(v.device)
-        euclid = torch.cdist(v, mu)
+        euclid = torch.cdist(v, mu, compute_mode="donot_use_mm_for_euclid_dist")   # exact differences
         if self.distance == "euclidean":
             return euclid
         cos = 1.0 - (v @ mu.T) / (v.norm(dim=1, keepdim=True) * mu.norm(dim=1)).clamp_min(1e-300)
