@@ -97,9 +97,10 @@ class DRF(Detector):
     images are left out. No reference implementation (OpenOOD, pytorch-ood) exists to compare against.
 
     Cost: ``fit`` takes ``epochs * N_c / batch_size`` Adam steps per class and layer, each a forward and backward
-    pass of ``2 * couplings`` MLPs on [batch_size, R] in float64 (F = 128, batch 256: 8.6 s a step on the 2-core
-    development machine at load average 20, so about 0.5-1 s unloaded; use a GPU, or fewer epochs / couplings, for
-    large training sets). Scoring runs K flows per layer on each batch.
+    pass of ``2 * couplings`` MLPs on [batch_size, R] in float64 (F = 128, batch 256: 8.6 s a step measured on the
+    2-core development machine at load average 20, not representative; an unloaded or GPU figure is still to be
+    measured). For large training sets use a GPU, or fewer epochs / couplings. Scoring runs K flows per layer on
+    each batch.
     """
 
     hyperparameters = ("epsilon",)
