@@ -86,3 +86,14 @@ def forward_with_taps(model: nn.Module, x: torch.Tensor, taps, who: str, transfo
 def is_logits(output) -> bool:
     """True for a model output that is one logits tensor [B, C]."""
     return isinstance(output, torch.Tensor) and output.dim() == 2
+
+
+def linear_input(model: nn.Module, x: torch.Tensor, head: nn.Linear, head_name: str, who: str):
+    """``(z [B, F] float64, model output)``: the input of the linear layer ``head`` (flattened) in one forward
+    pass. TypeError when that input is not [B, head.in_features] after flattening."""
+    (z,), output = forward_with_taps(model, x, [(head_name, head, True)], who)
+    z = z.reshape(z.shape[0], -1)
+    if z.shape[1] != head.in_features:
+        raise TypeError(f"{who}: the input of head {head_name!r} has shape {tuple(z.shape)} after flattening, expected "
+                        f"[B, {head.in_features}] (one feature vector per image)")
+    return z.double(), output
