@@ -18,7 +18,7 @@ def pool_features(t, who: str) -> torch.Tensor:
     return t.double()
 
 
-def final_linear(model: nn.Module, who: str, head=None):
+def final_linear(model: nn.Module, who: str, head=None, hint: str = "name the final linear layer with head=..."):
     """``(name, nn.Linear)``: the module called ``head`` (it must be an ``nn.Linear``), or by default the final linear
     layer that :func:`fastood.models.split_head` finds (TypeError naming what was looked for when there is none)."""
     if head is None:
@@ -27,8 +27,7 @@ def final_linear(model: nn.Module, who: str, head=None):
         try:
             return _find_head(model)
         except TypeError as err:
-            raise TypeError(f"{who}: cannot find the model's penultimate layer: {err}; name the final linear layer "
-                            "with head=...") from None
+            raise TypeError(f"{who}: cannot find the model's penultimate layer: {err}; {hint}") from None
     modules = dict(model.named_modules())
     if not isinstance(head, str) or head not in modules:
         raise ValueError(f"{who}: head must name an nn.Linear submodule of the model, got {head!r}; valid names "
@@ -42,7 +41,7 @@ def resolve_layers(model: nn.Module, layers, who: str):
     """Taps for ``layers``: None = the penultimate features (input of the final linear layer, as
     :func:`fastood.models.split_head` finds it), else a non-empty list of ``model.named_modules()`` names."""
     if layers is None:
-        return [(PENULTIMATE, final_linear(model, who)[1], True)]
+        return [(PENULTIMATE, final_linear(model, who, hint="name the feature layer (layer= / layers=)")[1], True)]
     if isinstance(layers, str) or not layers:
         raise ValueError(f"{who}: layers must be a non-empty list of module names, got {layers!r}")
     modules = dict(model.named_modules())

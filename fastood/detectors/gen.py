@@ -1,6 +1,7 @@
 """GEN (Liu, Lochman, Zach, CVPR 2023): generalized entropy of the softmax."""
 import torch
 
+from .base import logits_of
 from .logit_scores import LogitDetector
 
 
@@ -66,3 +67,7 @@ class GEN(LogitDetector):
 
     def _from_logits(self, logits):
         return generalized_entropy_float64(logits, self.gamma, self.M)
+
+    def _score_and_predict(self, x):
+        logits = logits_of(self.model(x), "GEN")   # the model's own dtype: a float64 model's logits stay float64
+        return self._from_logits(logits), logits.argmax(dim=1)
