@@ -44,6 +44,14 @@ class ViM(Detector):
     whole of pass 1 (so the loader must be re-iterable; a generator raises). Memory does not grow with the number
     of images. Features, logits (``W x + b`` in float64) and norms are float64. After fitting: ``u`` [N],
     ``residual`` R [N, N - D], ``alpha``. ``predict_class`` is the model's argmax.
+
+    References: OpenOOD's ``VIMPostprocessor`` computes the same u, second moment (sklearn
+    ``EmpiricalCovariance(assume_centered=True)`` of ``x - u``), eigen-split (``np.linalg.eig``, sorted) and alpha
+    (mean max logit / mean residual norm = the ratio of sums), from training features held in memory; its
+    confidence is ``-score``. pytorch-ood 0.4.0's ``ViM`` is the same in float32 (its ``d`` is D; it halves a
+    ``d`` larger than N with a warning, where fastood raises); ``tests/test_detectors_posthoc_b.py`` compares
+    against its recorded outputs (alpha to 1e-5, scores to 1e-4). fastood differs in holding no features (two
+    passes instead) and in float64.
     """
 
     hyperparameters = ("D",)
