@@ -1,6 +1,7 @@
 """OOD detectors. Every score is higher for inputs that look more out-of-distribution.
 
-``det = Energy(model)``; ``det.fit(train_loader)`` where the method needs ID training data (Mahalanobis, RelativeMahalanobis, ViM, DICE);
+``det = Energy(model)``; ``det.fit(train_loader)`` where the method needs ID training data (Mahalanobis,
+RelativeMahalanobis, ViM, DICE);
 ``det.score(x) -> [B]``; ``det.score_loader(loader) -> [N]`` (CPU); ``det.predict_class(x)`` -> the classifier's
 classes, used by :func:`fastood.evaluation.evaluate` for ID accuracy.
 """

@@ -31,9 +31,12 @@ def generalized_entropy_float64(logits: torch.Tensor, gamma: float, M: int) -> t
 
 
 class GEN(LogitDetector):
-    """Generalized entropy (Liu, Lochman, Zach, CVPR 2023, the paper's G_gamma with top-M truncation): score = ``G_gamma(p) = sum_{j=1}^{M}
-    p_(j)^gamma (1 - p_(j))^gamma`` over the M largest softmax probabilities p_(1) >= ... >= p_(M) of the logits
-    [B, C]. Higher = more OOD (the paper's confidence is ``-G``); scores [B] lie in (0, M / 4^gamma].
+    """Generalized entropy (Liu, Lochman, Zach, CVPR 2023; the paper's G_gamma with its top-M truncation):
+
+        score = ``G_gamma(p) = sum_{j=1}^{M} p_(j)^gamma (1 - p_(j))^gamma``
+
+    over the M largest softmax probabilities p_(1) >= ... >= p_(M) of the logits [B, C]. Higher = more OOD (the
+    paper's confidence is ``-G``); scores [B] lie in [0, M / 4^gamma].
 
     Defaults: the paper's ``gamma = 0.1`` and ``M = 100`` (its ImageNet setting; with fewer classes every class is
     used, M = min(M, C)). A grid for :func:`fastood.detectors.tune_detector`: :attr:`grid`.
@@ -59,7 +62,8 @@ class GEN(LogitDetector):
         self._check_hyperparameters()
 
     def _check_hyperparameters(self):
-        if isinstance(self.gamma, bool) or not (isinstance(self.gamma, (int, float)) and 0 < self.gamma < float("inf")):
+        gamma = self.gamma
+        if isinstance(gamma, bool) or not (isinstance(gamma, (int, float)) and 0 < gamma < float("inf")):
             raise ValueError(f"gamma must be a number > 0, got {self.gamma!r}")
         if isinstance(self.M, bool) or not isinstance(self.M, int) or self.M < 1:
             raise ValueError(f"M must be an int >= 1 (the number of top classes summed), got {self.M!r}")

@@ -41,7 +41,8 @@ class RelativeMahalanobis(Mahalanobis):
 
     @property
     def name(self) -> str:
-        return "RelativeMahalanobis" if self.layers == [PENULTIMATE] else f"RelativeMahalanobis(layer={self.layers[0]!r})"
+        default = self.layers == [PENULTIMATE]
+        return "RelativeMahalanobis" if default else f"RelativeMahalanobis(layer={self.layers[0]!r})"
 
     def _check_hyperparameters(self):
         self.epsilon = 0.0

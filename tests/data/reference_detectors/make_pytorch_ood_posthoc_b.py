@@ -2,7 +2,9 @@
 tests/test_detectors_posthoc_b.py (which does not need pytorch-ood).
 
 Run in a throwaway environment that has pytorch-ood, from the repository root, e.g.
-    python3 -m venv /tmp/refvenv-b && <site-packages of a torch install on its path> && pip install --no-deps pytorch-ood==0.4.0
+    /work/main/.venv/bin/python -m venv /tmp/refvenv-b
+    echo /work/main/.venv/lib/python3.11/site-packages > /tmp/refvenv-b/lib/python3.11/site-packages/main.pth
+    /tmp/refvenv-b/bin/pip install --no-deps pytorch-ood==0.4.0      # torch 2.13.0 from the project's venv
     /tmp/refvenv-b/bin/python tests/data/reference_detectors/make_pytorch_ood_posthoc_b.py
 It writes pytorch_ood_posthoc_b.json next to this file: the inputs themselves (rounded to 6 decimals, so the JSON
 is the whole recipe), the outputs, and the versions and command that produced them.
@@ -62,7 +64,9 @@ def main():
     out["gen_gamma0.5_all"] = GEN.score(logits_gen, gamma=0.5, M=None).tolist()
 
     record = {
-        "produced_by": "python tests/data/reference_detectors/make_pytorch_ood_posthoc_b.py",
+        "produced_by": "/tmp/refvenv-b/bin/python tests/data/reference_detectors/make_pytorch_ood_posthoc_b.py (a venv "
+                       "with pytorch-ood 0.4.0 installed --no-deps over the project venv's torch; see the script's "
+                       "docstring)",
         "pytorch_ood_version": pytorch_ood.__version__,
         "torch_version": torch.__version__,
         "python_version": sys.version.split()[0],
@@ -70,7 +74,8 @@ def main():
                   "values used (rounded to 6 decimals before use)",
         "calls": {
             "vim_d8": "ViM(None, d=8, w, b).fit_features(z_train, y_train).predict_features(z_test) (float32)",
-            "ash-*_P": "ASH(backbone=z -> z[B, F, 1, 1], head=z -> z W^T + b, variant, percentile=P/100).predict(z_test)",
+            "ash-*_P": "ASH(backbone=z -> z[B, F, 1, 1], head=z -> z W^T + b, variant, percentile=P/100)"
+                       ".predict(z_test)",
             "dice_P": "DICE(None, w, b, p=P/100).fit_features(z_train, y_train).predict_features(z_test) (float32)",
             "rmd": "RMD(None).fit_features(z_train, y_train).predict_features(z_test) (float32)",
             "gen_*": "GEN.score(logits_gen, gamma, M) (mean over the top M, p clamped to [1e-7, 1 - 1e-7])",
