@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from op_helpers import DEVICES
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -288,6 +289,21 @@ def test_registry_and_callable(toy):
     for det in (ViM(net).fit([z]), ASH(net), GEN(net), DICE(net).fit([z]), RelativeMahalanobis(net).fit([(z, y)])):
         assert torch.equal(det(q), det.score(q)) and det.score(q).shape == (6,)
         assert det.score_loader([q[:4], q[4:]]).shape == (6,)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fit_and_score_on_the_model_device(toy, device):
+    z, y, q, w, b = toy
+    net = linear_model(w, b)
+    moved = linear_model(w, b).to(device)
+    for make, fit in [(ViM, True), (ASH, False), (GEN, False), (DICE, True), (RelativeMahalanobis, True)]:
+        on_cpu, on_device = make(net), make(moved)
+        if fit:
+            on_cpu.fit([(z, y)])
+            on_device.fit([(z, y)])                 # batches are moved to the model's device
+        s = on_device.score(q)
+        assert s.device.type == device
+        torch.testing.assert_close(s.cpu(), on_cpu.score(q), rtol=1e-5, atol=1e-5)
 
 
 def test_tune_dice_sparsity_by_replace(toy):
