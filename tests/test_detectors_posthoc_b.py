@@ -74,7 +74,7 @@ def test_vim_default_dimension_rule_and_streaming_fit(toy):
     assert [default_principal_dim(n) for n in (4096, 2048, 1024, 768, 512, 5)] == [1000, 1000, 512, 512, 256, 2]
     z, y, q, w, b = toy
     net = linear_model(w, b)
-    assert ViM(net).D == 2
+    assert ViM(net).D == 2 and ViM(net).grid == {"D": [1, 2, 3]}
     one = ViM(net).fit([(z, y)])
     two = ViM(net).fit([(z[:17], y[:17]), (z[17:], y[17:])])
     unlabeled = ViM(net).fit([z[:9], z[9:]])                       # labels are not needed

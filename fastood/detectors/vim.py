@@ -22,9 +22,10 @@ class ViM(Detector):
     """Virtual-logit Matching (Wang et al., CVPR 2022, Sec. 3). With penultimate features x [B, N] (the input of the
     final linear layer ``logits = W x + b``), the origin ``u = -pinv(W) b``, the principal subspace P spanned by
     the eigenvectors of the D largest eigenvalues of ``(1/n) sum_i (x_i - u)(x_i - u)^T`` over the ID training
-    data and R its orthogonal complement (the other N - D eigenvectors):
+    data (paper Eq. 4) and R its orthogonal complement (the other N - D eigenvectors):
 
         virtual logit  ``l_0(x) = alpha ||R^T (x - u)||``,   ``alpha = sum_i max_j l_ij / sum_i ||R^T (x_i - u)||``
+                       (Eq. 6, sums over the ID training images i)
         score          ``= l_0(x) - logsumexp_j l_j(x)``   (higher = more OOD).
 
     The paper's score is the virtual class's softmax probability ``e^{l_0} / (e^{l_0} + sum_j e^{l_j})`` =
@@ -34,8 +35,8 @@ class ViM(Detector):
     Args:
         model: a classifier; its logits must be ``head(x)`` of a final ``nn.Linear``.
         D: principal-subspace dimension, 1 <= D < N; default None = :func:`default_principal_dim` (the paper's
-            1000 for N >= 2048, 512 for N >= 768; N // 2 below). Tuning grid: e.g. ``[N // 8, N // 4, N // 2,
-            3 N // 4]``.
+            1000 for N >= 2048, 512 for N >= 768; N // 2 below). Tuning grid: :attr:`grid` (each D needs its own
+            fit: give ``fit_loader`` to :func:`fastood.detectors.tune_detector`).
         head: name of the final ``nn.Linear`` in ``model.named_modules()`` (default: found as
             :func:`fastood.models.split_head` does; TypeError when there is none).
 
@@ -68,6 +69,12 @@ class ViM(Detector):
         if isinstance(self.D, bool) or not isinstance(self.D, int) or not 1 <= self.D < self.num_features:
             raise ValueError(f"D must be an int with 1 <= D < {self.num_features} (the feature width; the residual "
                              f"space must not be empty), got {self.D!r}")
+
+    @property
+    def grid(self) -> dict:
+        """``{"D": [N // 8, N // 4, N // 2, 3 N // 4]}`` (distinct values in [1, N)) for this model's width N."""
+        n = self.num_features
+        return {"D": sorted({d for d in (n // 8, n // 4, n // 2, 3 * n // 4) if 1 <= d < n})}
 
     def replace(self, **params) -> "ViM":
         """A copy with other hyperparameters; a new ``D`` needs a new fit (the copy is unfitted)."""
