@@ -16,7 +16,7 @@ METHODS = ("standard", "fig", "gs", "manifold", "cmg-energy", "cmg-softmax", "oe
 DATA = ("mnist5k-0to4", "digits-0to4")
 MODELS = ("smallcnn", "resnet18")
 DETECTORS = ("auto", "msp", "maxlogit", "energy", "entropy", "odin", "mahalanobis", "discrepancy", "extraclass",
-             "ice", "maxidprobability")
+             "ice", "maxidprobability", "vim", "ash", "gen", "dice", "relativemahalanobis")
 BENCHES = ("ops", "sampler", "nullspace")
 
 _EPILOG = """\
