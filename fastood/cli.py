@@ -13,7 +13,8 @@ import sys
 
 # Kept here (not imported) so that building the parser imports nothing heavy; tests check they match the package.
 METHODS = ("standard", "fig", "gs", "manifold", "cmg-energy", "cmg-softmax", "oe", "energy-oe", "ice", "discrepancy")
-DATA = ("mnist5k-0to4", "digits-0to4")
+DATA = ("mnist5k-0to4", "digits-0to4", "mnist", "fashion-mnist", "mnist-0to4", "fashion-mnist-0to4", "mnist-0to5",
+        "mnist-1to6", "mnist-2to7", "mnist-3to8", "mnist-4to9")
 MODELS = ("smallcnn", "resnet18")
 DETECTORS = ("auto", "msp", "maxlogit", "energy", "entropy", "odin", "mahalanobis", "discrepancy", "extraclass",
              "ice", "maxidprobability", "vim", "ash", "gen", "dice", "relativemahalanobis")

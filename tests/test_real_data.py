@@ -246,7 +246,7 @@ def test_real_benchmarks():
         assert part.num_classes == 6 and part.id_train.labels.unique().tolist() == list(range(6))
         (ood_name, ood), = part.ood.items()
         assert len(part.id_test) + len(ood) == 10000
-    with pytest.raises(ValueError, match="shares images or their distribution"):
+    with pytest.raises(ValueError, match="shares images with an OOD test set"):
         split.auxiliary("mnist5k-train-5to9")
     with pytest.raises(ValueError, match="size is for the built-in"):
         benchmark("mnist", size=32)
