@@ -162,10 +162,11 @@ def _first_batch_check(detector, batches: FolderBatches, inputs: dict, conv=(Non
     except RuntimeError as err:
         name, channels = conv
         hint = (f"; the model's first convolution ({name}) takes {channels} channel(s)" if name is not None else "")
+        size = inputs["size"] or "of the files"
         raise ValueError(
             f"{batches.where}: the model cannot score these images (a batch of shape {list(x.shape)}, read with "
-            f"{inputs['channels']} channel(s) [{inputs['sources']['channels']}], size {inputs['size'] or 'of the files'}"
-            f"){hint}: {' '.join(str(err).split())[:400]}. Check --channels, --size and --mean/--std") from None
+            f"{inputs['channels']} channel(s) [{inputs['sources']['channels']}], size {size}){hint}: "
+            f"{' '.join(str(err).split())[:400]}. Check --channels, --size and --mean/--std") from None
 
 
 def run_eval_folders(payload: dict, id_dir: str, ood_dirs, *, detector="auto", size=None, channels=None, mean=None,

@@ -31,8 +31,8 @@ def save_model(model: nn.Module, path, /, **meta) -> str:
     the format ``fastood eval`` reads. Useful metadata: ``data`` (the built-in benchmark to evaluate on),
     ``detector`` (``fastood eval``'s default detector), ``image_shape`` (``(C, H, W)``: ``fastood eval`` on image
     folders reads them with C channels at H x W), ``mean`` and ``std`` (the input normalization ``(x - mean) / std``
-    from pixels in [0, 1], one number or one per channel: ``fastood eval`` on image folders applies it), ``num_classes``,
-    ``method``; any other picklable values are kept too. Returns ``path``."""
+    from pixels in [0, 1], one number or one per channel: ``fastood eval`` on image folders applies it),
+    ``num_classes``, ``method``; any other picklable values are kept too. Returns ``path``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     clash = sorted(set(meta) & set(_RESERVED))

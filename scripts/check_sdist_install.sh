@@ -22,7 +22,8 @@ start=$(date +%s)
 #    blocked to prove packing the sources does not need it.
 mkdir -p "$WORK/src"
 if git -C "$ROOT" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
-    (git -C "$ROOT" ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t "$WORK/src") 2>/dev/null || true
+    git -C "$ROOT" ls-files -z --cached --others --exclude-standard \
+        | (cd "$ROOT" && xargs -0 cp --parents -t "$WORK/src" 2>/dev/null) || true
 else
     cp -r "$ROOT/." "$WORK/src"
 fi

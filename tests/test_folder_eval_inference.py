@@ -168,7 +168,8 @@ def test_skip_bad_images_counts_and_names_them_in_the_report(tmp_path, capsys):
     report = _report(tmp_path / "ev")
     skipped = report["skipped_images"]
     assert skipped["count"] == 2 and skipped["id"] == []
-    assert [item["file"] for item in skipped["ood"]["ood"]] == sorted([os.path.abspath(bad), os.path.abspath(truncated)])
+    files = sorted([os.path.abspath(bad), os.path.abspath(truncated)])
+    assert [item["file"] for item in skipped["ood"]["ood"]] == files
     (row,) = report["rows"].values()
     assert row["num_ood"] == {"ood": 4} and row["num_id"] == 5  # 6 files, 2 unreadable
     assert "skipped 2 unreadable image(s)" in printed and "broken.png" in printed

@@ -152,7 +152,8 @@ class ImageFiles:
             message = f"{type(err).__name__}: {' '.join(str(err).split())}"
             if not self.skip_bad:
                 raise BadImageError(f"cannot read the image {path} ({message}); pass skip_bad=True (fastood eval: "
-                                    "--skip-bad-images) to skip unreadable files and count them in the report") from None
+                                    "--skip-bad-images) to skip unreadable files and count them in the report"
+                                    ) from None
             self.bad.append((path, message))
             return None
 
