@@ -14,8 +14,7 @@ _BACKENDS = ("native", "reference")
 
 #: how a fastood extension is rebuilt against the torch in use (pip caches the wheel it built from an sdist, hence
 #: --no-cache-dir; --no-deps keeps the torch that is installed)
-REINSTALL_HINT = ("pip install --no-build-isolation --no-cache-dir --force-reinstall --no-deps fastood "
-                  "(in a source checkout: pip install --no-build-isolation .)")
+REINSTALL_HINT = "pip install --no-build-isolation --no-cache-dir --force-reinstall --no-deps fastood"
 _MARKER = b"FASTOOD-BUILD-VERSIONS "
 
 
@@ -82,8 +81,8 @@ def mismatch_message(built: dict, running: str = None) -> str:
     running = torch.__version__ if running is None else running
     cuda = f" (CUDA {built['cuda']})" if built.get("cuda") not in (None, "unknown") else ""
     return (f"fastood was built against torch {built['torch']}{cuda}, this is torch {running} (CUDA "
-            f"{torch.version.cuda or 'none'}): reinstall with `{REINSTALL_HINT}` so that the extension is compiled "
-            "against this torch")
+            f"{torch.version.cuda or 'none'}): reinstall with `{REINSTALL_HINT}` (in a source checkout: `pip install "
+            "--no-build-isolation .`) so that the extension is compiled against this torch")
 
 
 _BUILT = None
