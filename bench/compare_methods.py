@@ -142,7 +142,8 @@ def main(argv=None):
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
-        args.data, args.seeds, args.steps, args.pretrain_epochs, args.cvae_epochs = "mnist5k-0to4", args.seeds[:1], 4, 1, 1
+        args.data, args.seeds, args.steps = "mnist5k-0to4", args.seeds[:1], 4
+        args.pretrain_epochs, args.cvae_epochs = 1, 1
         args.eval_n, args.train_n = 64, args.train_n or 256
     if args.threads:
         torch.set_num_threads(args.threads)
