@@ -12,7 +12,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fastood.detectors import DETECTORS, DRF, GM, KNN, LayerFeatures, OpenMax, ReAct
+from fastood.detectors import DETECTORS, DRF, GM, KNN, OpenMax, ReAct
+from fastood.detectors._feature_hooks import forward_with_taps, resolve_layers
 from fastood.detectors.gram import gram_vectors
 from fastood.detectors.knn import kth_neighbour
 from fastood.detectors.openmax import weibull_fit
@@ -52,20 +53,21 @@ def _linear_model(weight, bias):
 
 
 # ============================================================================ shared feature helper
-def test_layer_features_hooks_named_layers_and_the_penultimate_input():
-    net = _mlp()
+def test_forward_with_taps_reduces_inside_the_hook():
+    """``reduce`` sees the layer output before a later in-place op changes it (torchvision's ReLU(inplace=True))."""
+    net = nn.Sequential(nn.Linear(5, 6), nn.ReLU(inplace=True), nn.Linear(6, 3)).double()
     x = torch.randn(4, 5, dtype=torch.float64)
-    feats, out = LayerFeatures(net, ["0", "penultimate"])(x)
-    torch.testing.assert_close(feats[0], net[0](x).detach())
-    torch.testing.assert_close(feats[1], _penultimate(net, x))
-    torch.testing.assert_close(out, net(x))
-    raw, _ = LayerFeatures(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2)), ["0"], transform=None)(
-        torch.randn(3, 1, 4, 4))
-    assert raw[0].shape == (3, 2, 2, 2)
+    taps = resolve_layers(net, ["0"], "test")
+    (reduced,), out = forward_with_taps(net, x, taps, "test", reduce=lambda t: t.clone())
+    (raw,), _ = forward_with_taps(net, x, taps, "test")
+    with torch.no_grad():
+        torch.testing.assert_close(reduced, net[0](x))
+        assert (raw >= 0).all() and (reduced < 0).any()          # the raw tensor was overwritten by the ReLU
+        torch.testing.assert_close(out, net(x))
     with pytest.raises(ValueError, match=r"layers \['nope'\] not found"):
-        LayerFeatures(net, ["nope"])
-    with pytest.raises(TypeError, match="cannot find the penultimate layer"):
-        LayerFeatures(nn.Sequential(nn.Linear(3, 3), nn.ReLU()))
+        resolve_layers(net, ["nope"], "test")
+    with pytest.raises(TypeError, match="cannot find the model's penultimate layer"):
+        resolve_layers(nn.Sequential(nn.Linear(3, 3), nn.ReLU()), None, "test")
 
 
 def test_registry_has_the_new_detectors():
@@ -165,7 +167,7 @@ def test_knn_errors():
         KNN(net, fraction=0.0)
     with pytest.raises(ValueError, match=r"layers \['fc9'\] not found"):
         KNN(net, layer="fc9")
-    with pytest.raises(TypeError, match="KNN: cannot find the penultimate layer"):
+    with pytest.raises(TypeError, match="KNN: cannot find the model's penultimate layer"):
         KNN(nn.Sequential(nn.Linear(3, 3), nn.ReLU()))
     with pytest.raises(ValueError, match="no samples"):
         KNN(net, k=1).fit([])
@@ -242,7 +244,7 @@ def test_react_errors_and_reference():
         ReAct(net, percentile=0.0)
     with pytest.raises(ValueError, match=r"layers \['x'\] not found"):
         ReAct(net, layer="x")
-    with pytest.raises(TypeError, match="ReAct: cannot find the penultimate layer"):
+    with pytest.raises(TypeError, match="ReAct: cannot find the model's penultimate layer"):
         ReAct(nn.Sequential(nn.Linear(3, 3), nn.ReLU()))
     fitted = ReAct(net).fit(_loader(torch.rand(10, 4)))
     assert fitted.replace(percentile=95).threshold is None      # a new percentile needs a refit
@@ -543,7 +545,7 @@ def test_drf_perturbation_raises_the_likelihood_and_errors():
         DRF(net, epsilon=-1)
     with pytest.raises(ValueError, match=r"layers \['nope'\] not found"):
         DRF(net, layers=["nope"])
-    with pytest.raises(TypeError, match="DRF: cannot find the penultimate layer"):
+    with pytest.raises(TypeError, match="DRF: cannot find the model's penultimate layer"):
         DRF(nn.Sequential(nn.Linear(3, 3), nn.ReLU()))
 
 

@@ -6,8 +6,9 @@ import warnings
 import torch
 from torch import nn
 
+from ._feature_hooks import forward_with_taps, is_logits, resolve_layers
+from ._streaming import SmallestKeys, check_labels, check_unfitted
 from .base import Detector, eval_mode
-from .features import LayerFeatures, SmallestKeys, check_labels, check_unfitted, logits_or_none
 
 
 def gram_vectors(t: torch.Tensor, orders) -> torch.Tensor:
@@ -95,8 +96,8 @@ class GM(Detector):
                                  "model.named_modules()) whose outputs are feature maps [B, C, ...]")
         self.classes_from, self.val_fraction, self.val_size = classes_from, float(val_fraction), val_size
         self.normalize, self.seed = bool(normalize), int(seed)
-        self._extractor = LayerFeatures(model, layers, transform=lambda t: gram_vectors(t, self.orders), who="GM")
-        self.layers = self._extractor.names
+        self._taps = resolve_layers(model, layers, "GM")
+        self.layers = [name for name, _, _ in self._taps]
         self.mins = None           # per layer [K, P, C_l]
         self.maxs = None
         self.expected = None       # [L] E_va[delta_l] (ones when normalize=False)
@@ -118,11 +119,11 @@ class GM(Detector):
         return super().replace(**params)
 
     def _grams(self, x):
-        grams, output = self._extractor(x)
-        logits = logits_or_none(output)
-        if logits is None:
+        grams, output = forward_with_taps(self.model, x, self._taps, "GM",
+                                          reduce=lambda t: gram_vectors(t, self.orders))
+        if not is_logits(output):
             raise TypeError("GM needs a model returning logits [B, C] (the predicted class picks the ranges)")
-        return grams, logits
+        return grams, output
 
     def layer_deviations(self, grams, classes) -> torch.Tensor:
         """``delta_l`` [B, L] of Gram vectors (per layer [B, P, C_l]) against the ranges of ``classes`` [B]."""

@@ -2,8 +2,9 @@
 of the normalized penultimate feature to its k-th nearest neighbour in the normalized ID training features."""
 import torch
 
+from ._feature_hooks import forward_with_taps, is_logits, pool_features, resolve_layers
+from ._streaming import check_unfitted
 from .base import Detector, eval_mode
-from .features import LayerFeatures, check_unfitted, logits_or_none
 
 
 def _normalize(f: torch.Tensor) -> torch.Tensor:
@@ -98,8 +99,8 @@ class KNN(Detector):
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         self.seed, self.dtype = int(seed), dtype
         self.query_block, self.bank_block = query_block, bank_block
-        self._extractor = LayerFeatures(model, None if layer is None else [layer], who="KNN")
-        self.layer = self._extractor.names[0]
+        self._taps = resolve_layers(model, None if layer is None else [layer], "KNN")
+        self.layer = self._taps[0][0]
         self.bank = None          # [M, F] unit rows
         self.fit_fraction = None  # the fraction the bank was sampled with
 
@@ -134,7 +135,7 @@ class KNN(Detector):
                     if not keep.any():
                         continue
                     x = x[keep.to(x.device)]
-                (f,), _ = self._extractor(x)
+                (f,), _ = self._features(x)
                 parts.append(_normalize(f).to(self.dtype))
         if not parts:
             raise ValueError("KNN.fit: the loader yielded no samples" + (
@@ -145,15 +146,18 @@ class KNN(Detector):
             raise ValueError(f"KNN.fit: k={self.k_used} exceeds the {self.bank.shape[0]} stored training features")
         return self
 
+    def _features(self, x):
+        """(pooled features [B, F] float64 in a list, model output) from one forward pass."""
+        return forward_with_taps(self.model, x, self._taps, "KNN", reduce=lambda t: pool_features(t, "KNN"))
+
     def _score_and_predict(self, x):
         check_unfitted(self.bank, "KNN")
         if self.fraction != self.fit_fraction:
             raise ValueError(f"KNN: the bank was sampled with fraction={self.fit_fraction}, not {self.fraction}; "
                              "refit to change the fraction")
-        (f,), output = self._extractor(x)
+        (f,), output = self._features(x)
         d, _ = kth_neighbour(_normalize(f), self.bank, self.k_used, self.query_block, self.bank_block)
-        logits = logits_or_none(output)
-        return d, None if logits is None else logits.argmax(dim=1)
+        return d, output.argmax(dim=1) if is_logits(output) else None
 
     def score_features(self, features: torch.Tensor) -> torch.Tensor:
         """Scores [B] float64 of given features [B, F] (not yet normalized): ``|z - z_(k)|``."""

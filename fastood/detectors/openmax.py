@@ -6,8 +6,8 @@ import warnings
 
 import torch
 
+from ._streaming import check_labels, check_unfitted
 from .base import Detector, eval_mode, logits_of
-from .features import check_labels, check_unfitted
 
 DISTANCES = ("eucos", "euclidean", "cosine")
 

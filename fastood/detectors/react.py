@@ -2,8 +2,9 @@
 penultimate activations at the p-th percentile of their ID values, then score the clipped network's energy."""
 import torch
 
+from ._feature_hooks import forward_with_taps, resolve_layers
+from ._streaming import SmallestKeys
 from .base import Detector, eval_mode, logits_of
-from .features import SmallestKeys, resolve_layers
 
 
 def percentile(values: torch.Tensor, p: float) -> float:
@@ -60,8 +61,8 @@ class ReAct(Detector):
         if threshold is not None and not (isinstance(threshold, (int, float)) and threshold == threshold):
             raise ValueError(f"threshold must be a number or None, got {threshold!r}")
         self.max_samples, self.seed = max_samples, int(seed)
-        ((self.layer, self._module, self._use_input),) = resolve_layers(model, None if layer is None else [layer],
-                                                                       "ReAct")
+        self._taps = resolve_layers(model, None if layer is None else [layer], "ReAct")
+        self.layer = self._taps[0][0]
         self.threshold = None if threshold is None else float(threshold)
         self.fit_exact = None  # whether the fitted percentile used every activation
 
@@ -80,22 +81,12 @@ class ReAct(Detector):
 
     def _run(self, x, clip: float = None, collect: list = None):
         """The model's output with the target's activations clipped at ``clip`` (None: unchanged); ``collect``
-        receives the (unclipped) activations."""
-        def change(t):
-            if collect is not None:
-                collect.append(t.detach().reshape(-1))  # the model's dtype (float32: 4 bytes a value)
-            return t if clip is None else t.clamp(max=clip)
-
-        if self._use_input:
-            handle = self._module.register_forward_pre_hook(lambda m, args: (change(args[0]),) + tuple(args[1:]))
-        else:
-            handle = self._module.register_forward_hook(lambda m, args, out: change(out))
-        try:
-            out = self.model(x)
-        finally:
-            handle.remove()
-        if collect is not None and not collect:
-            raise RuntimeError(f"ReAct: layer {self.layer!r} was not called in the model's forward pass")
+        receives the (unclipped) activations, flattened, in the model's dtype."""
+        (values,), out = forward_with_taps(self.model, x, self._taps, "ReAct",
+                                           transform=None if clip is None else (lambda t: t.clamp(max=clip)),
+                                           reduce=lambda t: t.detach().reshape(-1))
+        if collect is not None:
+            collect.append(values)
         return out
 
     @torch.no_grad()

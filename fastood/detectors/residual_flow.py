@@ -7,8 +7,9 @@ import math
 import torch
 from torch import nn
 
+from ._feature_hooks import forward_with_taps, is_logits, pool_features, resolve_layers
+from ._streaming import check_labels, check_unfitted
 from .base import Detector, eval_mode
-from .features import LayerFeatures, check_labels, check_unfitted, logits_or_none
 
 
 class _Coupling(nn.Module):
@@ -121,8 +122,8 @@ class DRF(Detector):
             raise ValueError(f"lr must be a number > 0, got {lr!r}")
         self.couplings, self.hidden, self.epochs, self.lr, self.batch_size = couplings, hidden, epochs, lr, batch_size
         self.seed = int(seed)
-        self._extractor = LayerFeatures(model, layers, who="DRF")
-        self.layers = self._extractor.names
+        self._taps = resolve_layers(model, layers, "DRF")
+        self.layers = [name for name, _, _ in self._taps]
         self.classes = None     # [K] class indices with training images
         self.means = None       # per layer [K, F]
         self.whiten = None      # per layer A [R, F]
@@ -152,7 +153,7 @@ class DRF(Detector):
                 y = check_labels(x, y, "DRF")
                 if y.numel() == 0:
                     continue
-                f, _ = self._extractor(x)
+                f, _ = self._features(x)
                 feats = [[t] for t in f] if feats is None else [acc + [t] for acc, t in zip(feats, f)]
                 labels.append(y)
         if feats is None:
@@ -221,20 +222,23 @@ class DRF(Detector):
         cols = [self._log_normal_flow(flow, (f - means[k]) @ whiten.T) for k, flow in enumerate(self.flows[layer])]
         return torch.stack(cols, 1) + self.log_det_whiten[layer]
 
+    def _features(self, x):
+        """(per-layer pooled features [B, F_l] float64, model output) from one forward pass."""
+        return forward_with_taps(self.model, x, self._taps, "DRF", reduce=lambda t: pool_features(t, "DRF"))
+
     def _score_and_predict(self, x):
         check_unfitted(self.flows, "DRF")
         if self.epsilon == 0:
-            feats, output = self._extractor(x)
+            feats, output = self._features(x)
             total = sum(-ll.amax(1) for ll in self.log_likelihoods(feats))
         else:
             x_grad = x.detach().requires_grad_(True)
-            feats, output = self._extractor(x_grad)
+            feats, output = self._features(x_grad)
             nll = [-ll.amax(1) for ll in self.log_likelihoods(feats)]
             total = 0
             for layer, d in enumerate(nll):
                 (grad,) = torch.autograd.grad(d.sum(), x_grad, retain_graph=layer < len(nll) - 1)
                 with torch.no_grad():
-                    feats_hat, _ = self._extractor(x - self.epsilon * grad.sign())
+                    feats_hat, _ = self._features(x - self.epsilon * grad.sign())
                     total = total - self._layer_log_likelihood(layer, feats_hat[layer]).amax(1)
-        logits = logits_or_none(output)
-        return total.detach(), None if logits is None else logits.detach().argmax(dim=1)
+        return total.detach(), output.detach().argmax(dim=1) if is_logits(output) else None
