@@ -148,7 +148,7 @@ class KNN(Detector):
 
     def _features(self, x):
         """(pooled features [B, F] float64 in a list, model output) from one forward pass."""
-        return forward_with_taps(self.model, x, self._taps, "KNN", reduce=lambda t: pool_features(t, "KNN"))
+        return forward_with_taps(self.model, x, self._taps, "KNN", reduce=lambda t: pool_features(t, "KNN").clone())
 
     def _score_and_predict(self, x):
         check_unfitted(self.bank, "KNN")

@@ -84,7 +84,7 @@ class ReAct(Detector):
         receives the (unclipped) activations, flattened, in the model's dtype."""
         (values,), out = forward_with_taps(self.model, x, self._taps, "ReAct",
                                            transform=None if clip is None else (lambda t: t.clamp(max=clip)),
-                                           reduce=lambda t: t.detach().reshape(-1))
+                                           reduce=None if collect is None else lambda t: t.detach().reshape(-1).clone())
         if collect is not None:
             collect.append(values)
         return out

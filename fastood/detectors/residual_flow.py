@@ -224,7 +224,7 @@ class DRF(Detector):
 
     def _features(self, x):
         """(per-layer pooled features [B, F_l] float64, model output) from one forward pass."""
-        return forward_with_taps(self.model, x, self._taps, "DRF", reduce=lambda t: pool_features(t, "DRF"))
+        return forward_with_taps(self.model, x, self._taps, "DRF", reduce=lambda t: pool_features(t, "DRF").clone())
 
     def _score_and_predict(self, x):
         check_unfitted(self.flows, "DRF")
