@@ -1,7 +1,7 @@
 """CMG (Wang et al., ECML 2022), Table 1, Setting 1, row MNIST, reproduced and printed beside the paper's numbers.
 
-    python bench/reproduce_cmg.py [--partitions mnist-0to5 ... mnist-4to9] [--seeds 0] [--clf-steps 150]
-        [--cvae-steps 40] [--stage2-n 6144] [--stage2-steps 1000] [--eval-n 2000] [--out runs/cmg] [--quick]
+    python bench/reproduce_cmg.py [--partitions mnist-0to5 ... mnist-4to9] [--seeds 0] [--clf-steps 200]
+        [--cvae-steps 50] [--stage2-n 6144] [--stage2-steps 1000] [--eval-n 2000] [--out runs/cmg] [--quick]
 
 Setting 1: ID = 6 consecutive MNIST classes (0-5, 1-6, 2-7, 3-8, 4-9; relabelled 0..5), OOD = the other 4
 classes of the test split (``fastood.data.benchmark("mnist-0to5")`` ..). AUROC % (OOD positive), mean +- std
@@ -24,16 +24,17 @@ The authors' setup (shaoyijia/CMG: ``train.py``, ``eval.py``, ``training/*.py``,
   (``fine_tune.py``: ``max_rocauc``), a selection on the test set. The table gives the final model's AUROC
   (rows "CMG-s", "CMG-e") and, beside it, that best-of-evaluations figure (rows "... best of evaluations every
   20 steps, the authors' protocol").
-- Softmax / ODIN / Mahalanobis: the paper does not say how its baselines were trained; here they score the
+- Softmax / ODIN / Mahalanobis: the authors' repository has no code for its baselines; here they score the
   stage-1 classifier (MSP; ODIN T = 1000, eps = 0.0014, not tuned; Mahalanobis on the 512-d penultimate layer,
   no input noise, class means and tied covariance from the stage-2 ID images).
 
 Budget (this machine: 2 CPU cores) -- every deviation from the authors' budget, stated again in the table's
 ``budget`` line:
-- stage 1: ``--clf-steps`` Adam steps of ``--clf-batch`` images (default 150 x 128 = 19,200 images, about 0.5 of an
+- stage 1: ``--clf-steps`` Adam steps of ``--clf-batch`` images (default 200 x 128 = 25,600 images, 0.7 of an
   epoch; the authors: 100 epochs of 512, ~7,000 steps);
-- CVAE: ``--cvae-steps`` steps of ``--cvae-batch`` (default 40 x 128 = 5,120 images; the authors: 100 epochs of
-  512). Its encoder's Linear(100352, 1024) makes each step about 3x a classifier step;
+- CVAE: ``--cvae-steps`` steps of ``--cvae-batch`` (default 50 x 128 = 6,400 images, 0.18 of an epoch; the
+  authors: 100 epochs of 512). Its encoder's Linear(100352, 1024) and 28 x 28 second convolution make each step
+  about 2.2x a classifier step;
 - stage 2 on ``--stage2-n`` ID training images (default 6,144, a seeded subset of the partition's ~36,000) whose
   encoder features are computed once, and a bank of ``--bank-n`` pseudo-OOD images (default = stage2-n) drawn
   once and passed once through the frozen encoder; each stage-2 epoch's pseudo-OOD pool is a random draw from
@@ -43,6 +44,13 @@ Budget (this machine: 2 CPU cores) -- every deviation from the authors' budget, 
 - evaluation on ``--eval-n`` seeded ID test images and as many OOD test images (default 2,000 + 2,000; the
   authors: the whole test split, ~6,000 + ~4,000); 0 = the whole test split;
 - one run per partition (``--seeds``; the paper: 5 runs).
+
+Time (CPU seconds, all threads, measured with ``nice`` on this 2-core machine while ~20 other processes ran;
+the stage-wise wall and CPU seconds of every run are in the table's meta): a classifier step of 128 costs ~3 CPU
+s, a CVAE step ~7, encoding an image ~4 ms, a stage-2 step ~0.15 (trainer included). The default budget is thus
+~1,400 CPU s per partition: an estimated ~12 min per partition and ~1 hour for the 5 on 2 free cores (an estimate
+from CPU seconds, not a run on free cores). One partition at a reduced budget (``--clf-steps 60 --cvae-steps 15
+--stage2-steps 300 --stage2-n 3072 --eval-n 1000``) took 429 CPU s (27 min wall under that load).
 
 Differences of the networks (see :mod:`fastood.models.cmg_nets`): images in [-1, 1] (the authors': [0, 1]),
 the classifier has 6 outputs in stage 1 (the authors': 11, of which 6 are used) and CMG-softmax's OOD output is
@@ -54,6 +62,7 @@ interrupted run continues where it stopped. Writes ``--out``/cmg_table.{txt,md,j
 ``paper | fastood (mean +- std) | difference``.
 """
 import argparse
+import contextlib
 import copy
 import os
 import shutil
@@ -68,12 +77,29 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastood.data import benchmark  # noqa: E402
 from fastood.data.benchmarks import CMG_PARTITIONS  # noqa: E402
-from fastood.protocol import Cells, PaperRow, Stopwatch, cached_model, paper_table, write_table  # noqa: E402
+from fastood.protocol import Cells, PaperRow, cached_model, paper_table, write_table  # noqa: E402
 
 #: Table 1, Setting 1, row MNIST (AUROC %, mean +- std over the 5 partitions).
 PAPER = {"Softmax": (97.6, 0.7), "ODIN": (98.1, 1.1), "Mahalanobis": (98.4, 0.4), "CMG-s": (98.3, 0.2),
          "CMG-e": (99.0, 0.2)}
 SIGMA_MNIST = 3.0  # the authors' `scalar` for MNIST (fine_tune.py)
+
+
+class Watch:
+    """Wall and process CPU seconds (all threads) of named stages: ``with w("train"): ...``; ``w.times``,
+    ``w.cpu``. CPU seconds / cores estimate the wall time on free cores when the machine is shared."""
+
+    def __init__(self):
+        self.times, self.cpu = {}, {}
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.times[name] = round(self.times.get(name, 0.0) + time.perf_counter() - t0, 1)
+            self.cpu[name] = round(self.cpu.get(name, 0.0) + time.process_time() - c0, 1)
 
 
 def adam(lr):
@@ -204,7 +230,7 @@ def run_cell(name, seed, args, cells, log):
     from fastood.trainers.cvae import CVAETrainer
     from fastood.trainers.standard import StandardTrainer
 
-    sw = Stopwatch()
+    sw = Watch()
     progress = not args.quiet
     bench = benchmark(name, seed=seed)
     n = bench.num_classes
@@ -273,8 +299,9 @@ def run_cell(name, seed, args, cells, log):
     ood = next(iter(bench.ood.values()))
     out["n_eval_id"] = min(len(bench.id_test), args.eval_n or len(bench.id_test))
     out["n_eval_ood"] = min(len(ood), args.eval_n or len(ood))
-    out["times_s"] = sw.times
-    log(f"{name} seed {seed}: " + ", ".join(f"{k} {v:.0f}s" for k, v in sw.times.items()))
+    out["times_s"], out["cpu_s"] = sw.times, sw.cpu
+    log(f"{name} seed {seed}: wall (CPU) seconds: "
+        + ", ".join(f"{k} {v:.0f} ({sw.cpu[k]:.0f})" for k, v in sw.times.items()))
     return out
 
 
@@ -396,7 +423,8 @@ def main(argv=None):
                           "(seeded subsets); the authors: the whole test split",
             "wall_s (this invocation)": round(time.time() - t0, 1),
             "cell wall_s": {f"{r['name']} s{r['seed']}": r.get("wall_s") for r in results},
-            "stage times_s": {f"{r['name']} s{r['seed']}": r.get("times_s") for r in results}}
+            "stage wall_s": {f"{r['name']} s{r['seed']}": r.get("times_s") for r in results},
+            "stage cpu_s (all threads)": {f"{r['name']} s{r['seed']}": r.get("cpu_s") for r in results}}
     paths = write_table(args.out, "cmg_table", rows, meta)
     print(paper_table(rows))
     print(f"\nwritten: {', '.join(paths.values())}")
