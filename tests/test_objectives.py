@@ -124,7 +124,7 @@ def test_ice_objective_equals_ice_loss_and_measures_the_gradient_share():
     x, y = batch(6)
     x_out = torch.rand(4, 1, 8, 8)
     loss, logs = ICEObjective(lam=1.0)(model, x, y, x_out, grad_share=True)
-    h = model(torch.cat([x, x_out]))
+    h = model(torch.cat([x, x_out])).detach()
     assert float(loss.detach()) == pytest.approx(float(losses.ice_loss(h[:6], y, h[6:])), rel=1e-5)
     assert 0 <= logs["outlier_grad_share"] <= 1 and "outlier_grad_vs_ce" in logs
     loss.backward()                                             # the graph survived the share's autograd.grad calls
@@ -138,7 +138,7 @@ def test_manifold_objective_weights_the_outlier_class():
     objective = ManifoldObjective(sampler, ood_weight=0.1)
     loss, logs = objective(model, x, y)
     assert sampler.calls == [(6, (1, 8, 8))]                    # 2:1:1 -> b/2 + b/2
-    logits = model(torch.cat([x, gen]))
+    logits = model(torch.cat([x, gen])).detach()
     targets = torch.cat([y, torch.full((6,), 3)])
     weight = torch.tensor([1.0, 1.0, 1.0, 0.1])
     assert float(loss.detach()) == pytest.approx(float(F.cross_entropy(logits, targets, weight=weight)), rel=1e-5)
@@ -156,13 +156,13 @@ def test_cmg_objective_energy_and_softmax_modes():
     with pytest.raises(ValueError, match="margins"):
         objective(head, f, y, f_ood)
     m_in, m_out = objective.margins_from(head(f), head(f_ood))
-    assert m_in == pytest.approx(float(torch.quantile(losses.energy(head(f)).double(), 0.2)), rel=1e-6)
+    assert m_in == pytest.approx(float(torch.quantile(losses.energy(head(f).detach()).double(), 0.2)), rel=1e-6)
     loss, logs = objective(head, f, y, f_ood)
     expected = losses.cmg_energy_loss(head(f), y, head(f_ood), m_in, m_out)[0]
     assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5) and 0 <= float(logs["id_inside"]) <= 1
     head4 = nn.Linear(5, 4)
     loss, logs = CMGObjective("softmax")(head4, f, y, f_ood)
-    logits = head4(torch.cat([f, f_ood]))
+    logits = head4(torch.cat([f, f_ood])).detach()
     assert float(loss.detach()) == pytest.approx(float(F.cross_entropy(logits, torch.cat([y, torch.full((4,), 3)]))),
                                         rel=1e-5)
 
@@ -173,11 +173,11 @@ def test_discrepancy_objective_steps():
     x_u = torch.rand(5, 1, 8, 8)
     objective = DiscrepancyObjective(margin=0.5)
     loss_a, logs_a = objective.supervised(model, x, y)
-    l1, l2 = model(x)
+    l1, l2 = (t.detach() for t in model(x))
     assert float(loss_a.detach()) == pytest.approx(float(F.cross_entropy(l1, y) + F.cross_entropy(l2, y)), rel=1e-5)
     assert logs_a["phase"] == 0.0
     loss_b, logs_b = objective(model, x, y, x_u)
-    u1, u2 = model(x_u)
+    u1, u2 = (t.detach() for t in model(x_u))
     expected = loss_a + losses.discrepancy_loss(u1, u2, 0.5)
     assert float(loss_b.detach()) == pytest.approx(float(expected.detach()), rel=1e-5) and logs_b["phase"] == 1.0
     with pytest.warns(UserWarning, match=r"margin m = 1.2 cannot be reached with 3 classes"):
