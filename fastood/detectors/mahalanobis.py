@@ -4,16 +4,20 @@ import warnings
 
 import torch
 
-
+from ._feature_hooks import PENULTIMATE, forward_with_taps, is_logits, pool_features, resolve_layers
 from .base import Detector, eval_mode
 
 
-def _pool(t: torch.Tensor) -> torch.Tensor:
-    """Features [B, F] in float64: global average pool of [B, C, H, W] (or [B, C, L]), flatten of [B, F]."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"Mahalanobis: a hooked layer produced {type(t).__name__}, expected a tensor")
-    t = t.mean(dim=tuple(range(2, t.dim()))) if t.dim() > 2 else t.reshape(t.shape[0], -1)
-    return t.double()
+def whitening(cov: torch.Tensor, zero_message: str) -> torch.Tensor:
+    """W [F, R] with ``W W^T = pinv(cov)`` for a symmetric PSD float64 ``cov`` [F, F], R = its numerical rank
+    (eigenvalues below ``max |eig| * F * eps`` dropped); ValueError(zero_message) when R = 0."""
+    cov = 0.5 * (cov + cov.T)
+    eigvals, eigvecs = torch.linalg.eigh(cov)
+    tol = eigvals.abs().max() * cov.shape[0] * torch.finfo(torch.float64).eps
+    keep = eigvals > tol
+    if not keep.any():
+        raise ValueError(zero_message)
+    return eigvecs[:, keep] / eigvals[keep].sqrt()
 
 
 class Mahalanobis(Detector):
@@ -43,19 +47,7 @@ class Mahalanobis(Detector):
         super().__init__(model, **batch_options)
         self.epsilon = epsilon
         self._check_hyperparameters()
-        if layers is None:
-            from fastood.models import split_head
-
-            self._targets = [("penultimate", split_head(model)[1], True)]
-        else:
-            if isinstance(layers, str) or not layers:
-                raise ValueError(f"layers must be a non-empty list of module names, got {layers!r}")
-            modules = dict(model.named_modules())
-            missing = [n for n in layers if n not in modules]
-            if missing:
-                raise ValueError(f"layers {missing} not found in the model; valid names include "
-                                 f"{[n for n in modules if n][:15]}")
-            self._targets = [(n, modules[n], False) for n in layers]
+        self._targets = resolve_layers(model, layers, "Mahalanobis")
         self.layers = [name for name, _, _ in self._targets]
         self.classes = None     # [K] class indices that had training samples
         self.means = None       # per layer [K, F]
@@ -67,7 +59,7 @@ class Mahalanobis(Detector):
     def name(self) -> str:
         """``Mahalanobis(epsilon=...)``, plus the layer names when they are not the default."""
         base = super().name
-        return base if self.layers == ["penultimate"] else f"{base[:-1]}, layers={self.layers})"
+        return base if self.layers == [PENULTIMATE] else f"{base[:-1]}, layers={self.layers})"
 
     def _check_hyperparameters(self):
         if not (isinstance(self.epsilon, (int, float)) and self.epsilon >= 0):
@@ -81,42 +73,35 @@ class Mahalanobis(Detector):
     # ------------------------------------------------------------------ features
     def _features(self, x):
         """(per-layer pooled features [B, F_l] float64, model output) from one forward pass."""
-        feats, handles = {}, []
-        for name, module, use_input in self._targets:
-            if use_input:
-                hook = (lambda n: lambda m, args: feats.__setitem__(n, _pool(args[0])))(name)
-                handles.append(module.register_forward_pre_hook(hook))
-            else:
-                hook = (lambda n: lambda m, args, out: feats.__setitem__(n, _pool(out)))(name)
-                handles.append(module.register_forward_hook(hook))
-        try:
-            output = self.model(x)
-        finally:
-            for h in handles:
-                h.remove()
-        missing = [name for name in self.layers if name not in feats]
-        if missing:
-            raise RuntimeError(f"Mahalanobis: layers {missing} were not called in the model's forward pass")
-        return [feats[name] for name in self.layers], output
+        feats, output = forward_with_taps(self.model, x, self._targets, type(self).__name__)
+        return [pool_features(f, type(self).__name__) for f in feats], output
 
     # ------------------------------------------------------------------ fitting
     @torch.no_grad()
     def fit(self, loader, progress: bool = False) -> "Mahalanobis":
         """Class means and tied covariance of each layer from a labeled ID loader yielding (images, labels)."""
+        counts, sums, second, shift = self._stream_moments(loader, progress)
+        self._fit_gaussians(counts, sums, second, shift)
+        return self
+
+    def _stream_moments(self, loader, progress: bool):
+        """One pass over labeled ID data: ``(counts [K], per layer class sums [K, F], second moment [F, F], shift
+        [F])``, float64, the features taken around ``shift`` (the first batch's mean)."""
         from tqdm.auto import tqdm
 
+        who = type(self).__name__
         sums = second = shift = counts = None
         with eval_mode(self.model):
-            batches = self.batch_reader.labeled(loader, "Mahalanobis.fit's loader (labeled ID training data)")
-            for images, labels in tqdm(batches, desc="Mahalanobis fit", disable=not progress, leave=False):
+            batches = self.batch_reader.labeled(loader, f"{who}.fit's loader (labeled ID training data)")
+            for images, labels in tqdm(batches, desc=f"{who} fit", disable=not progress, leave=False):
                 x = self._prepare(images)
                 y = labels.to(x.device).long().reshape(-1)
                 if y.numel() != x.shape[0]:
-                    raise ValueError(f"Mahalanobis.fit: {x.shape[0]} images but {y.numel()} labels in a batch")
+                    raise ValueError(f"{who}.fit: {x.shape[0]} images but {y.numel()} labels in a batch")
                 if y.numel() == 0:
                     continue
                 if y.min() < 0:
-                    raise ValueError(f"Mahalanobis.fit: labels must be >= 0, got {int(y.min())}")
+                    raise ValueError(f"{who}.fit: labels must be >= 0, got {int(y.min())}")
                 feats, _ = self._features(x)
                 if sums is None:
                     # Accumulate around the first batch's mean: keeps the second moment free of cancellation.
@@ -135,11 +120,16 @@ class Mahalanobis(Detector):
                     sums[i].index_add_(0, y, c)
                     second[i] += c.T @ c
         if sums is None:
-            raise ValueError("Mahalanobis.fit: the loader yielded no samples")
+            raise ValueError(f"{who}.fit: the loader yielded no samples")
+        return counts, sums, second, shift
+
+    def _fit_gaussians(self, counts, sums, second, shift):
+        """Class means, tied covariance and its whitening per layer from :meth:`_stream_moments`' sums."""
+        who = type(self).__name__
         present = counts > 0
         if not present.all():
             missing = torch.nonzero(~present).flatten().tolist()
-            warnings.warn(f"Mahalanobis.fit: classes {missing} have no training samples and are left out")
+            warnings.warn(f"{who}.fit: classes {missing} have no training samples and are left out")
         self.classes = torch.nonzero(present).flatten()
         n, n_c = counts.sum(), counts[present]
         self.means, self.precisions, self._whiten, self._white_means = [], [], [], []
@@ -147,20 +137,13 @@ class Mahalanobis(Detector):
             centered_means = s[present] / n_c[:, None]
             # Within-class scatter = sum_i (z_i - mu_{y_i})(...)^T = sum_i z_i z_i^T - sum_c n_c mu_c mu_c^T.
             cov = (m2 - (centered_means * n_c[:, None]).T @ centered_means) / n
-            cov = 0.5 * (cov + cov.T)
-            eigvals, eigvecs = torch.linalg.eigh(cov)
-            tol = eigvals.abs().max() * cov.shape[0] * torch.finfo(torch.float64).eps
-            keep = eigvals > tol
-            if not keep.any():
-                raise ValueError(f"Mahalanobis.fit: the features of layer {name!r} do not vary within classes "
-                                 "(zero covariance); use other layers or more data")
-            whiten = eigvecs[:, keep] / eigvals[keep].sqrt()          # [F, R], W W^T = pinv(cov)
+            whiten = whitening(cov, f"{who}.fit: the features of layer {name!r} do not vary within classes "
+                                    "(zero covariance); use other layers or more data")
             means = centered_means + sh
             self.means.append(means)
             self.precisions.append(whiten @ whiten.T)
             self._whiten.append(whiten)
             self._white_means.append(means @ whiten)
-        return self
 
     # ------------------------------------------------------------------ scoring
     def _min_distances(self, feats):
@@ -188,5 +171,4 @@ class Mahalanobis(Detector):
                 with torch.no_grad():
                     feats_hat, _ = self._features(x - self.epsilon * grad.sign())
                     total = total + self._min_distances(feats_hat)[layer]
-        is_logits = isinstance(output, torch.Tensor) and output.dim() == 2
-        return total.detach().float(), output.detach().argmax(dim=1) if is_logits else None
+        return total.detach().float(), output.detach().argmax(dim=1) if is_logits(output) else None
