@@ -2,10 +2,12 @@
 
 Each ``*_loss`` returns a scalar to minimize; its ``*_loss_terms`` twin returns the same value under ``"loss"``
 together with the terms it is made of (what the trainers log). :func:`fig_loss` and :func:`cmg_energy_loss` return
-``(loss, ce, term)`` tuples instead (as they always did). The objectives of :mod:`fastood.objectives` (one training
-step of each method, which the trainers loop over) are built on these. Logits are ``[B, C]`` with classes on dim 1; every
-softmax, entropy and log-sum-exp here runs over the class axis, never over the batch. Computations run in
-float32 (or float64 for float64 inputs), so bfloat16 logits from autocast are fine.
+``(loss, ce, term)`` tuples instead (as they always did). The objectives of :mod:`fastood.objectives` (one
+training step of each method, which the trainers loop over) are built on these.
+
+Logits are ``[B, C]`` with classes on dim 1; every softmax, entropy and log-sum-exp here runs over the class axis,
+never over the batch. Computations run in float32 (or float64 for float64 inputs), so bfloat16 logits from
+autocast are fine.
 
 An empty outlier / unlabeled batch contributes a zero term (still attached to the graph); an empty labeled batch
 is an error (its cross-entropy is undefined).

@@ -6,18 +6,15 @@ from a batch, which the trainers of :mod:`fastood.trainers` loop over.
         loss, logs = fig(model, x, y)                 # loss: a scalar to backward; logs: detached scalars
     loss.backward(); optimizer.step(); optimizer.zero_grad()
 
-=========================  ===============================================  ==========================================
-objective                  call                                             method (trainer looping over it)
-=========================  ===============================================  ==========================================
-:class:`FIGObjective`      ``(model, x, y)``: samples from ``model``        FIG (:class:`~fastood.trainers.FIGTrainer`)
-:class:`GaussianNoiseObjective` ``(model, x, y)``                           GS (``GaussianNoiseTrainer``)
-:class:`OEObjective`       ``(model, x, y, x_out)``                         Outlier Exposure (``OETrainer``)
-:class:`EnergyOEObjective` ``(model, x, y, x_out)``                         Energy-OE (``EnergyOETrainer``)
-:class:`ICEObjective`      ``(model, x, y, x_out)``: Gaussian-head model    ICE (``ICETrainer``)
-:class:`ManifoldObjective` ``(model, x, y)``: n+1 outputs, samples a CVAE    n+1 classifier (``ManifoldTrainer``)
-:class:`CMGObjective`      ``(head, f_id, y, f_ood)``                       CMG stage 2 (``CMGTrainer``)
-:class:`DiscrepancyObjective` ``(model, x, y, x_u)`` / ``.supervised(...)``  two heads (``DiscrepancyTrainer``)
-=========================  ===============================================  ==========================================
+- :class:`FIGObjective` ``(model, x, y)``: FIG, samples from the model being trained (``FIGTrainer``)
+- :class:`GaussianNoiseObjective` ``(model, x, y)``: GS, FIG's Gaussian-noise baseline (``GaussianNoiseTrainer``)
+- :class:`OEObjective` ``(model, x, y, x_out)``: Outlier Exposure (``OETrainer``)
+- :class:`EnergyOEObjective` ``(model, x, y, x_out)``: energy-bounded OE (``EnergyOETrainer``)
+- :class:`ICEObjective` ``(model, x, y, x_out)``: ICE, a model with a Gaussian head (``ICETrainer``)
+- :class:`ManifoldObjective` ``(model, x, y)``: the n+1 classifier on a CVAE's manifold outliers (``ManifoldTrainer``)
+- :class:`CMGObjective` ``(head, f_id, y, f_ood)``: CMG stage 2 on features (``CMGTrainer``)
+- :class:`DiscrepancyObjective` ``(model, x, y, x_u)`` and ``.supervised(model, x, y)``: two heads
+  (``DiscrepancyTrainer``)
 
 Every call returns ``(loss, logs)``: ``loss`` a differentiable scalar, ``logs`` a dict of detached scalars with
 ``"loss"`` among them. Objectives never step an optimizer or change the model's train/eval mode; the loop does

@@ -60,7 +60,8 @@ class CMGObjective(Objective):
 
     def __call__(self, model, x, y, x_ood):
         check_id_batch(self.owner, x, y)
-        if not isinstance(x_ood, torch.Tensor) or x_ood.dim() != x.dim() or tuple(x_ood.shape[1:]) != tuple(x.shape[1:]):
+        if not isinstance(x_ood, torch.Tensor) or tuple(x_ood.shape[1:]) != tuple(x.shape[1:]) \
+                or x_ood.dim() != x.dim():
             got = f"shape {tuple(x_ood.shape)}" if isinstance(x_ood, torch.Tensor) else type(x_ood).__name__
             raise ValueError(f"{self.owner}: x_ood must be pseudo-OOD inputs [g, {', '.join(map(str, x.shape[1:]))}] "
                              f"like x, got {got}")

@@ -179,7 +179,8 @@ class DiscrepancyTrainer(OutlierTrainer):
         if reason == "budget":
             warnings.warn(f"DiscrepancyTrainer: head 2 did not match head 1 within max_pretrain_steps = "
                           f"{self.max_pretrain_steps} (accuracy {acc2:.3f} vs {acc1:.3f}); fine-tuning starts anyway. "
-                          "Raise max_pretrain_steps or start from two trained heads", UserWarning, stacklevel=user_stacklevel())
+                          "Raise max_pretrain_steps or start from two trained heads", UserWarning,
+                          stacklevel=user_stacklevel())
 
     # ------------------------------------------------------------------ mechanism
     def mechanism_idle(self, logs):

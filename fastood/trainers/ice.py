@@ -56,9 +56,9 @@ class ICETrainer(OutlierTrainer):
         (:meth:`GaussianClassifier.from_model`; ``trainer.model`` is then the new GaussianClassifier, sharing the
         classifier's backbone, and the constructor warns once, :class:`~fastood.trainers.base.ModelReplacedWarning`:
         score, evaluate and save ``trainer.model`` or ``trainer.detector()``, since the variable you passed in
-        keeps its old ``nn.Linear`` head) which is initialized from the class feature means and the covariance's Cholesky
-        factor of the first :meth:`fit` loader's data, before the first step (``init_batches`` batches at most;
-        recorded in the checkpoint, not redone on resume). :meth:`from_classifier` does it eagerly.
+        keeps its old ``nn.Linear`` head) which is initialized from the class feature means and the covariance's
+        Cholesky factor of the first :meth:`fit` loader's data, before the first step (``init_batches`` batches at
+        most; recorded in the checkpoint, not redone on resume). :meth:`from_classifier` does it eagerly.
 
     Defaults: the paper's fine-tuning recipe -- SGD lr 0.01 (momentum 0.9, wd 5e-4) with cosine decay to 0 over
     the run (``cosine=False``: constant) and an outlier batch twice the ID batch (``outlier_ratio=2``: 128 ID + 256
