@@ -7,11 +7,16 @@
 
 What fastood's FIGTrainer does for you, and this module does by hand:
 
-- BatchNorm. FIG fine-tunes with BatchNorm frozen (FIGTrainer's ``freeze_bn=True``): the generated batch would
-  otherwise drag the running statistics away from the ID data. Lightning calls ``model.train()`` at the start of
-  every epoch, which undoes a freeze done once in ``__init__`` or ``on_fit_start``; so ``training_step`` runs the
-  objective inside ``fastood.frozen_batchnorm(self.model)``, which puts every BatchNorm layer in eval mode for the
-  step and restores its mode afterwards. (Freezing in ``on_train_batch_start`` works as well.)
+- Modes. FIG fine-tunes in train mode (dropout on) with BatchNorm frozen (FIGTrainer's ``freeze_bn=True``): the
+  generated batch would otherwise drag the running statistics away from the ID data. Lightning switches modes
+  around your steps: older versions call ``.train()`` on the whole module at every epoch start, and a validation
+  loop whose ``on_validation_model_train`` hook is the classic ``self.trainer.model.train()`` does so after every
+  validation, so a BatchNorm freeze done once in ``__init__`` or ``on_fit_start`` does not last. ``training_step``
+  therefore runs the objective inside ``fastood.frozen_batchnorm(self.model)``, which puts every BatchNorm layer
+  in eval mode for the step and restores its mode afterwards (freezing in ``on_train_batch_start`` works as well).
+  Lightning 2.2 and later keep the modes the model comes with, and a pretrained model often comes in eval mode
+  (``fastood.pretrain.pretrained_small_cnn`` returns one): ``on_fit_start`` puts it in train mode, as FIGTrainer
+  does.
 - The sampler, the sample count (``ceil(k * b)``), the loss and the data-range check (a warning, once, when the
   images do not fit the sampler's box) are the objective's.
 - Precision. The Langevin sampler computes its input gradients in float32 under a CUDA autocast (it overrides
@@ -51,6 +56,9 @@ class FIGModule(L.LightningModule):
 
     def forward(self, x):
         return self.model(x)
+
+    def on_fit_start(self):
+        self.model.train()  # dropout on while fine-tuning, as FIGTrainer; BatchNorm is frozen per step below
 
     def training_step(self, batch, batch_idx):
         x, y = batch
