@@ -453,7 +453,12 @@ def make_detector(name: str, model: torch.nn.Module, ctx: Optional[Context] = No
         raise PipelineError(f"unknown detector {name!r}; valid detectors: {', '.join(DETECTORS)}")
     cls = DETECTORS[key]
     if key not in ("odin", "mahalanobis"):
-        return cls(model)
+        from fastood.detectors import Detector
+
+        det = cls(model)
+        if ctx is not None and cls.fit is not Detector.fit:   # GM, DRF, OpenMax, ReAct, KNN: fitted, defaults
+            det.fit(DataLoader(ctx.bench.id_train, batch_size=256))
+        return det
     if ctx is None:
         return cls(model)
     from fastood.data import auxiliary_outliers
