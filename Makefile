@@ -21,7 +21,7 @@ venv:
 	[ -x $(PY) ] || $(PYTHON_SYS) -m venv $(VENV)
 	$(PY) -m pip install --upgrade "pip>=23" setuptools wheel
 	$(PY) -m pip install $(TORCH_SPEC)
-	$(PY) -m pip install numpy scikit-learn tqdm pybind11 ninja pytest expecttest mlxtend matplotlib
+	$(PY) -m pip install numpy scikit-learn tqdm pybind11 ninja pytest expecttest mlxtend matplotlib lightning
 
 build:
 	$(PY) setup.py build_ext --inplace
