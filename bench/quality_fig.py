@@ -1,9 +1,12 @@
-"""FIG and GS on mnist5k-0to4: does fine-tuning on the model's own Langevin samples improve MSP detection?
+"""FIG and GS on mnist5k-0to4 (or, with --data, full MNIST / Fashion-MNIST): does fine-tuning on the model's own
+Langevin samples improve MSP detection?
 
     python bench/quality_fig.py [--steps 1000 | --epochs N] [--batch-size 128] [--lr 1e-3] [--seeds 3]
                                 [--eval-at 62,250,500] [--split-seed 0] [--before] [--no-control] [--batch-stop]
                                 [--authors-count] [--no-fig] [--no-gs] [--k K] [--max-steps T]
-                                [--noise authors|paper|none] [--momentum 0.9] [--weight-decay 5e-4]
+                                [--noise authors|paper|none] [--penalty entropy|log_entropy]
+                                [--data mnist5k-0to4|mnist|fashion-mnist] [--eval-size 2000] [--pretrain-epochs N]
+                                [--momentum 0.9] [--weight-decay 5e-4]
                                 [--trajectory-epochs 0] [--quiet] [--json PATH]
 
 One protocol for every row: the same pretrained model, the same number of optimizer steps, the same batch size and
@@ -141,6 +144,8 @@ def sampler_kwargs(args, **overrides):
 def fig_kwargs(args, **sampler_overrides):
     """FIGTrainer options of a FIG row: ``--k`` when given and a sampler built from :func:`sampler_kwargs`."""
     out = {} if args.k is None else {"k": args.k}
+    if args.penalty is not None:
+        out["penalty"] = args.penalty
     sampler = sampler_kwargs(args, **sampler_overrides)
     if sampler:
         out["sampler"] = LangevinSampler(**sampler)
@@ -199,6 +204,8 @@ def parse_args(argv=None):
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
     parser.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (default: %(default)s)")
     parser.add_argument("--k", type=float, help="FIG rows: generated samples per ID sample (default: FIGTrainer's)")
+    parser.add_argument("--penalty", choices=("entropy", "log_entropy"),
+                        help="FIG rows: FIGTrainer penalty (default: FIGTrainer's, the paper's entropy)")
     parser.add_argument("--max-steps", type=int, help="FIG rows: LangevinSampler max_steps (default: the sampler's)")
     parser.add_argument("--noise", choices=("authors", "paper", "none"),
                         help="FIG rows: LangevinSampler noise (default: the sampler's)")

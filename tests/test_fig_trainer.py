@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from fastood.samplers.langevin import LangevinSampler
 from fastood.samplers.noise import GaussianNoiseSampler
 from fastood.trainers import MechanismIdleWarning
-from fastood.trainers.fig import SATURATED_GRAD, FIGTrainer, GaussianNoiseTrainer, entropy_gradient_norm, fig_loss
+from fastood.trainers.fig import (SATURATED_GRAD, FIGTrainer, GaussianNoiseTrainer, entropy_gradient_norm, fig_loss,
+                                 log_entropy)
 from fastood.trainers.standard import StandardTrainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -392,3 +393,35 @@ def test_no_saturation_warning_when_the_penalty_has_a_gradient(pretrained, cls):
         warnings.simplefilter("error", MechanismIdleWarning)
         trainer.fit(loader(ds), epochs=1)
     assert max(row["gen_entropy_grad"] for row in trainer.history) >= SATURATED_GRAD
+
+
+def test_log_entropy_is_the_log_of_the_entropy_with_a_gradient_at_saturation():
+    z = torch.tensor([[2.0, -1.0, 0.5], [0.3, 0.2, 0.1]], dtype=torch.float64)
+    logp = torch.log_softmax(z, 1)
+    assert torch.allclose(log_entropy(z), (-(logp.exp() * logp).sum(1)).log(), rtol=1e-12)
+    # saturated rows (margins 40 and 2000): the entropy's gradient vanishes (or underflows), log H's does not
+    sat = torch.tensor([[40.0, 0.0, 0.0], [2000.0, 0.0, 0.0]], requires_grad=True)
+    (g_h,) = torch.autograd.grad(fig_loss(sat[:0], torch.zeros(0, dtype=torch.long), sat)[0], sat)
+    (g_log,) = torch.autograd.grad(log_entropy(sat).sum(), sat)
+    assert torch.isfinite(log_entropy(sat)).all() and torch.isfinite(g_log).all()
+    assert g_h.norm(dim=1).max() < 1e-14 and g_log.norm(dim=1).min() > 0.5
+
+
+def test_log_entropy_penalty_moves_a_saturated_model(pretrained):
+    # The same saturated model and budget: the paper's entropy penalty is idle (and warns), log H lowers the
+    # confidence of the model's own Langevin samples.
+    model, ds = pretrained
+    base = saturated(model, scale=30.0)
+    before = probe_confidence(base)
+    runs = {}
+    for penalty in ("entropy", "log_entropy"):
+        trainer = FIGTrainer(clone(base), sampler=LangevinSampler(max_steps=5), penalty=penalty, k=0.5, lr=0.01,
+                             progress=False, seed=0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(loader(ds), epochs=2)
+        runs[penalty] = (probe_confidence(trainer.model.eval()), trainer, caught)
+    assert before > 1 - 1e-6 and runs["entropy"][0] > 1 - 1e-6
+    assert any("saturated" in str(w.message) for w in runs["entropy"][2])
+    assert runs["log_entropy"][0] < 0.9999  # > 100x farther from 1 than before (measured 0.9994)
+    assert accuracy(runs["log_entropy"][1].model, ds) >= 0.95
