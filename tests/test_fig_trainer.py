@@ -306,6 +306,7 @@ def test_gs_noise_std_default():
     ({"lam": -1.0}, ValueError, "lam must"),
     ({"sampler": object()}, TypeError, "sample"),
     ({"sampler": GaussianNoiseSampler(), "bounds": (-1, 1)}, ValueError, "not both"),
+    ({"penalty": "log"}, ValueError, "penalty must be one of .*'log'"),
 ])
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
