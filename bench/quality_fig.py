@@ -1,9 +1,12 @@
-"""FIG and GS on mnist5k-0to4: does fine-tuning on the model's own Langevin samples improve MSP detection?
+"""FIG and GS on mnist5k-0to4 (or, with --data, full MNIST / Fashion-MNIST): does fine-tuning on the model's own
+Langevin samples improve MSP detection?
 
     python bench/quality_fig.py [--steps 1000 | --epochs N] [--batch-size 128] [--lr 1e-3] [--seeds 3]
                                 [--eval-at 62,250,500] [--split-seed 0] [--before] [--no-control] [--batch-stop]
                                 [--authors-count] [--no-fig] [--no-gs] [--k K] [--max-steps T]
-                                [--noise authors|paper|none] [--momentum 0.9] [--weight-decay 5e-4]
+                                [--noise authors|paper|none] [--penalty entropy|log_entropy]
+                                [--data mnist5k-0to4|mnist|fashion-mnist] [--eval-size 2000] [--pretrain-epochs N]
+                                [--momentum 0.9] [--weight-decay 5e-4]
                                 [--trajectory-epochs 0] [--quiet] [--json PATH]
 
 One protocol for every row: the same pretrained model, the same number of optimizer steps, the same batch size and
@@ -59,6 +62,8 @@ from fastood.trainers.fig import FIGTrainer, GaussianNoiseTrainer  # noqa: E402
 BASE = "pretrained (CE)"
 AUTHORS_STEPS = 1000  # main_FIG.py train_finetune: iteration = 1000
 AUTHORS_BATCH = 128   # main_FIG.py --batch-size default
+DEFAULT_DATA = "mnist5k-0to4"
+DATA = (DEFAULT_DATA, "mnist", "fashion-mnist")
 
 
 def probe(model, shape, n=256, steps=20, seed=1234):
@@ -88,11 +93,18 @@ class Setup:
 
     def __init__(self, args):
         self.args = args
-        self.bench = benchmark("mnist5k-0to4", seed=args.split_seed)
+        builtin = args.data == DEFAULT_DATA
+        # full-data benchmarks: a seeded subset of --eval-size images per OOD set and of the ID test set (speed)
+        self.bench = benchmark(args.data, seed=args.split_seed, ood_size=None if builtin else args.eval_size)
         self.shape = tuple(self.bench.shape)
-        self.pretrained = pretrained_small_cnn("mnist5k-0to4", seed=args.split_seed, cache=args.cache,
+        epochs = args.pretrain_epochs or (6 if builtin else 5)
+        self.pretrained = pretrained_small_cnn(args.data, epochs=epochs, seed=args.split_seed, cache=args.cache,
                                                progress=not args.quiet)
-        self.id_test = DataLoader(self.bench.id_test, batch_size=500)
+        id_test = self.bench.id_test
+        if not builtin and args.eval_size < len(id_test):
+            keep = torch.randperm(len(id_test), generator=torch.Generator().manual_seed(args.split_seed + 11))
+            id_test = torch.utils.data.Subset(id_test, keep[:args.eval_size].sort().values.tolist())
+        self.id_test = DataLoader(id_test, batch_size=500)
         self.ood = {name: DataLoader(ds, batch_size=500) for name, ds in self.bench.ood.items()}
 
     def evaluate(self, model):
@@ -132,6 +144,8 @@ def sampler_kwargs(args, **overrides):
 def fig_kwargs(args, **sampler_overrides):
     """FIGTrainer options of a FIG row: ``--k`` when given and a sampler built from :func:`sampler_kwargs`."""
     out = {} if args.k is None else {"k": args.k}
+    if args.penalty is not None:
+        out["penalty"] = args.penalty
     sampler = sampler_kwargs(args, **sampler_overrides)
     if sampler:
         out["sampler"] = LangevinSampler(**sampler)
@@ -190,6 +204,8 @@ def parse_args(argv=None):
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
     parser.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (default: %(default)s)")
     parser.add_argument("--k", type=float, help="FIG rows: generated samples per ID sample (default: FIGTrainer's)")
+    parser.add_argument("--penalty", choices=("entropy", "log_entropy"),
+                        help="FIG rows: FIGTrainer penalty (default: FIGTrainer's, the paper's entropy)")
     parser.add_argument("--max-steps", type=int, help="FIG rows: LangevinSampler max_steps (default: the sampler's)")
     parser.add_argument("--noise", choices=("authors", "paper", "none"),
                         help="FIG rows: LangevinSampler noise (default: the sampler's)")
@@ -210,6 +226,14 @@ def parse_args(argv=None):
     parser.add_argument("--no-control", action="store_true", help="skip the CE (k=0) control")
     parser.add_argument("--batch-size", type=int, default=AUTHORS_BATCH, help="ID batch size (default: the authors' "
                         "%(default)s)")
+    parser.add_argument("--data", choices=DATA, default=DEFAULT_DATA,
+                        help="benchmark (default: %(default)s; 'mnist' / 'fashion-mnist': the full sets, see "
+                             "'fastood data fetch'); the SmallCNN is pretrained on its ID training set and cached")
+    parser.add_argument("--eval-size", type=int, default=2000,
+                        help="full-data benchmarks: evaluate on a seeded subset of this many ID test images and "
+                             "images per OOD set (default: %(default)s)")
+    parser.add_argument("--pretrain-epochs", type=int,
+                        help="epochs of the pretrained SmallCNN (default: 6 on mnist5k-0to4, 5 on the full sets)")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the data split and the pretraining")
     parser.add_argument("--cache", help="cache directory of the pretrained SmallCNN (default: ~/.cache/fastood)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
@@ -222,8 +246,10 @@ def parse_args(argv=None):
     if args.epochs is None and args.steps is None:
         args.steps = AUTHORS_STEPS
     if (args.epochs is not None and args.epochs < 1) or (args.steps is not None and args.steps < 1) \
-            or args.seeds < 1 or args.trajectory_epochs < 0 or args.batch_size < 1:
-        parser.error("need --epochs >= 1, --steps >= 1, --batch-size >= 1, --seeds >= 1 and --trajectory-epochs >= 0")
+            or args.seeds < 1 or args.trajectory_epochs < 0 or args.batch_size < 1 or args.eval_size < 1 \
+            or (args.pretrain_epochs is not None and args.pretrain_epochs < 1):
+        parser.error("need --epochs >= 1, --steps >= 1, --batch-size >= 1, --seeds >= 1, --eval-size >= 1, "
+                     "--pretrain-epochs >= 1 and --trajectory-epochs >= 0")
     return parser, args
 
 
@@ -265,7 +291,7 @@ def main(argv=None):
 
     base = reports[BASE]
     steps = total_steps
-    print(f"SmallCNN on mnist5k-0to4 (ID digits 0-4), detector MSP (higher score = more OOD); every run fine-tunes "
+    print(f"SmallCNN on {args.data}, detector MSP (higher score = more OOD); every run fine-tunes "
           f"the same pretrained model for {steps} steps (batch {args.batch_size}, lr {args.lr:g}); metrics in %, "
           f"mean over the OOD sets {list(setup.ood)}")
     print(compare(reports))
@@ -332,7 +358,7 @@ def main(argv=None):
     print(f"\ntime: fine-tuning runs {sum(seconds.values()):.0f} s; total {total:.0f} s")
 
     if args.json:
-        out = {"benchmark": "mnist5k-0to4", "epochs": args.epochs, "steps": steps, "seeds": args.seeds, "lr": args.lr,
+        out = {"benchmark": args.data, "epochs": args.epochs, "steps": steps, "seeds": args.seeds, "lr": args.lr,
                "args": vars(args),
                "seconds": seconds, "reports": {k: r.to_dict() for k, r in reports.items()}, "summary": summary,
                "mechanism": mech, "probes": probes, "history": curves, "trajectory": traj}

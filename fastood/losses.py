@@ -320,7 +320,52 @@ def cmg_energy_loss(logits_id, labels, logits_ood, m_in, m_out, lam=0.1, T=1.0):
     return ce + lam * reg, ce, reg
 
 
-__all__ = [
+def entropy_gradient_norm(logits):
+    """Per-row norm of the gradient of the softmax entropy with respect to the logits, ``||dH/dz||``.
+
+    ``dH/dz_j = -p_j (log p_j + H)`` (``p = softmax(z)``, ``H = -sum_j p_j log p_j``), computed exactly in float64
+    from ``log_softmax`` on the detached logits. Args: ``logits`` [g, C]. Returns [g] (float64; empty for g = 0).
+    A saturated row (max softmax 1 - d, d -> 0) has a norm of about ``d log(1/d)``: the entropy term of
+    :func:`fig_loss` then has nothing to push with, whatever its weight or the learning rate.
+    """
+    z = logits.detach().double()
+    logp = torch.log_softmax(z, dim=1)
+    p = logp.exp()
+    entropy = -(p * logp).sum(dim=1, keepdim=True)
+    return (p * (logp + entropy)).norm(dim=1)
+
+
+def log_entropy(logits):
+    """``log H(softmax(z))`` per row, [g] float64, finite and with an O(1) gradient also where the softmax saturates.
+
+    ``H = sum_j p_j (-log p_j)``, so ``log H = logsumexp_j (log p_j + log(-log p_j))``, computed from ``log_softmax``
+    in float64. A class whose ``-log p_j`` rounds to 0 (the top class beyond a logit margin of ~37) is left out: its
+    true term, ``p_j (-log p_j) ~ sum of the other p's``, is below theirs by a factor ``log(1/p)``. Its gradient is
+    ``grad H / H``: where H is ~1e-8 (issue 19's SmallCNN on full MNIST) the entropy's own gradient is ~1e-8 and
+    this one is still of order 1. Args: ``logits`` [g, C]. Returns [g].
+    """
+    logp = torch.log_softmax(logits.double(), dim=1)
+    neg = -logp
+    keep = neg > 0
+    safe = torch.where(keep, neg, torch.ones_like(neg))  # no log(0) in the graph: its gradient would be NaN
+    return torch.logsumexp(torch.where(keep, logp + safe.log(), torch.full_like(neg, -math.inf)), dim=1)
+
+
+def fig_log_entropy_loss(logits_id, labels, logits_gen, lam=1.0):
+    """``CE(f(x_id), y) - lam * mean_i log H(softmax(f(x_gen_i)))``: :func:`fig_loss` with the entropy of each
+    generated sample replaced by its logarithm (the same maximizer, the uniform softmax; the gradient scaled by 1/H,
+    see :func:`log_entropy`). Not the paper's objective: fastood's option for classifiers whose samples saturate
+    the entropy (``FIGTrainer(penalty="log_entropy")``; docs/fidelity.md, FIG, saturation). Same arguments and
+    return value as :func:`fig_loss` (the third output is the mean entropy, not its logarithm)."""
+    ce = F.cross_entropy(logits_id, labels)
+    if not logits_gen.shape[0]:
+        zero = logits_id.new_zeros(())
+        return ce, ce, zero
+    entropy = ops.softmax_entropy(logits_gen.detach()).mean()
+    return ce - lam * log_entropy(logits_gen).mean().to(ce.dtype), ce, entropy
+
+
+__all__ = ["entropy_gradient_norm", "log_entropy", "fig_log_entropy_loss",
     "uniform_cross_entropy", "oe_loss", "oe_loss_terms", "energy", "energy_margin_loss", "energy_oe_loss",
     "energy_oe_loss_terms", "discrepancy_loss", "discrepancy_loss_terms", "log1mexp", "ice_outlier_nll", "ice_loss",
     "ice_loss_terms", "fig_loss", "extra_class_loss", "cmg_energy_loss",

@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from fastood.samplers.langevin import LangevinSampler
 from fastood.samplers.noise import GaussianNoiseSampler
 from fastood.trainers import MechanismIdleWarning
-from fastood.trainers.fig import FIGTrainer, GaussianNoiseTrainer, fig_loss
+from fastood.trainers.fig import (SATURATED_GRAD, FIGTrainer, GaussianNoiseTrainer, entropy_gradient_norm, fig_loss,
+                                 log_entropy)
 from fastood.trainers.standard import StandardTrainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -285,7 +286,7 @@ def test_warns_once_when_the_sampler_never_updates(pretrained):
         trainer.fit(loader(ds), epochs=2)  # warned once per trainer
 
 
-def test_gs_never_warns_idle(pretrained):
+def test_gs_never_warns_about_updates(pretrained):
     model, ds = pretrained
     trainer = GaussianNoiseTrainer(clone(model), k=0.5, progress=False)
     with warnings.catch_warnings():
@@ -306,6 +307,7 @@ def test_gs_noise_std_default():
     ({"lam": -1.0}, ValueError, "lam must"),
     ({"sampler": object()}, TypeError, "sample"),
     ({"sampler": GaussianNoiseSampler(), "bounds": (-1, 1)}, ValueError, "not both"),
+    ({"penalty": "log"}, ValueError, "penalty must be one of .*'log'"),
 ])
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -349,3 +351,80 @@ def test_freeze_bn_keeps_the_pretrained_running_statistics(pretrained, freeze_bn
     unchanged = all(torch.equal(b, bn.running_mean) for b, bn in zip(before, bns))
     assert unchanged is freeze_bn
     assert any(p.grad is not None for bn in bns for p in bn.parameters())  # affine weights still train
+
+
+def test_entropy_gradient_norm_is_the_autograd_gradient_of_the_entropy():
+    z = torch.tensor([[2.0, -1.0, 0.5], [30.0, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    logp = torch.log_softmax(z, 1)
+    (grad,) = torch.autograd.grad(-(logp.exp() * logp).sum(), z)
+    got = entropy_gradient_norm(z.float())
+    assert got.dtype == torch.float64 and got.shape == (3,)
+    assert torch.allclose(got, grad.norm(dim=1), rtol=1e-5, atol=1e-15)
+    assert got[2] < 1e-15  # uniform softmax: the entropy's maximum
+    # saturated row (max softmax 1 - 2e-13): about d log(1/d), far below the threshold of the mechanism check
+    assert 0 < got[1] < 1e-10 < SATURATED_GRAD
+
+
+def saturated(model, scale=1000.0):
+    """``model`` with its last layer scaled: the same decisions, logits so large that every softmax saturates."""
+    model = clone(model)
+    with torch.no_grad():
+        model[-1].weight.mul_(scale)
+        model[-1].bias.mul_(scale)
+    return model
+
+
+@pytest.mark.parametrize("cls", [FIGTrainer, GaussianNoiseTrainer])
+def test_warns_when_the_entropy_penalty_is_saturated(pretrained, cls):
+    # Issue 19: on a SmallCNN trained on full MNIST the sampler's chains end at max softmax 1 - 5e-10, the entropy
+    # gradient is 1e-8 per sample and FIG changes nothing -- silently (the sampler did update every chain).
+    model, ds = pretrained
+    trainer = cls(saturated(model), k=0.5, progress=False)
+    with pytest.warns(MechanismIdleWarning, match="entropy penalty is saturated"):
+        trainer.fit(loader(ds), epochs=1)
+    assert all(row["gen_entropy_grad"] < SATURATED_GRAD for row in trainer.history)
+    if cls is FIGTrainer:
+        assert all(row["gen_steps_min"] >= 1 for row in trainer.history)  # not the 0-update warning's case
+
+
+@pytest.mark.parametrize("cls", [FIGTrainer, GaussianNoiseTrainer])
+def test_no_saturation_warning_when_the_penalty_has_a_gradient(pretrained, cls):
+    model, ds = pretrained
+    trainer = cls(clone(model), k=0.5, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MechanismIdleWarning)
+        trainer.fit(loader(ds), epochs=1)
+    assert max(row["gen_entropy_grad"] for row in trainer.history) >= SATURATED_GRAD
+
+
+def test_log_entropy_is_the_log_of_the_entropy_with_a_gradient_at_saturation():
+    z = torch.tensor([[2.0, -1.0, 0.5], [0.3, 0.2, 0.1]], dtype=torch.float64)
+    logp = torch.log_softmax(z, 1)
+    assert torch.allclose(log_entropy(z), (-(logp.exp() * logp).sum(1)).log(), rtol=1e-12)
+    # saturated rows (margins 40 and 2000): the entropy's gradient vanishes (or underflows), log H's does not
+    sat = torch.tensor([[40.0, 0.0, 0.0], [2000.0, 0.0, 0.0]], requires_grad=True)
+    id_logits = torch.zeros(1, 3)  # the CE term does not depend on sat
+    (g_h,) = torch.autograd.grad(fig_loss(id_logits, torch.zeros(1, dtype=torch.long), sat)[0], sat)
+    (g_log,) = torch.autograd.grad(log_entropy(sat).sum(), sat)
+    assert torch.isfinite(log_entropy(sat)).all() and torch.isfinite(g_log).all()
+    assert g_h.norm(dim=1).max() < 1e-14 and g_log.norm(dim=1).min() > 0.5
+
+
+def test_log_entropy_penalty_moves_a_saturated_model(pretrained):
+    # The same saturated model and budget: the paper's entropy penalty is idle (and warns), log H lowers the
+    # confidence of the model's own Langevin samples.
+    model, ds = pretrained
+    base = saturated(model, scale=30.0)
+    before = probe_confidence(base)
+    runs = {}
+    for penalty in ("entropy", "log_entropy"):
+        trainer = FIGTrainer(clone(base), sampler=LangevinSampler(max_steps=5), penalty=penalty, k=0.5, lr=0.01,
+                             progress=False, seed=0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(loader(ds), epochs=2)
+        runs[penalty] = (probe_confidence(trainer.model.eval()), trainer, caught)
+    assert before > 1 - 1e-6 and runs["entropy"][0] > 1 - 1e-6
+    assert any("saturated" in str(w.message) for w in runs["entropy"][2])
+    assert runs["log_entropy"][0] < 0.9999  # > 100x farther from 1 than before (measured 0.9994)
+    assert accuracy(runs["log_entropy"][1].model, ds) >= 0.95

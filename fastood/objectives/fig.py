@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from fastood import ops
-from fastood.losses import fig_loss
+from fastood.losses import entropy_gradient_norm, fig_log_entropy_loss, fig_loss
+
+PENALTIES = ("entropy", "log_entropy")
 
 from .base import Objective, check_id_batch, check_weight, unwrap
 
@@ -27,11 +29,15 @@ class FIGObjective(Objective):
         joint_forward: True (default): ID and generated images go through the model in one concatenated forward;
             False: two forwards. With BatchNorm frozen (see below) this only changes how the forward is batched.
         bounds: the default sampler's image box (default (-1, 1)); give either a sampler or bounds, not both.
+        penalty: ``"entropy"`` (default, the paper's ``-lam * mean H``) or ``"log_entropy"`` (``-lam * mean log H``,
+            :func:`fastood.losses.fig_log_entropy_loss`: fastood's option for models whose samples saturate the
+            entropy; see :class:`~fastood.trainers.FIGTrainer`).
         check_range: check the first ID batch against the sampler's box (:func:`fastood.check_data_range`).
 
     Call: ``model`` a classifier (logits [B, C]; a DDP wrapper is fine), ``x`` ID images [b, ...] (b >= 1), ``y``
     labels [b]. Returns ``(loss, logs)``: ``loss`` a differentiable scalar, ``logs`` detached scalars ``loss``,
-    ``ce``, ``gen_entropy``, ``gen_confidence`` (mean max softmax of the generated batch), ``gen_energy`` (its mean
+    ``ce``, ``gen_entropy``, ``gen_confidence`` (mean max softmax of the generated batch), ``gen_entropy_grad`` (mean norm of the gradient of
+    its entropy w.r.t. the logits, :func:`fastood.losses.entropy_gradient_norm`), ``gen_energy`` (its mean
     modified energy) and, from a sampler that reports them, ``sampler_confidence``, ``sampler_energy``,
     ``sampler_start_confidence``, ``gen_steps`` and ``gen_steps_min`` (Langevin updates per chain).
 
@@ -41,8 +47,11 @@ class FIGObjective(Objective):
     """
 
     def __init__(self, sampler=None, k: float = 0.1, lam: float = 1.0, joint_forward: bool = True, bounds=None,
-                 check_range: bool = True):
+                 penalty: str = "entropy", check_range: bool = True):
         super().__init__(check_range=check_range)
+        if penalty not in PENALTIES:
+            raise ValueError(f"penalty must be one of {PENALTIES}, got {penalty!r}")
+        self.penalty = penalty
         if isinstance(k, bool) or not (isinstance(k, (int, float)) and math.isfinite(k) and k >= 0):
             raise ValueError(f"k must be a finite number >= 0, got {k!r}")
         if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
@@ -81,10 +90,12 @@ class FIGObjective(Objective):
             logits_id, logits_gen = logits[: x.shape[0]], logits[x.shape[0]:]
         else:
             logits_id, logits_gen = model(x), model(generated)
-        loss, ce, entropy = fig_loss(logits_id.float(), y, logits_gen.float(), self.lam)
+        loss_fn = fig_loss if self.penalty == "entropy" else fig_log_entropy_loss
+        loss, ce, entropy = loss_fn(logits_id.float(), y, logits_gen.float(), self.lam)
         gen = logits_gen.detach().float()
         logs = {"loss": loss.detach(), "ce": ce.detach(), "gen_entropy": entropy.detach(),
                 "gen_confidence": torch.softmax(gen, 1).amax(1).mean(),
+                "gen_entropy_grad": entropy_gradient_norm(gen).mean(),
                 "gen_energy": ops.modified_energy(gen, getattr(self.sampler, "c", 5.0)).mean()}
         logs.update(self.sampler_logs())
         return loss, logs
