@@ -53,3 +53,20 @@ def test_cuda_only_switches_are_refused_on_cpu():
                            "--quick", "--dtype", "bf16", "--cuda-graphs", "on"], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 2 and "configure the CUDA sampler" in proc.stderr
+
+
+def test_native_rows_per_precision_and_their_names():
+    impls = bench_sampler.implementations(torch.device("cpu"), 2, None, precisions=("fp32", "bf16", "auto"))
+    native = [k for k in impls if k.startswith("fastood-native")]
+    assert native == ["fastood-native", "fastood-native[bf16]", "fastood-native[auto]"]
+    assert [bench_sampler.requested_precision(k) for k in native] == ["fp32", "bf16", "auto"]
+    assert bench_sampler.requested_precision("authors-loop") == "fp32"
+    assert bench_sampler.requested_precision("fastood-native[fp16,graph,channels_last]") == "fp16"
+    if impls["fastood-native[bf16]"] is not None:
+        assert impls["fastood-native[bf16]"].sampler.precision == "bf16"
+
+
+def test_peak_memory_sees_a_large_temporary():
+    cpu = torch.device("cpu")
+    big, basis = bench_sampler.peak_memory(lambda: torch.ones(25_000_000).sum(), cpu)   # 100 MB
+    assert big >= 80 or basis.startswith("process max rss"), (big, basis)
