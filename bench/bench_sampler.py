@@ -134,7 +134,8 @@ def implementations(device, steps, early_stop, variant=None, precisions=("fp32",
     """{name: run(model, n, shape) -> (x, mean updates per chain, confidence [n], images forwarded) or None}.
 
     variant: None, or (dtype "fp32"|"bf16"|"fp16"|"auto", cuda_graphs bool, channels_last bool) for one configured
-    native row. precisions: the native rows' ``LangevinSampler(precision=...)`` otherwise.
+    native row, or a list of such tuples (``--grid``: one row each). precisions: the native rows'
+    ``LangevinSampler(precision=...)`` otherwise.
     """
     cuda = device.type == "cuda"
     native = ops.native_available() and (not cuda or ops.cuda_kernels_available())
@@ -149,9 +150,9 @@ def implementations(device, steps, early_stop, variant=None, precisions=("fp32",
 
     impls = {"authors-loop": authors, "fastood-reference": fastood_run(sampler(precision="fp32"), "reference")}
     if variant is not None:
-        dtype, graphs, channels_last = variant
-        impls[native_variant_name(*variant)] = (fastood_run(sampler(
-            channels_last=channels_last, precision=dtype, cuda_graph=graphs), "native") if native else None)
+        for dtype, graphs, channels_last in ([variant] if isinstance(variant, tuple) else variant):
+            impls[native_variant_name(dtype, graphs, channels_last)] = (fastood_run(sampler(
+                channels_last=channels_last, precision=dtype, cuda_graph=graphs), "native") if native else None)
         return impls
     for precision in precisions:
         impls[native_name(precision)] = fastood_run(sampler(precision=precision), "native") if native else None
@@ -224,8 +225,30 @@ def model_flops_per_image(model, shape, device):
     return forward_count.get_total_flops() / 2, backward_count.get_total_flops() / 2
 
 
+def bf16_peak(device, fp32_peak):
+    """The peak a bfloat16 row is measured against: CUDA the card's published BF16 tensor peak; CPU the measured
+    bfloat16 GEMM rate (torch.mm 2048x2048, oneDNN: AMX / AVX512-BF16 where the CPU has them) when it beats the
+    float32 peak, else the float32 peak (an emulated bfloat16 computes at most at the float32 rate)."""
+    if device.type == "cuda":
+        return machine_peak(device, torch.bfloat16)
+    import time
+
+    a = torch.randn(2048, 2048).bfloat16()
+    torch.mm(a, a)
+    best = 0.0
+    for _ in range(3):
+        t0 = time.perf_counter()
+        torch.mm(a, a)
+        best = max(best, 2 * 2048 ** 3 / (time.perf_counter() - t0))
+    base = (fp32_peak or {}).get("flops") or 0.0
+    if best > base:
+        return {"flops": best, "basis": f"CPU: measured bfloat16 GEMM {best / 1e9:.0f} GFLOP/s (torch.mm 2048x2048)"}
+    return dict(fp32_peak or {}, basis=f"CPU bfloat16 GEMM {best / 1e9:.0f} GFLOP/s is below the float32 peak: "
+                                       "the float32 peak")
+
+
 def bench_case(scenario, model_name, model, shape, n, steps, early_stop, device, repeats, pretrained, min_time=0.0,
-               variant=None, peak=None, precisions=("fp32",), memory=True):
+               variant=None, peak=None, precisions=("fp32",), memory=True, peak_bf16=None):
     """Time every implementation on one (model, batch, step budget); returns the table rows."""
     model = model.to(device).eval()
     fwd_flops, bwd_flops = model_flops_per_image(model, shape, device)
@@ -270,7 +293,8 @@ def bench_case(scenario, model_name, model, shape, n, steps, early_stop, device,
                         "speedup_vs_authors": None if base is None else base / seconds[name],
                         "forward_gflop_per_image": fwd_flops / 1e9, "input_backward_gflop_per_image": bwd_flops / 1e9,
                         "gflop_per_call": flops / 1e9, "achieved_gflops": flops / seconds[name] / 1e9,
-                        "pct_peak_flops": percent(flops / seconds[name], (peak or {}).get("flops"))})
+                        "pct_peak_flops": percent(flops / seconds[name], (
+                            (peak_bf16 if ran.get(name) == "bf16" and peak_bf16 else peak) or {}).get("flops"))})
         else:
             row.update({"seconds": None, "images_per_s": None, "speedup_vs_authors": None,
                         "note": "native extension not available"})
@@ -357,13 +381,25 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=PRECISIONS, default=None,
                         help="one configured native row: its precision (with --cuda-graphs / --channels-last on CUDA)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    parser.add_argument("--grid", action="store_true",
+                        help="CUDA: one native row per --precisions x CUDA graphs on/off x channels_last on/off, all "
+                             "in one process (scripts/gpu_check.sh)")
     parser.add_argument("--cuda-graphs", choices=["on", "off"], default=None,
                         help="CUDA: capture the native sampler's step in a CUDA graph")
     parser.add_argument("--channels-last", action="store_true", help="CUDA: the native sampler in channels_last")
     args = parser.parse_args(argv)
     device = resolve_device(parser, args.device)
     variant = None
-    if args.dtype is not None or args.cuda_graphs is not None or args.channels_last:
+    if args.grid:
+        if device.type != "cuda":
+            parser.error("--grid varies CUDA graphs and channels_last: CUDA only")
+        if args.dtype is not None or args.cuda_graphs is not None or args.channels_last:
+            parser.error("--grid takes the precisions from --precisions, not --dtype/--cuda-graphs/--channels-last")
+        import itertools
+
+        variant = [(p, g, cl) for p, g, cl in itertools.product(args.precisions or ["fp32", "bf16", "fp16"],
+                                                                (True, False), (True, False))]
+    elif args.dtype is not None or args.cuda_graphs is not None or args.channels_last:
         if device.type != "cuda" and (args.cuda_graphs == "on" or args.channels_last):
             parser.error("--cuda-graphs on and --channels-last configure the CUDA sampler (on CPU fastood runs "
                          "channels_last when every convolution is folded, and no graphs)")
@@ -381,8 +417,11 @@ def main(argv=None):
     min_time = 0.0 if args.quick else args.min_time
 
     rows = []
-    peak = machine_peak(device, torch.bfloat16 if (variant and variant[0] == "bf16") else torch.float32)
-    # % of peak: each row against its own precision's peak where the device has a separate bf16 one (CUDA)
+    peak = machine_peak(device, torch.bfloat16 if (isinstance(variant, tuple) and variant[0] == "bf16")
+                        else torch.float32)
+    # % of peak: each row against the peak of the precision it ran in (bfloat16: see bf16_peak)
+    peak_bf16 = bf16_peak(device, peak) if any(p in ("bf16", "auto") for p in precisions) or variant else None
+    case["peak_bf16"] = peak_bf16
     shapes = {"smallcnn": (1, 28, 28), "resnet18_cifar": (3, 32, 32)}
     width = 8 if args.quick else 32
     for name in models:
@@ -399,13 +438,17 @@ def main(argv=None):
 
     meta = environment(device, steps=steps, max_steps=max_steps, repeats=repeats, min_time=min_time,
                        quick=args.quick, noise="authors (std eps)", confidence_threshold=THRESHOLD,
-                       precisions=precisions, bf16_native=list(bf16_native(device)),
+                       precisions=precisions, bf16_native=list(bf16_native(device)), peak_bf16=peak_bf16,
                        memory_vs_max_steps=growth,
-                       peak=peak, variant=None if variant is None else native_variant_name(*variant))
+                       peak=peak, variant=None if variant is None else (
+                           native_variant_name(*variant) if isinstance(variant, tuple)
+                           else [native_variant_name(*v) for v in variant]))
     print(f"fastood bench_sampler on {meta['device']} ({meta['device_name']}), torch {meta['torch']}, "
           f"{meta['threads']} threads, native ops: {meta['native']}")
     print(f"precisions: {precisions} (fastood's default: auto); bf16 native here: {meta['bf16_native'][0]} "
           f"({meta['bf16_native'][1]})")
+    if peak_bf16:
+        print(f"bf16 rows' peak: {peak_bf16['basis']}")
     print(f"peak: {peak['basis']}; work = updates x (forward + input backward) + other forwards, FLOPs counted "
           "by torch.utils.flop_counter")
     print_table(rows, [("scenario", "scenario", "s"), ("model", "model", "s"), ("impl", "implementation", "s"),
