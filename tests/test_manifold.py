@@ -386,6 +386,20 @@ def test_tangent_jacobian_equals_torch_func(output, act):
     torch.testing.assert_close(jt, autograd_jacobian(cvae, z, y), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_tangent_jacobian_leaves_the_weights_alone(batch):
+    """The tangent pass updates its tangents in place: never the weights they start from (a batch of one makes
+    the first layer's tangents a view of its weight unless copied)."""
+    cvae = tiny_cvae(image_size=8)
+    before = {k: v.clone() for k, v in cvae.state_dict().items()}
+    z, y = torch.randn(batch, 4), torch.arange(batch) % 3
+    with torch.no_grad():
+        for _ in range(2):
+            jt, _ = decoder_jacobian(cvae, z, y, method="tangents")
+    assert all(torch.equal(before[k], v) for k, v in cvae.state_dict().items())
+    torch.testing.assert_close(jt, decoder_jacobian(cvae, z, y, method="func")[0], rtol=1e-5, atol=1e-7)
+
+
 def test_tangent_jacobian_falls_back_where_it_does_not_apply():
     torch.manual_seed(0)
     odd = _OverriddenDecode(1, 8, 3, 4, width=4, hidden=16)

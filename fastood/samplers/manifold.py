@@ -139,14 +139,16 @@ def _tangent_step(module, h, t, d):
         out = module(h)
         return out, F.conv_transpose2d(t, module.weight, None, module.stride, module.padding, module.output_padding,
                                        module.groups, module.dilation)
-    # elementwise: ReLU / LeakyReLU, derivative taken at the primal input, broadcast over the d tangent blocks
-    shape = (d,) + tuple(h.shape)
+    # elementwise: ReLU / LeakyReLU, derivative taken at the primal input, broadcast over the d tangent blocks and
+    # applied in place (t is always this pass's own tensor; splitting dim 0 into (d, B) is a view in any layout).
+    # A float slope, not a bool mask: multiplying by a bool tensor costs a type promotion per element.
     if isinstance(module, nn.ReLU):
         slope = (h > 0).to(h.dtype)
     else:
         slope = torch.where(h > 0, 1.0, module.negative_slope).to(h.dtype)
     out = module(h)
-    return out, (t.reshape(shape) * slope).reshape(t.shape)
+    t.view((d,) + tuple(h.shape)).mul_(slope)
+    return out, t
 
 
 def _jacobian_by_tangents(cvae, z, cond, fc, conv):
@@ -155,7 +157,9 @@ def _jacobian_by_tangents(cvae, z, cond, fc, conv):
     first = fc[0]
     h = first(torch.cat([z, c], 1))
     # The first layer's tangent along e_i is its weight's column i, the same for every sample: [d, B, out].
-    t = first.weight[:, :d].t().unsqueeze(1).expand(d, b, first.out_features).reshape(d * b, first.out_features)
+    # (a fresh copy: the pass updates its tangents in place, which must never reach the weight)
+    t = first.weight[:, :d].t().unsqueeze(1).expand(d, b, first.out_features).clone(
+        memory_format=torch.contiguous_format).view(d * b, first.out_features)
     for module in fc[1:]:
         h, t = _tangent_step(module, h, t, d)
     grid = (b,) + tuple(cvae._grid)
@@ -169,7 +173,7 @@ def _jacobian_by_tangents(cvae, z, cond, fc, conv):
     g = h.reshape(b, -1)
     if cvae.output == "tanh":
         g = torch.tanh(g)
-        t = t * (1 - g * g)
+        t = t.mul_(1 - g * g) if t.is_contiguous() else t * (1 - g * g)
     return t.permute(1, 2, 0).contiguous(), g.contiguous()
 
 
