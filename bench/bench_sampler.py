@@ -451,7 +451,8 @@ def main(argv=None):
     print(f"peak: {peak['basis']}; work = updates x (forward + input backward) + other forwards, FLOPs counted "
           "by torch.utils.flop_counter")
     print_table(rows, [("scenario", "scenario", "s"), ("model", "model", "s"), ("impl", "implementation", "s"),
-                       ("precision", "precision", "s"), ("n", "chains", "d"), ("early_stop", "stop rule", "s"), ("mean_steps", "updates/chain", ".2f"),
+                       ("precision", "precision", "s"), ("n", "chains", "d"), ("early_stop", "stop rule", "s"),
+                       ("mean_steps", "updates/chain", ".2f"),
                        ("mean_confidence", "conf", ".3f"), ("seconds", "s/call", ".3f"),
                        ("images_per_s", "images/s", ".1f"), ("speedup_vs_authors", "x authors", ".2f"),
                        ("forward_gflop_per_image", "fwd GFLOP/img", ".4f"),
@@ -469,7 +470,8 @@ def main(argv=None):
         for c in checks:
             c["met"] = None
     for c in checks:
-        status = ("not judged in --quick mode" if args.quick else ("reported" if "(reported)" in c["target"] else "n/a")) if c["met"] is None else (
+        judged = "reported" if "(reported)" in c["target"] else "n/a"
+        status = ("not judged in --quick mode" if args.quick else judged) if c["met"] is None else (
             "met" if c["met"] else "NOT met")
         value = "n/a" if c["value"] is None else f"{c['value']:.2f}"
         print(f"target: {c['target']}: {value} ({status})")

@@ -85,7 +85,8 @@ def compare_signs(g32, glow):
     mag = g32.abs()
     big = mag > mag.median(dim=1, keepdim=True).values
     zero = (glow == 0) & (g32 != 0)
-    return {"coords": same.numel(), "agree": int(same.sum()), "big": int(big.sum()), "agree_big": int((same & big).sum()),
+    return {"coords": same.numel(), "agree": int(same.sum()), "big": int(big.sum()),
+            "agree_big": int((same & big).sum()),
             "zero": int(zero.sum()), "chains": g32.shape[0]}
 
 
