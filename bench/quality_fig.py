@@ -7,7 +7,7 @@ Langevin samples improve MSP detection?
                                 [--noise authors|paper|none] [--penalty entropy|log_entropy]
                                 [--data mnist5k-0to4|mnist|fashion-mnist] [--eval-size 2000] [--pretrain-epochs N]
                                 [--momentum 0.9] [--weight-decay 5e-4]
-                                [--trajectory-epochs 0] [--quiet] [--json PATH]
+                                [--precision fp32 bf16 ...] [--trajectory-epochs 0] [--quiet] [--json PATH]
 
 One protocol for every row: the same pretrained model, the same number of optimizer steps, the same batch size and
 learning rate, fine-tuning seeds 0..N-1 (data order and sampler noise). By default: the authors' fine-tuning budget
@@ -32,6 +32,9 @@ draw of the sampler noise than the same run without ``--eval-at``).
    ``FIG (batch stop)`` -- the authors' stop rule (``early_stop="batch"``: every chain stops once the batch's mean
    confidence > 0.9, tested after each update); with ``--authors-count``, ``FIG (authors' count)`` -- the authors'
    ``max(int(b K), 1)`` generated samples per batch (6 at b = 64) instead of fastood's ``ceil(b K)`` (7).
+4. ``--precision P [P ...]``: the FIG row once per sampler precision (``LangevinSampler(precision=P)``, rows
+   ``FIG [P]``, the same seeds), e.g. ``--precision fp32 auto`` or ``--precision fp32 bf16``: the quality A/B of
+   issue 22 -- "auto" may pick bfloat16 by default only if AUROC and ID accuracy stay within the seed spread.
 
 Prints, per run, the MSP (higher score = more OOD) AUROC averaged over the benchmark's OOD sets and the ID accuracy
 next to the mechanism figures (Langevin updates per chain, mean and fewest; the generated samples' confidence at
@@ -57,6 +60,7 @@ from fastood.detectors import MSP  # noqa: E402
 from fastood.evaluation import compare, evaluate  # noqa: E402
 from fastood.pretrain import pretrained_small_cnn  # noqa: E402
 from fastood.samplers.langevin import LangevinSampler  # noqa: E402
+from fastood.samplers.precision import PRECISIONS  # noqa: E402
 from fastood.trainers.fig import FIGTrainer, GaussianNoiseTrainer  # noqa: E402
 
 BASE = "pretrained (CE)"
@@ -160,7 +164,10 @@ def methods(args):
     if args.before:
         rows.append(("FIG (before)", FIGTrainer,
                      {"sampler": LangevinSampler(min_steps=0, noise="paper")}))
-    if not args.no_fig:
+    if args.precision:
+        for precision in args.precision:
+            rows.append((f"FIG [{precision}]", FIGTrainer, fig_kwargs(args, precision=precision)))
+    elif not args.no_fig:
         rows.append(("FIG", FIGTrainer, fig_kwargs(args)))
     if args.batch_stop:
         rows.append(("FIG (batch stop)", FIGTrainer, fig_kwargs(args, early_stop="batch")))
@@ -223,6 +230,9 @@ def parse_args(argv=None):
     parser.add_argument("--authors-count", action="store_true",
                         help="add FIG drawing the authors' max(int(b K), 1) samples per batch (12 for b = 128, 6 for "
                              "b = 64) instead of ceil(b K) (13, 7); with --batch-stop also both together")
+    parser.add_argument("--precision", nargs="+", choices=PRECISIONS, metavar="P",
+                        help=f"FIG rows, one per sampler precision {PRECISIONS} (replaces the FIG row; the A/B of "
+                             "issue 22: --precision fp32 auto)")
     parser.add_argument("--no-control", action="store_true", help="skip the CE (k=0) control")
     parser.add_argument("--batch-size", type=int, default=AUTHORS_BATCH, help="ID batch size (default: the authors' "
                         "%(default)s)")

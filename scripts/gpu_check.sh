@@ -138,12 +138,16 @@ if [ $BUILT -eq 1 ]; then
 
   # 5. Benchmarks.
   step bench-ops 45 "$PY" bench/bench_ops.py --device cuda --no-compile --min-time 0.2 --json "$OUT/bench-ops.json"
-  # bench_sampler: resnet18_cifar, 10 steps, the equal-steps and early-stop rows; fp32 and bf16 with CUDA graphs
-  # on and off in channels_last, where the script has those switches (else its default rows, which include the
-  # channels_last + bf16 + CUDA-graph implementation).
+  # bench_sampler: resnet18_cifar, 10 steps, the equal-steps and early-stop rows. With --grid (issue 22): one
+  # process, one native row per precision (fp32, bf16, fp16) x CUDA graphs on/off x channels_last on/off (the
+  # precision column says what ran); else fp32 and bf16 with CUDA graphs on and off in channels_last, where the script has
+  # those switches (else its default rows, which include the channels_last + bf16 + CUDA-graph implementation).
   SAMPLER_HELP=$("$PY" bench/bench_sampler.py --help 2>/dev/null)
   SAMPLER=("$PY" bench/bench_sampler.py --device cuda --models resnet18_cifar --steps 10 --min-time 1 --repeats 2)
-  if grep -q -- "--dtype" <<<"$SAMPLER_HELP" && grep -q -- "--cuda-graphs" <<<"$SAMPLER_HELP" \
+  if grep -q -- "--grid" <<<"$SAMPLER_HELP"; then
+    step bench-sampler-grid 150 "${SAMPLER[@]}" --grid --precisions fp32 bf16 fp16 \
+      --json "$OUT/bench-sampler-grid.json"
+  elif grep -q -- "--dtype" <<<"$SAMPLER_HELP" && grep -q -- "--cuda-graphs" <<<"$SAMPLER_HELP" \
       && grep -q -- "--channels-last" <<<"$SAMPLER_HELP"; then
     for variant in "bf16 on" "fp32 off" "bf16 off" "fp32 on"; do  # the most telling first, in case time runs out
       set -- $variant
@@ -153,6 +157,9 @@ if [ $BUILT -eq 1 ]; then
   else
     step bench-sampler 120 "${SAMPLER[@]}" --json "$OUT/bench-sampler.json"
   fi
+  # sign(grad) of bf16/fp16 (tensor cores) against float32 along FIG sampler runs on the trained SmallCNN
+  [ -f bench/sign_agreement.py ] && step sign-agreement 45 "$PY" bench/sign_agreement.py --device cuda \
+    --chains 512 --seeds 2 --json "$OUT/bench-sign-agreement.json"
   step bench-nullspace 40 "$PY" bench/bench_nullspace.py --device cuda --json "$OUT/bench-nullspace.json"
 fi
 

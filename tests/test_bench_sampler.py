@@ -53,3 +53,31 @@ def test_cuda_only_switches_are_refused_on_cpu():
                            "--quick", "--dtype", "bf16", "--cuda-graphs", "on"], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 2 and "configure the CUDA sampler" in proc.stderr
+
+
+def test_native_rows_per_precision_and_their_names():
+    impls = bench_sampler.implementations(torch.device("cpu"), 2, None, precisions=("fp32", "bf16", "auto"))
+    native = [k for k in impls if k.startswith("fastood-native")]
+    assert native == ["fastood-native", "fastood-native[bf16]", "fastood-native[auto]"]
+    assert [bench_sampler.requested_precision(k) for k in native] == ["fp32", "bf16", "auto"]
+    assert bench_sampler.requested_precision("authors-loop") == "fp32"
+    assert bench_sampler.requested_precision("fastood-native[fp16,graph,channels_last]") == "fp16"
+    if impls["fastood-native[bf16]"] is not None:
+        assert impls["fastood-native[bf16]"].sampler.precision == "bf16"
+
+
+def test_peak_memory_sees_a_large_temporary():
+    cpu = torch.device("cpu")
+    big, basis = bench_sampler.peak_memory(lambda: torch.ones(25_000_000).sum(), cpu)   # 100 MB
+    assert big >= 80 or basis.startswith("process max rss"), (big, basis)
+
+
+def test_grid_is_refused_on_cpu_and_builds_one_row_per_combination():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_sampler.py"), "--device", "cpu",
+                           "--quick", "--grid"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "CUDA only" in proc.stderr
+    grid = [(p, g, cl) for p in ("fp32", "bf16") for g in (True, False) for cl in (True, False)]
+    impls = bench_sampler.implementations(torch.device("cpu"), 2, None, variant=grid)
+    names = [k for k in impls if k.startswith("fastood-native")]
+    assert len(names) == 8 and "fastood-native[bf16,graph,channels_last]" in names
+    assert "fastood-native[fp32,no-graph]" in names

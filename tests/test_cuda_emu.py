@@ -97,6 +97,43 @@ def test_softmax_entropy_kernels(driver, tmp_path, dtype):
         check(out[key], want, TOLERANCE[dtype], f"{dtype} {key}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_softmax_entropy_with_grad_kernels(driver, tmp_path, dtype):
+    """The forward that keeps dH/df (float32) and its row-scaling backward, as the CPU op has them: the entropy
+    in the logits' dtype, dH/df to float32 accuracy against the float64 reference (every shape, packed and
+    misaligned -- a misaligned float32 output disables the 32-byte packs of the half types), and the backward =
+    grad_entropy[b] * dH/df rounded once to the gradient's dtype."""
+    s = session(driver, tmp_path)
+    checks, scaled = [], []
+    for name, x, misaligned in _row_cases(dtype):
+        rows, cols = x.shape
+        xb = s.buffer(x, misalign=misaligned)
+        h = s.buffer(numel=rows, dtype=dtype)
+        d = s.buffer(numel=rows * cols, dtype=torch.float32, misalign=misaligned)
+        s.call("softmax_entropy_with_grad", dtype, rows, cols, xb, h, d)
+        s.save(h, (rows,), name + " entropy")
+        s.save(d, (rows, cols), name + " dentropy")
+        ones = torch.ones(rows, dtype=torch.float64)
+        checks.append((name + " entropy", reference.softmax_entropy(x.double()), TOLERANCE[dtype]))
+        checks.append((name + " dentropy", reference.softmax_entropy_backward(ones, x.double()),
+                       TOLERANCE[torch.float32]))
+        # the backward from a known float32 dH/df: exactly one multiply and one rounding per value
+        dgiven = logits_sample((rows, cols), torch.float32, 1.0, rows * cols)
+        g = logits_sample((rows,), torch.float32, 1.0, rows + 7)
+        out = s.buffer(numel=rows * cols, dtype=dtype, misalign=misaligned)
+        s.call("softmax_entropy_scale_rows", dtype, rows, cols, s.buffer(dgiven, misalign=misaligned), s.buffer(g),
+               out)
+        s.save(out, (rows, cols), name + " scaled")
+        scaled.append((name + " scaled", (g[:, None] * dgiven).to(dtype)))
+    out = s.run()
+    for key, want, tol in checks:
+        check(out[key], want, tol, f"{dtype} {key}")
+    for key, want in scaled:
+        nan = torch.isnan(want)
+        assert torch.equal(torch.isnan(out[key]), nan), f"{dtype} {key}: NaN pattern"
+        assert torch.equal(out[key][~nan], want[~nan]), f"{dtype} {key}: not the one rounding of g * dH/df"
+
+
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 def test_modified_energy_kernels(driver, tmp_path, dtype):
     s = session(driver, tmp_path)
@@ -437,6 +474,9 @@ MUTATIONS = [
      "  const int lane = threadIdx.x % kThreadsPerRow;\n",
      "  const int lane = threadIdx.x % kThreadsPerRow;\n  if (lane >= 16) return;\n", "modified_energy",
      r"names lane 16; but thread \d+ has exited"),
+    ("kept gradient not divided by S", "softmax_entropy_kernel.cu",
+     "(kMode == kBackward ? grad_entropy[row] : A(1)) / sum", "(kMode == kBackward ? grad_entropy[row] / sum : A(1))",
+     "softmax_entropy_with_grad", r"max error"),
     ("off-by-one active row", "langevin_step_kernel.cu", "!active[c.row]", "!active[c.row + 1]", "langevin",
      r"heap-buffer-overflow"),
     ("out-of-bounds shared store", "nullspace_project_kernel.cu", "  if (lane == 0) scratch[warp] = v;",
@@ -447,6 +487,7 @@ MUTATIONS = [
 
 PROBES = {
     "softmax_entropy": lambda drv, tmp: test_softmax_entropy_kernels(drv, tmp, torch.float32),
+    "softmax_entropy_with_grad": lambda drv, tmp: test_softmax_entropy_with_grad_kernels(drv, tmp, torch.float32),
     "modified_energy": lambda drv, tmp: test_modified_energy_kernels(drv, tmp, torch.float32),
     "langevin": lambda drv, tmp: test_langevin_step_kernel_without_noise(drv, tmp, torch.float32),
     "nullspace": lambda drv, tmp: test_nullspace_project_kernel(drv, tmp, torch.float64),

@@ -424,7 +424,7 @@ def test_cuda_only_options_are_ignored_on_cpu():
     torch.manual_seed(0)
     a, _ = run(LangevinSampler(max_steps=4), model, init)
     torch.manual_seed(0)
-    b, st = run(LangevinSampler(max_steps=4, channels_last=True, autocast_bf16=True, cuda_graph=True), model, init)
+    b, st = run(LangevinSampler(max_steps=4, channels_last=True, cuda_graph=True), model, init)
     assert torch.equal(a, b) and a.is_contiguous()
 
 
@@ -442,7 +442,7 @@ def test_cuda_graph_matches_eager(device, early_stop):
     again, _ = run(sampler, model, init)                   # replays the cached graph
     torch.testing.assert_close(graphed, eager)
     assert torch.equal(graphed, again) and torch.equal(sg["steps"], se["steps"])
-    fast = LangevinSampler(max_steps=3, channels_last=True, autocast_bf16=True, cuda_graph=True)
+    fast = LangevinSampler(max_steps=3, channels_last=True, precision="bf16", cuda_graph=True)
     x = fast.sample(model, 8, SHAPE)
     assert bool((x.abs() <= 1).all()) and fast.stats["steps"].shape == (8,)
 

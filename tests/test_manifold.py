@@ -359,3 +359,77 @@ def test_max_id_probability_scores_the_id_classes_of_the_n_plus_1_softmax():
     assert isinstance(trainer.detector("max_id_probability"), MaxIDProbability)
     with pytest.raises(ValueError, match="score must be one of"):
         trainer.detector("energy")
+
+
+# ------------------------------------------------------------------------------------------------ Jacobian methods
+class _OverriddenDecode(ConditionalVAE):
+    def decode(self, z, cond):
+        return 0.5 * super().decode(z, cond)
+
+
+@pytest.mark.parametrize("output, act", [("tanh", nn.ReLU), ("linear", nn.ReLU), ("tanh", nn.LeakyReLU)])
+def test_tangent_jacobian_equals_torch_func(output, act):
+    torch.manual_seed(0)
+    cvae = ConditionalVAE(1, 8, 3, 4, width=4, hidden=16, output=output, recon="mse")
+    if act is nn.LeakyReLU:   # every ReLU of the decoder replaced: the slope branch of the tangent pass
+        for seq in (cvae.decoder_fc, cvae.decoder_conv):
+            for i, m in enumerate(seq):
+                if isinstance(m, nn.ReLU):
+                    seq[i] = nn.LeakyReLU(0.2)
+    z, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 1, 0])
+    with torch.no_grad():
+        jt, gt = decoder_jacobian(cvae, z, y, method="tangents")
+        jf, gf = decoder_jacobian(cvae, z, y, method="func")
+    assert jt.shape == (5, 64, 4) and jt.is_contiguous()
+    torch.testing.assert_close(jt, jf, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(gt, gf)
+    torch.testing.assert_close(jt, autograd_jacobian(cvae, z, y), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_tangent_jacobian_leaves_the_weights_alone(batch):
+    """The tangent pass updates its tangents in place: never the weights they start from (a batch of one makes
+    the first layer's tangents a view of its weight unless copied)."""
+    cvae = tiny_cvae(image_size=8)
+    before = {k: v.clone() for k, v in cvae.state_dict().items()}
+    z, y = torch.randn(batch, 4), torch.arange(batch) % 3
+    with torch.no_grad():
+        for _ in range(2):
+            jt, _ = decoder_jacobian(cvae, z, y, method="tangents")
+    assert all(torch.equal(before[k], v) for k, v in cvae.state_dict().items())
+    torch.testing.assert_close(jt, decoder_jacobian(cvae, z, y, method="func")[0], rtol=1e-5, atol=1e-7)
+
+
+def test_tangent_jacobian_falls_back_where_it_does_not_apply():
+    torch.manual_seed(0)
+    odd = _OverriddenDecode(1, 8, 3, 4, width=4, hidden=16)
+    z, y = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match="method='tangents' needs a ConditionalVAE"):
+        decoder_jacobian(odd, z, y, method="tangents")
+    jac, _ = decoder_jacobian(odd, z, y)   # auto: torch.func on the overridden decode
+    torch.testing.assert_close(jac, autograd_jacobian(odd, z, y), rtol=1e-4, atol=1e-6)
+    hooked = tiny_cvae(image_size=8)
+    hooked.decoder_conv[0].register_forward_hook(lambda m, i, o: o * 2)   # a hook changes the decoder's function
+    jac, _ = decoder_jacobian(hooked, z, y)
+    torch.testing.assert_close(jac, autograd_jacobian(hooked, z, y), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="method must be one of"):
+        decoder_jacobian(hooked, z, y, method="reverse")
+
+
+def test_type1_outliers_are_the_same_as_with_torch_func():
+    """The tangent pass replaced vmap(jvp) (issue 22): under a fixed seed the same outliers, stats and random
+    stream as the torch.func Jacobian (the MNIST quality protocol's CVAE shape, latent 8)."""
+    torch.manual_seed(0)
+    cvae = ConditionalVAE(1, 28, 5, 8, width=16, hidden=128)
+    x, y = labeled(40, num_classes=5)
+    out = {}
+    for method in ("func", "tangents"):
+        sampler = ManifoldSampler(cvae, beta_range="authors", batch_size=16)
+        sampler.jacobian_method = method
+        torch.manual_seed(123)
+        out[method] = (sampler.type1(x, y), dict(sampler.stats), torch.rand(3))
+    (a, sa, ra), (b, sb, rb) = out["func"], out["tangents"]
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    for key in ("beta", "step", "jacobian_norm"):
+        torch.testing.assert_close(sb[key], sa[key], rtol=1e-5, atol=1e-6)
+    assert torch.equal(ra, rb)   # the random stream advanced alike

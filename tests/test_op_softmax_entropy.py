@@ -159,13 +159,18 @@ def test_opcheck(device):
 
 
 @needs_native
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32] + HALF_DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_cpu_forward_keeps_the_gradient_for_the_backward(dtype, shape):
-    """CPU logits that require grad take softmax_entropy_with_grad: the forward writes dH/df, the backward scales
-    it by the incoming gradient. Same entropy as the plain forward, the plain backward's values (bit for bit at
-    an incoming gradient of 1), the reference's within tolerance, NaN/inf rows as the reference."""
-    logits = sample_logits(shape, dtype, "cpu")
+def test_forward_keeps_the_gradient_for_the_backward(device, dtype, shape):
+    """CPU and CUDA logits that require grad take softmax_entropy_with_grad: the forward writes dH/df, the
+    backward scales it by the incoming gradient. Same entropy as the plain forward, the plain backward's values
+    (bit for bit at an incoming gradient of 1 on CPU; within one rounding of the logits' dtype on CUDA, whose plain
+    backward rounds once from float while this path rounds dH/df to float first), the reference's within
+    tolerance, NaN/inf rows as the reference."""
+    if device == "cuda" and not ops.cuda_kernels_available():
+        pytest.skip("fastood built without CUDA kernels")
+    logits = sample_logits(shape, dtype, device)
     if shape[0] >= 5 and shape[1] >= 3:
         logits[1, 2] = float("nan")
         logits[2, 0] = float("inf")
@@ -178,11 +183,14 @@ def test_cpu_forward_keeps_the_gradient_for_the_backward(dtype, shape):
         (grad_one,) = torch.autograd.grad(h.sum(), x, retain_graph=True)
         (grad,) = torch.autograd.grad(h, x, g)
         plain_h = torch.ops.fastood.softmax_entropy(logits)
-        plain_one = torch.ops.fastood.softmax_entropy_backward(torch.ones(shape[0], dtype=dtype), logits)
+        plain_one = torch.ops.fastood.softmax_entropy_backward(torch.ones(shape[0], dtype=dtype, device=device),
+                                                               logits)
     assert grad.dtype == dtype and grad.shape == shape
     torch.testing.assert_close(h.detach(), plain_h, rtol=0, atol=0, equal_nan=True)
-    torch.testing.assert_close(grad_one, plain_one, rtol=0, atol=0, equal_nan=True)
-    want = reference.softmax_entropy_backward(g.double(), logits.double())
+    exact = device == "cpu" or dtype == torch.float32
+    tol = 0 if exact else TOLERANCE[dtype]
+    torch.testing.assert_close(grad_one, plain_one, rtol=tol, atol=tol, equal_nan=True)
+    want = reference.softmax_entropy_backward(g.double().to(device), logits.double())
     torch.testing.assert_close(grad.double(), want, equal_nan=True, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
 
 

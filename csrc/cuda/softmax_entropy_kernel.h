@@ -16,5 +16,14 @@ namespace cuda {
 void launch_softmax_entropy_kernel(DType dtype, const void* logits, int64_t rows, int64_t cols, void* entropy,
                                    void* grad, const void* grad_entropy, cudaStream_t stream);
 
+// The forward that keeps the gradient (float32/bfloat16/float16 logits; float64 launches nothing): entropy[b] =
+// H(softmax(f_b)) in `dtype` and dentropy[b, k] = dH/df_k as float32 [rows, cols] (contiguous), from one pass.
+void launch_softmax_entropy_with_grad_kernel(DType dtype, const void* logits, int64_t rows, int64_t cols,
+                                             void* entropy, float* dentropy, cudaStream_t stream);
+
+// Its backward: grad[b, k] = grad_entropy[b] * dentropy[b, k] rounded to `out_dtype` (not float64), contiguous.
+void launch_softmax_entropy_scale_rows_kernel(DType out_dtype, const float* dentropy, const float* grad_entropy,
+                                              int64_t rows, int64_t cols, void* grad, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace fastood

@@ -16,11 +16,12 @@ def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
         [B] entropies in nats, dtype of ``logits``.
 
     Differentiable to any order: the first backward runs the native kernel; under ``create_graph=True`` the
-    backward is evaluated with the reference's torch ops, so it can be differentiated again. On CPU, when a
+    backward is evaluated with the reference's torch ops, so it can be differentiated again. On CPU and CUDA, when a
     backward will follow (float32/bfloat16/float16 logits that require grad, grad mode on), the forward also
     writes dH/df from the exps it has in hand (``fastood::softmax_entropy_with_grad``; a float32 [B, C] tensor
-    kept until the backward) and the backward only scales its rows: forward + backward 1.3-1.5x faster than a
-    backward that repeats the forward's pass (``bench/bench_ops.py``).
+    kept until the backward) and the backward only scales its rows: on CPU forward + backward 1.3-1.5x faster
+    than a backward that repeats the forward's pass (``bench/bench_ops.py``); on CUDA the backward reads B*C floats
+    instead of re-reading the logits and recomputing their max, exps and sums (issue 22; timed by gpu-check).
     """
     check_tensor("logits", logits, dims=2)
     if use_native(logits):
@@ -31,16 +32,30 @@ def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 _WITH_GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# The built extension has the CPU with-gradient ops (one built before them has not); looked up once, not per call.
+# The built extension has the with-gradient ops (one built before them has not), and on which device types (a CUDA
+# build before issue 22 has them on CPU only); looked up once, not per call.
 _HAS_WITH_GRAD = native_available() and hasattr(torch.ops.fastood, "softmax_entropy_with_grad")
 
 
+def _with_grad_kernel(key: str) -> bool:
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key("fastood::softmax_entropy_with_grad", key)
+                    and torch._C._dispatch_has_kernel_for_dispatch_key("fastood::softmax_entropy_backward_from_grad",
+                                                                       key))
+    except (AttributeError, RuntimeError):  # no such private API: assume the CPU ops only (the older builds)
+        return key == "CPU"
+
+
+_WITH_GRAD_DEVICES = tuple(d for d, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+                           if _HAS_WITH_GRAD and _with_grad_kernel(key))
+
+
 def _forward_computes_grad(logits: torch.Tensor) -> bool:
-    """Whether the forward should also compute dH/df (CPU float32/bfloat16/float16 logits that a backward will
-    follow): the forward has every exp in hand, so the backward becomes a row scaling instead of a second pass.
-    Costs a float32 [B, C] tensor kept for the backward (the reference's autograd keeps two)."""
-    return (logits.device.type == "cpu" and logits.dtype in _WITH_GRAD_DTYPES and logits.requires_grad
-            and torch.is_grad_enabled() and _HAS_WITH_GRAD)
+    """Whether the forward should also compute dH/df (CPU or CUDA float32/bfloat16/float16 logits that a backward
+    will follow): the forward has every exp in hand, so the backward becomes a row scaling instead of a second
+    pass. Costs a float32 [B, C] tensor kept for the backward (the reference's autograd keeps two)."""
+    return (logits.device.type in _WITH_GRAD_DEVICES and logits.dtype in _WITH_GRAD_DTYPES and logits.requires_grad
+            and torch.is_grad_enabled())
 
 if native_available():
     @torch.library.register_fake("fastood::softmax_entropy")
@@ -72,7 +87,7 @@ if native_available():
     torch.library.register_autograd("fastood::softmax_entropy_backward", _backward_bw,
                                     setup_context=_setup_context_bw)
 
-    if _HAS_WITH_GRAD:  # CPU only (csrc/cpu/softmax_entropy.cpp)
+    if _HAS_WITH_GRAD:  # CPU (csrc/cpu/softmax_entropy.cpp) and CUDA (csrc/cuda/softmax_entropy.cpp)
         @torch.library.register_fake("fastood::softmax_entropy_with_grad")
         def _fake_entropy_with_grad(logits):
             return (logits.new_empty(logits.shape[:1]),

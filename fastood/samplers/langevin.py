@@ -4,7 +4,6 @@ The classifier ``f`` defines an implicit generator through its modified energy
 ``E(x) = sum_y (f_y(x)/c) (1 - exp(f_y(x)/c))``; the sampler descends it with sign-gradient Langevin dynamics
 inside the image box and returns the images the classifier is most confident about although they are noise.
 """
-import contextlib
 import math
 import warnings
 import weakref
@@ -17,6 +16,7 @@ from fastood._hyperparameters import RecordsHyperparameters
 from fastood.batches import model_device
 
 from ._locks import one_call_per_model
+from . import precision as _precision
 from ._model_state import frozen
 from .noise import check_bounds, check_count, check_shape, uniform_in
 
@@ -177,25 +177,53 @@ class LangevinSampler(metaclass=RecordsHyperparameters):
             side effects of ``forward`` (counters, caches) happen once, at tracing -- use False for such models.
             On CPU, when every convolution is folded, the chains are kept in channels-last memory format (faster
             convolutions and pooling there); samples are always returned contiguous.
-        channels_last, autocast_bf16, cuda_graph: CUDA only (ignored on CPU). ``channels_last`` converts the
+        precision: the dtype of the forward and the input backward (:mod:`fastood.samplers.precision`):
+            ``"fp32"``, ``"bf16"`` or ``"fp16"`` (``torch.autocast`` of the model's device type, CPU or CUDA), or
+            ``"auto"`` (default): bfloat16 where the device computes it natively (CUDA compute capability >= 8.0;
+            a CPU whose torch kernels run AVX-512 and that has AVX512-BF16 or AMX, detected at run time) *once the
+            quality A/B has validated it* (``precision.AUTO_USES_BF16``, False for now: "auto" runs float32 on
+            every device until bench/quality_fig.py --precision shows AUROC and ID accuracy within the seed
+            spread). The update uses only the sign of the gradient: along FIG runs on the pretrained SmallCNN
+            (mnist5k-0to4; bench/sign_agreement.py, every update of 3 x 256 chains) bfloat16 agreed with float32
+            on 99.1% of the input coordinates and on 100.0% of those whose |gradient| is above the chain's median
+            (float16: 99.9% / 100.0%); a random-weight resnet18_cifar: ~96%. The energy and
+            the confidence of the stop rule are always computed in float32 from the logits. One rule on CPU and
+            CUDA: this setting decides, a surrounding autocast (e.g. a trainer's AMP) is overridden inside the
+            sampler -- it neither turns low precision on nor off. ``stats["precision"]`` says what ran,
+            ``stats["bf16_native"]`` whether bfloat16 was native. float16 gradients may underflow to 0 (no move
+            for that coordinate); each chain's energy gradient is scaled to a maximum of 1 first (a positive
+            per-chain factor: the signs are unchanged).
+        autocast_bf16: deprecated alias (DeprecationWarning): True = ``precision="bf16"``, False = ``"fp32"``. It
+            used to act on CUDA only; as an alias it now applies on CPU too.
+        channels_last, cuda_graph: CUDA only (ignored on CPU). ``channels_last`` converts the
             model's parameters to channels-last memory format in place (values unchanged) and keeps the chains in
-            that format; ``autocast_bf16`` runs the forward under bfloat16 autocast (the update stays float32);
-            ``cuda_graph`` captures the fixed-shape step (forward, energy gradient, input backward) in a CUDA graph
-            replayed every step -- the batch is then never compacted (frozen chains are masked). The graph is
-            cached and re-captured when the model's parameters move or the batch shape changes.
+            that format; ``cuda_graph`` captures the fixed-shape step (forward, energy gradient, input backward)
+            in a CUDA graph replayed every step -- the batch is then never compacted (frozen chains are masked).
+            The graph is cached and re-captured when the model's parameters move or the batch shape changes.
 
     ``sample(model, n, shape)`` -> [n, *shape] (detached, on the model's device, in its dtype). ``stats`` describes
     the last call: ``steps`` [n] (updates per chain), ``start_confidence`` [n] (confidence of the starting images),
     ``confidence`` [n] and ``energy`` [n] of the returned samples (lower energy = more "in-distribution" to the
     model), ``forwards`` (images forwarded in total),
-    ``passes`` (forward calls), ``reused`` (chains started from the replay buffer) and ``folded`` (BatchNorm
-    layers folded into convolutions).
+    ``passes`` (forward calls), ``reused`` (chains started from the replay buffer), ``folded`` (BatchNorm
+    layers folded into convolutions), ``precision`` ("fp32", "bf16" or "fp16": what ran) and ``bf16_native``.
     """
 
     def __init__(self, c=5.0, step_size=0.1, decay=0.9, decay_every=100, max_steps=20, confidence=0.9,
                  early_stop="chain", noise="authors", bounds=(-1.0, 1.0), init="uniform", replay_buffer=0,
-                 replay_fraction=0.5, compact_below=None, fold_batchnorm=True, channels_last=False, autocast_bf16=False,
-                 cuda_graph=False, min_steps=1):
+                 replay_fraction=0.5, compact_below=None, fold_batchnorm=True, channels_last=False, autocast_bf16=None,
+                 cuda_graph=False, min_steps=1, precision="auto"):
+        precision = _precision.check_precision(precision)
+        if autocast_bf16 is not None:
+            if not isinstance(autocast_bf16, bool):
+                raise TypeError(f"autocast_bf16 must be None or a bool, got {autocast_bf16!r}")
+            alias = "bf16" if autocast_bf16 else "fp32"
+            if precision != "auto" and precision != alias:
+                raise ValueError(f"autocast_bf16={autocast_bf16} (deprecated) contradicts precision={precision!r}; "
+                                 "pass precision only")
+            warnings.warn(f"LangevinSampler(autocast_bf16={autocast_bf16}) is deprecated: use "
+                          f"precision={alias!r} (it now applies on CPU as on CUDA)", DeprecationWarning, stacklevel=3)
+            precision = alias
         if early_stop not in EARLY_STOP:
             raise ValueError(f"early_stop must be one of {EARLY_STOP}, got {early_stop!r}")
         if noise not in NOISE:
@@ -228,13 +256,19 @@ class LangevinSampler(metaclass=RecordsHyperparameters):
         self.replay_buffer, self.replay_fraction = replay_buffer, float(replay_fraction)
         self.compact_below = None if compact_below is None else float(compact_below)
         self.fold_batchnorm = bool(fold_batchnorm)
-        self.channels_last, self.autocast_bf16 = bool(channels_last), bool(autocast_bf16)
+        self.channels_last, self.precision = bool(channels_last), precision
+        self._amp_dtype = None  # the autocast dtype of the running sample() call (None: float32)
         self.cuda_graph = bool(cuda_graph)
         self.buffer = None      # replay buffer [<= replay_buffer, *shape] on the samples' device
         self.stats = {}
         self._graph = None      # cached _CapturedStep (CUDA only)
         self._graph_failed = False
         self._view = None       # cached _FoldedView, or (model ref, structure) of a model that cannot be folded
+
+    @property
+    def autocast_bf16(self) -> bool:
+        """Deprecated: whether ``precision`` is ``"bf16"``."""
+        return self.precision == "bf16"
 
     # ------------------------------------------------------------------ schedule
     def step_size_at(self, t: int) -> float:
@@ -337,8 +371,7 @@ class LangevinSampler(metaclass=RecordsHyperparameters):
         probe = x[:8]
         # Compared in full precision (bf16 rounding would hide nothing structural but fail a tight test); the
         # tolerance only has to separate rounding (TF32 convolutions included) from a wrong graph.
-        no_autocast = torch.autocast("cuda", enabled=False) if cuda else contextlib.nullcontext()
-        with torch.no_grad(), no_autocast:
+        with torch.no_grad(), _precision.autocast(probe.device, None):
             expected = model(probe)            # the model's own errors propagate
             try:
                 got = view.module(probe)
@@ -353,13 +386,10 @@ class LangevinSampler(metaclass=RecordsHyperparameters):
         return view.module, view
 
     # ------------------------------------------------------------------ one forward (+ backward)
-    def _autocast(self, cuda):
-        if not cuda:
-            return contextlib.nullcontext()
-        # Explicit even when disabled: it overrides an enclosing autocast (e.g. a trainer's AMP). A CUDA graph
-        # cannot replay autocast's weight cache, hence no cache while capturing.
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast_bf16,
-                              cache_enabled=not self.cuda_graph)
+    def _autocast(self, device):
+        # Explicit even for float32: it overrides an enclosing autocast (e.g. a trainer's AMP) on CPU and CUDA alike.
+        # A CUDA graph cannot replay autocast's weight cache, hence no cache while capturing.
+        return _precision.autocast(device, self._amp_dtype, cache_enabled=not self.cuda_graph)
 
     def _evaluate(self, model, x, cuda, need_grad):
         """One forward of the chains x [m, ...].
@@ -367,7 +397,7 @@ class LangevinSampler(metaclass=RecordsHyperparameters):
         Returns ``(energy [m], confidence [m], all_finite (0-dim bool), grad_fn)``; ``grad_fn()`` runs the one
         backward from the logits to x and returns dE/dx [m, ...] (None when ``need_grad`` is False).
         """
-        with torch.enable_grad() if need_grad else torch.no_grad(), self._autocast(cuda):
+        with torch.enable_grad() if need_grad else torch.no_grad(), self._autocast(x.device):
             x_in = x.detach().requires_grad_(True) if need_grad else x
             logits = model(x_in)
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
@@ -380,6 +410,8 @@ class LangevinSampler(metaclass=RecordsHyperparameters):
         if not need_grad:
             return ops.modified_energy(lf, self.c), confidence, finite, None
         energy, d_energy = ops.modified_energy_grad(lf, self.c)
+        if logits.dtype == torch.float16:  # a positive factor per chain: the signs stay, fewer gradients underflow
+            d_energy = d_energy / d_energy.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
 
         def grad_fn():
             (grad,) = torch.autograd.grad(logits, x_in, grad_outputs=d_energy.to(logits.dtype))
@@ -411,6 +443,7 @@ class LangevinSampler(metaclass=RecordsHyperparameters):
                                "torch.inference_mode()")
         device, dtype = model_device(model), _model_dtype(model)
         cuda = device.type == "cuda"
+        self._amp_dtype, precision = _precision.resolve(self.precision, device)
         x, reused = self._start(n, shape, device, dtype, init)
         steps = torch.zeros(n, dtype=torch.long, device=device)
         conf = torch.zeros(n, dtype=torch.float32, device=device)
@@ -441,7 +474,8 @@ class LangevinSampler(metaclass=RecordsHyperparameters):
         self._remember(x)
         self.stats = {"steps": steps, "start_confidence": start_conf, "confidence": conf, "energy": energy,
                       "forwards": counts["forwards"],
-                      "passes": counts["passes"], "reused": reused, "folded": folded}
+                      "passes": counts["passes"], "reused": reused, "folded": folded,
+                      "precision": precision["precision"], "bf16_native": precision["bf16_native"]}
         return x
 
     def _stop_rule(self, c_now, running, t):
@@ -566,7 +600,7 @@ class LangevinSampler(metaclass=RecordsHyperparameters):
         step cannot be captured (a warning is issued once; the eager loop runs instead)."""
         if self._graph_failed:
             return None
-        key = (id(model), tuple(x.shape), tuple(x.stride()), x.dtype, x.device, self.c, self.autocast_bf16,
+        key = (id(model), tuple(x.shape), tuple(x.stride()), x.dtype, x.device, self.c, self._amp_dtype,
                tuple(t.data_ptr() for t in model.parameters()), tuple(t.data_ptr() for t in model.buffers()))
         if self._graph is None or self._graph.key != key:
             self._graph = None  # free the old graph's memory pool before capturing a new one

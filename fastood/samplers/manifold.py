@@ -9,6 +9,7 @@ means, conditioned on that class.
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastood import ops
@@ -37,24 +38,52 @@ def check_cvae(cvae, attrs) -> None:
                             f"{type(cvae).__name__} does not")
 
 
-def decoder_jacobian(cvae: nn.Module, z: torch.Tensor, cond, chunk_size=None):
+JACOBIAN_METHODS = ("auto", "tangents", "func")
+
+
+def decoder_jacobian(cvae: nn.Module, z: torch.Tensor, cond, chunk_size=None, method="auto"):
     """Jacobians ``J_b = d g(z_b, c_b) / d z_b`` of the decoder for a whole batch by forward-mode AD.
 
-    One JVP per latent basis vector e_1..e_d, each pushed through the decoder for all B samples at once: the d
-    JVPs run as one ``torch.func.vmap`` over ``torch.func.jvp`` (d forward-mode passes, not D backward passes).
-    The decoder must act on each sample independently (no batch statistics), as :class:`ConditionalVAE` does.
+    One JVP per latent basis vector e_1..e_d, each pushed through the decoder for all B samples at once (d
+    forward-mode passes, not D backward passes). The decoder must act on each sample independently (no batch
+    statistics), as :class:`ConditionalVAE` does. Two implementations of the same forward mode:
+
+    - ``"tangents"``: for a :class:`~fastood.models.ConditionalVAE` whose decoder holds only Linear, Conv2d,
+      ConvTranspose2d, ReLU, LeakyReLU and Identity layers (and a tanh or linear output): the d tangents travel as one
+      batch of d*B through the decoder's own layers -- each linear layer applied without its bias, each activation
+      as its derivative at the primal (a mask for ReLU, ``1 - g^2`` for the tanh output), the convolutions in
+      channels-last memory -- next to one primal pass that supplies those derivatives.
+    - ``"func"``: ``torch.func.vmap`` over ``torch.func.jvp`` of ``decode`` (any decoder; its ``chunk_size``).
+    - ``"auto"`` (default): ``"tangents"`` where it applies, else ``"func"``. The two agree to float rounding
+      (tests/test_manifold.py); ``"tangents"`` avoids functorch's per-operator dispatch and batching rules
+      (bench/bench_nullspace.py).
 
     Args:
         cvae: a model with ``decode(z [B, d], cond) -> [B, ...]`` (e.g. :class:`fastood.models.ConditionalVAE`).
         z: latents [B, d].
         cond: what ``decode`` takes as condition (labels or vectors, not differentiated).
-        chunk_size: passed to ``vmap`` (how many basis vectors per pass; None = all d at once).
+        chunk_size: passed to ``vmap`` (how many basis vectors per pass; None = all d at once); ``"func"`` only
+            (given, it selects ``"func"`` under ``"auto"``).
+        method: ``"auto"``, ``"tangents"`` or ``"func"``.
     Returns:
-        ``(J [B, D, d], g [B, D])``: the Jacobians and the decoded images flattened (D = prod of the image shape).
+        ``(J [B, D, d], g [B, D])``: the Jacobians (contiguous) and the decoded images flattened (D = prod of the
+        image shape).
     """
     if not isinstance(z, torch.Tensor) or z.dim() != 2 or not z.is_floating_point():
         got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
         raise ValueError(f"z must be a floating-point latent tensor [B, d], got {got}")
+    if method not in JACOBIAN_METHODS:
+        raise ValueError(f"method must be one of {JACOBIAN_METHODS}, got {method!r}")
+    supported = _tangent_layers(cvae)
+    if method == "tangents" and supported is None:
+        raise ValueError(f"method='tangents' needs a ConditionalVAE with Linear/Conv2d/ConvTranspose2d/ReLU/LeakyReLU/"
+                         f"Identity decoder layers and its own decode; {type(cvae).__name__} is not: use 'func'")
+    if method == "tangents" or (method == "auto" and supported is not None and chunk_size is None):
+        return _jacobian_by_tangents(cvae, z, cond, *supported)
+    return _jacobian_by_func(cvae, z, cond, chunk_size)
+
+
+def _jacobian_by_func(cvae, z, cond, chunk_size):
     b, d = z.shape
 
     def decode_flat(latent):
@@ -65,7 +94,87 @@ def decoder_jacobian(cvae: nn.Module, z: torch.Tensor, cond, chunk_size=None):
 
     basis = torch.eye(d, dtype=z.dtype, device=z.device).unsqueeze(1).expand(d, b, d)
     images, tangents = torch.func.vmap(push_forward, chunk_size=chunk_size)(basis)  # [d, B, D] each
-    return tangents.permute(1, 2, 0), images[0]
+    return tangents.permute(1, 2, 0).contiguous(), images[0]
+
+
+_TANGENT_LAYERS = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.ReLU, nn.LeakyReLU, nn.Identity)
+
+
+def _tangent_layers(cvae):
+    """``(fc layers, conv layers)`` when the ``"tangents"`` Jacobian applies to ``cvae``, else None: a
+    ConditionalVAE whose ``decode``/``decode_preactivation``/``condition`` are the class's own and whose decoder
+    holds only the layer types the tangent pass knows (all of them act per sample)."""
+    from fastood.models.cvae import ConditionalVAE
+
+    if not isinstance(cvae, ConditionalVAE):
+        return None
+    cls = type(cvae)
+    if any(getattr(cls, name) is not getattr(ConditionalVAE, name)
+           for name in ("decode", "decode_preactivation", "condition", "class_vectors")):
+        return None
+    fc, conv = getattr(cvae, "decoder_fc", None), getattr(cvae, "decoder_conv", None)
+    if not isinstance(fc, nn.Sequential) or not isinstance(conv, nn.Sequential) or cvae.output not in ("tanh",
+                                                                                                       "linear"):
+        return None
+    layers = list(fc) + list(conv)
+    if not all(type(m) in _TANGENT_LAYERS for m in layers):
+        return None
+    if any(m._forward_hooks or m._forward_pre_hooks for m in layers + [cvae, fc, conv]):
+        return None   # hooks would see the tangent batch or be skipped: let torch.func run the real modules
+    if not isinstance(fc[0], nn.Linear):
+        return None
+    return list(fc), list(conv)
+
+
+def _tangent_step(module, h, t, d):
+    """One layer of the tangent pass: ``(module(h), J_module(h) t)``; h [B, ...] primal, t [d * B, ...] tangents
+    (d blocks of B rows)."""
+    if isinstance(module, nn.Identity):
+        return h, t
+    if isinstance(module, nn.Linear):
+        return module(h), F.linear(t, module.weight)
+    if isinstance(module, nn.Conv2d):
+        return module(h), module._conv_forward(t, module.weight, None)
+    if isinstance(module, nn.ConvTranspose2d):
+        out = module(h)
+        return out, F.conv_transpose2d(t, module.weight, None, module.stride, module.padding, module.output_padding,
+                                       module.groups, module.dilation)
+    # elementwise: ReLU / LeakyReLU, derivative taken at the primal input, broadcast over the d tangent blocks and
+    # applied in place (t is always this pass's own tensor; splitting dim 0 into (d, B) is a view in any layout).
+    # A float slope, not a bool mask: multiplying by a bool tensor costs a type promotion per element.
+    if isinstance(module, nn.ReLU):
+        slope = (h > 0).to(h.dtype)
+    else:
+        slope = torch.where(h > 0, 1.0, module.negative_slope).to(h.dtype)
+    out = module(h)
+    t.view((d,) + tuple(h.shape)).mul_(slope)
+    return out, t
+
+
+def _jacobian_by_tangents(cvae, z, cond, fc, conv):
+    b, d = z.shape
+    c = cvae.condition(cond, b)
+    first = fc[0]
+    h = first(torch.cat([z, c], 1))
+    # The first layer's tangent along e_i is its weight's column i, the same for every sample: [d, B, out].
+    # (a fresh copy: the pass updates its tangents in place, which must never reach the weight)
+    t = first.weight[:, :d].t().unsqueeze(1).expand(d, b, first.out_features).clone(
+        memory_format=torch.contiguous_format).view(d * b, first.out_features)
+    for module in fc[1:]:
+        h, t = _tangent_step(module, h, t, d)
+    grid = (b,) + tuple(cvae._grid)
+    h, t = h.reshape(grid), t.reshape((d * b,) + tuple(cvae._grid))
+    if conv and h.dim() == 4:
+        h = h.contiguous(memory_format=torch.channels_last)   # faster convolutions on CPU and CUDA
+        t = t.contiguous(memory_format=torch.channels_last)
+    for module in conv:
+        h, t = _tangent_step(module, h, t, d)
+    t = t.reshape((d, b, -1))
+    g = h.reshape(b, -1)
+    if cvae.output == "tanh":
+        g = torch.tanh(g)
+        t = t.mul_(1 - g * g) if t.is_contiguous() else t * (1 - g * g)
+    return t.permute(1, 2, 0).contiguous(), g.contiguous()
 
 
 #: Presets of the type-I step size beta, as ``(low, high, random_sign)`` on a data range of width 1 ([0, 1] images);
@@ -134,6 +243,10 @@ class ManifoldSampler(metaclass=RecordsHyperparameters):
         batch_size: the most images encoded/decoded at once (bounds the Jacobian's memory: batch_size * D * d).
     """
 
+    #: How :meth:`type1` takes the decoder Jacobian (:func:`decoder_jacobian`'s ``method``): "auto", "tangents" or
+    #: "func" -- the same Jacobian to float rounding; a class attribute (not a hyperparameter) benches may override.
+    jacobian_method = "auto"
+
     def __init__(self, cvae: nn.Module, beta_range="paper", coverage=0.95, shell=None, bounds=(-1.0, 1.0),
                  type1_fraction=0.5, anchor="input", batch_size=256, random_sign=None):
         check_cvae(cvae, ("encode", "decode", "latent_dim", "num_classes", "image_shape"))
@@ -201,6 +314,8 @@ class ManifoldSampler(metaclass=RecordsHyperparameters):
                                "outliers (the class ellipsoids are needed)")
 
     def _clip(self, x):
+        if len(self.lower) == 1 and len(self.upper) == 1:   # one pass for scalar bounds
+            return torch.clamp(x, self.lower[0], self.upper[0])
         lo = bound_tensor(self.lower, x.dim(), x.device, x.dtype)
         hi = bound_tensor(self.upper, x.dim(), x.device, x.dtype)
         return torch.maximum(torch.minimum(x, hi), lo)
@@ -291,7 +406,9 @@ class ManifoldSampler(metaclass=RecordsHyperparameters):
         if x.dim() != 4 or tuple(x.shape[1:]) != shape:
             raise ValueError(f"{name} must have shape [B, {', '.join(map(str, shape))}] (the CVAE's images), "
                              f"got {tuple(x.shape)}")
-        if not bool(torch.isfinite(x).all()):
+        # a finite sum proves every value finite (one reduction instead of isfinite's four passes); only a
+        # non-finite sum (a NaN/Inf, or an overflow of huge finite values) needs the full test
+        if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
             raise ValueError(f"{name} contains NaN/Inf")
         return x
 
@@ -313,7 +430,7 @@ class ManifoldSampler(metaclass=RecordsHyperparameters):
                 yb = y[start:start + self.batch_size]
                 cond = self.cvae.class_vectors(yb) if hasattr(self.cvae, "class_vectors") else yb
                 mu = self.cvae.encode(xb, cond)[0]
-                jac, recon = decoder_jacobian(self.cvae, mu, cond)
+                jac, recon = decoder_jacobian(self.cvae, mu, cond, method=self.jacobian_method)
                 v = ops.nullspace_project(jac, torch.randn_like(recon))
                 lo, hi = self.beta_range
                 beta = lo + (hi - lo) * torch.rand(xb.shape[0], 1, device=xb.device, dtype=xb.dtype)

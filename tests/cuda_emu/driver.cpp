@@ -6,6 +6,8 @@
 //                                 malloc (SHIFT > 0: the misaligned paths); contents from FILE, or 0xff bytes
 //                                 (NaN in every float type, so an element the kernel fails to write shows up)
 //   softmax_entropy DTYPE ROWS COLS LOGITS ENTROPY GRAD GRAD_ENTROPY
+//   softmax_entropy_with_grad DTYPE ROWS COLS LOGITS ENTROPY DENTROPY        (DENTROPY: float32)
+//   softmax_entropy_scale_rows DTYPE ROWS COLS DENTROPY GRAD_ENTROPY GRAD    (DTYPE: GRAD's; the others float32)
 //   modified_energy DTYPE ROWS COLS C LOGITS ENERGY GRAD GRAD_SCALE
 //   langevin DTYPE X GRAD NUMEL PER_ROW INNER CHANNELS CHANNELS_LAST HALF_STEP NOISE_STD LOWER UPPER NBOUNDS
 //            ACTIVE SEED OFFSET
@@ -117,6 +119,20 @@ void run(const std::string& line) {
     void* grad = ptr(word(in, "grad"));
     void* grad_entropy = ptr(word(in, "grad_entropy"));
     fastood::cuda::launch_softmax_entropy_kernel(dt, logits, rows, cols, entropy, grad, grad_entropy, nullptr);
+  } else if (cmd == "softmax_entropy_with_grad") {
+    const DType dt = dtype(word(in, "dtype"));
+    const auto rows = num<int64_t>(in, "rows"), cols = num<int64_t>(in, "cols");
+    void* logits = ptr(word(in, "logits"));
+    void* entropy = ptr(word(in, "entropy"));
+    auto* dentropy = static_cast<float*>(ptr(word(in, "dentropy")));
+    fastood::cuda::launch_softmax_entropy_with_grad_kernel(dt, logits, rows, cols, entropy, dentropy, nullptr);
+  } else if (cmd == "softmax_entropy_scale_rows") {
+    const DType dt = dtype(word(in, "dtype"));
+    const auto rows = num<int64_t>(in, "rows"), cols = num<int64_t>(in, "cols");
+    const auto* dentropy = static_cast<const float*>(ptr(word(in, "dentropy")));
+    const auto* grad_entropy = static_cast<const float*>(ptr(word(in, "grad_entropy")));
+    void* grad = ptr(word(in, "grad"));
+    fastood::cuda::launch_softmax_entropy_scale_rows_kernel(dt, dentropy, grad_entropy, rows, cols, grad, nullptr);
   } else if (cmd == "modified_energy") {
     const DType dt = dtype(word(in, "dtype"));
     const auto rows = num<int64_t>(in, "rows"), cols = num<int64_t>(in, "cols");
