@@ -230,7 +230,8 @@ class Table:
         config = demo.RunConfig(methods=["fig"], data=args.data, width=args.width, batch_size=args.batch_size,
                                 pretrain_epochs=args.pretrain_epochs, cvae_epochs=args.cvae_epochs,
                                 train_limit=args.train_limit, seed=args.seed, device=args.device, cache=args.cache,
-                                out=args.out, quiet=args.quiet, plots=False)
+                                out=os.path.join(args.out, f"training-{self.tag}"),  # resumable checkpoints
+                                quiet=args.quiet, plots=False)
         # --quick: the demo's --tiny Langevin chains (at most 5 updates) for FIG; set after construction because
         # RunConfig(tiny=True) would also cut the pretraining to 1 epoch.
         config.tiny = args.quick
