@@ -163,7 +163,7 @@ def build_detector(name: str, model: nn.Module, quick: bool = False):
     return cls(model)
 
 
-def grid_for(name: str, det, num_classes: int, small: bool):
+def grid_for(name: str, det, num_classes: int, small: bool, fit_size: int = None):
     """The tuning grid (pixel units for noise magnitudes), or None for a detector without hyperparameters."""
     if name == "odin":
         grid = {"T": ODIN_T, "epsilon": ODIN_EPSILON}
@@ -180,6 +180,8 @@ def grid_for(name: str, det, num_classes: int, small: bool):
         grid = {k: list(v) for k, v in grid.items()}
         if name == "gen" and "M" in grid:  # M >= number of classes all mean "every class"
             grid["M"] = sorted({min(int(m), num_classes) for m in grid["M"]})
+        if name == "knn" and "k" in grid and fit_size is not None:  # k beyond the bank has no k-th neighbour
+            grid["k"] = [k for k in grid["k"] if k <= fit_size] or [1]
     return {k: thin(v) for k, v in grid.items()} if small else grid
 
 
@@ -301,7 +303,7 @@ class Table:
         model = self.network(network)
         self.say(f"{network} / {name} ...")
         det = build_detector(name, model, args.quick)
-        grid = grid_for(name, det, self.num_classes, args.grids == "small")
+        grid = grid_for(name, det, self.num_classes, args.grids == "small", len(self.fit_loader.dataset))
         t0 = time.perf_counter()
         if grid is None:
             fit_s = 0.0

@@ -3,6 +3,7 @@ validation split kept apart from the test sets, and resumable cells."""
 import importlib.util
 import json
 import os
+import types
 
 import pytest
 import torch
@@ -36,6 +37,9 @@ def test_grids_are_the_papers(table):
     # GEN: every M >= the number of classes means "all classes": one grid point, not six equal ones.
     assert table.grid_for("gen", GEN(model), 5, small=False)["M"] == [5]
     assert table.grid_for("odin", ODIN(model), 5, small=True) == {"T": [1, 1000], "epsilon": [0.0, 0.004]}
+    # A class's tuning_grid is read too; KNN's k is capped at the number of fitted features.
+    knn_like = types.SimpleNamespace(tuning_grid={"k": [1, 10, 50, 1000]})
+    assert table.grid_for("knn", knn_like, 5, small=False, fit_size=256) == {"k": [1, 10, 50]}
     # MLB reads every ReLU output (SmallCNN: three blocks and the penultimate features).
     assert table.relu_layers(model) == ["body.2", "body.6", "body.10", "body.14"]
     # Noise magnitudes are in pixel units; the detectors take input units of (p - 0.5) / 0.5 images.
