@@ -105,6 +105,8 @@ def parse_args(argv=None):
     p.add_argument("--grids", choices=("paper", "small"), default=None,
                    help="paper (default) or small (every axis thinned to its first and last value; --quick's default)")
     p.add_argument("--no-cmg", dest="cmg", action="store_false", help="skip the CMG-energy + ReAct table")
+    p.add_argument("--cached-only", action="store_true",
+                   help="write the tables from the cells already computed (e.g. by a run still going); compute nothing")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--cache", default=None, help="pretraining / CVAE cache (default: $FASTOOD_CACHE or ~/.cache/fastood)")
@@ -294,8 +296,11 @@ class Table:
         return cached_model(self.cells, key, built.model, train, log=self.say)
 
     # ------------------------------------------------------------------ cells
-    def cell(self, network: str, detector: str) -> dict:
+    def cell(self, network: str, detector: str):
+        """The cached cell, else computed (None with ``--cached-only``)."""
         key = f"{self.tag}-{network}-{detector}"
+        if self.args.cached_only:
+            return self.cells.get(key)
         return self.cells.run(key, lambda: self._compute(network, detector), log=self.say)
 
     def _compute(self, network: str, name: str) -> dict:
@@ -351,14 +356,18 @@ def fig_table(cells: dict, detectors, ood_sets) -> list:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for d in detectors:
         a, b = cells.get(("standard", d)), cells.get(("fig", d))
-        if a is None or b is None:
+        if a is None and b is None:
             continue
-        row = [a["name"].split("(")[0] if d != "mahalanobis" else "MLB (Mahalanobis, every ReLU)"]
-        row += [f"{_pct(a['test'][s]['auroc'])} / {_pct(b['test'][s]['auroc'])}" for s in ood_sets]
-        gain = b["mean"]["auroc"] - a["mean"]["auroc"]
-        row += [f"{_pct(a['mean']['auroc'])} / {_pct(b['mean']['auroc'])}", f"{100 * gain:+.1f}",
-                f"{_pct(a['mean']['fpr95'])} / {_pct(b['mean']['fpr95'])}",
-                f"{_pct(a['id_accuracy'])} / {_pct(b['id_accuracy'])}"]
+        first = a or b
+        row = [first["name"].split("(")[0] if d != "mahalanobis" else "MLB (Mahalanobis, every ReLU)"]
+
+        def pair(get):
+            return " / ".join("-" if c is None else _pct(get(c)) for c in (a, b))
+
+        row += [pair(lambda c: c["test"][s]["auroc"]) for s in ood_sets]
+        gain = "-" if a is None or b is None else f"{100 * (b['mean']['auroc'] - a['mean']['auroc']):+.1f}"
+        row += [pair(lambda c: c["mean"]["auroc"]), gain, pair(lambda c: c["mean"]["fpr95"]),
+                pair(lambda c: c["id_accuracy"])]
         lines.append("| " + " | ".join(row) + " |")
     return lines
 
@@ -385,7 +394,7 @@ def cost_table(cells: dict, detectors) -> list:
         lines.append("| " + " | ".join([
             d, f"{_params(a)} / {_params(b) if b else '-'}", str(a["grid_points"]), f"{a['fit_s']:.2f}",
             f"{a['state_bytes'] / 1024:.1f}", f"{a['score_images_per_s']:.0f}",
-            f"{a['tune_s']:.1f} / {b['tune_s']:.1f}" if b else f"{a['tune_s']:.1f}"]) + " |")
+            f"{a['tune_s']:.1f} / {b['tune_s']:.1f}" if b else f"{a['tune_s']:.1f} / -"]) + " |")
     return lines
 
 
@@ -396,14 +405,19 @@ def main(argv=None) -> dict:
     table = Table(args)
     skipped = {d: f"needs {METHOD_SPECIFIC[d]}" for d in args.detector_names if d in METHOD_SPECIFIC}
     detectors = [d for d in args.detector_names if d not in METHOD_SPECIFIC]
-    cells = {}
+    cells, missing = {}, []
     for network in NETWORKS:
         for d in detectors:
             try:
-                cells[(network, d)] = table.cell(network, d)
+                cell = table.cell(network, d)
             except (TypeError, ValueError) as err:  # a detector that does not apply to this model
                 skipped[d] = f"{type(err).__name__}: {err}"
                 table.say(f"  skipped {network} / {d}: {skipped[d]}")
+                continue
+            if cell is None:
+                missing.append(f"{network}/{d}")
+            else:
+                cells[(network, d)] = cell
     ood_sets = list(table.ood_eval)
     cmg_rows, cmg_note = {}, None
     if not args.cmg:
@@ -417,12 +431,14 @@ def main(argv=None) -> dict:
         own = table.cell("cmg-energy", "energy")
         cmg_rows = {"ReAct (standard network)": react_std, "CMG-energy fine-tuned, scored with ReAct": cmg_energy,
                     "CMG-energy fine-tuned, energy (its own detector)": own}
+        missing += [f"CMG table: {k}" for k, v in cmg_rows.items() if v is None]
+        cmg_rows = {k: v for k, v in cmg_rows.items() if v is not None}
     total_s = time.perf_counter() - start
     command = "python bench/detectors_table.py " + " ".join(sys.argv[1:] if argv is None else argv)
     meta = {"command": command.strip(), "settings": {k: v for k, v in vars(args).items() if k != "detector_names"},
             "settings_tag": table.tag, "sizes": table.sizes, "device": str(table.ctx.device),
             "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
-            "total_s": round(total_s, 1), "skipped": skipped, "cmg_note": cmg_note}
+            "total_s": round(total_s, 1), "skipped": skipped, "cmg_note": cmg_note, "not_computed": missing}
     write_outputs(args.out, meta, cells, cmg_rows, detectors, ood_sets)
     table.ctx.close()
     return {"meta": meta, "cells": cells, "cmg": cmg_rows, "table": table}
@@ -449,6 +465,8 @@ def write_outputs(out, meta, cells, cmg_rows, detectors, ood_sets):
     md += cost_table(cells, detectors)
     md += ["", "fit s = the ID-data fit behind the chosen detector; state = the fitted tensors beyond the model; "
            "images/s = the test pass (ID + OOD subsets) on the device above."]
+    if meta["not_computed"]:
+        md += ["", "Not computed yet (--cached-only): " + ", ".join(meta["not_computed"])]
     if meta["skipped"]:
         md += ["", "Skipped: " + "; ".join(f"{k} ({v})" for k, v in meta["skipped"].items())]
     text = "\n".join(md) + "\n"

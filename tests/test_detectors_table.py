@@ -126,3 +126,7 @@ def test_quick_table_resumes_and_tunes_on_validation_only(table, tmp_path, monke
     monkeypatch.setattr(table.Table, "_compute", refuse)
     second = table.main(argv)
     assert second["cells"] == cells
+    # --cached-only writes the tables from what is on disk and lists what is missing (here: a detector never run).
+    partial = table.main(argv[:-1] + [argv[-1] + ",energy", "--cached-only"])
+    assert partial["cells"] == cells and partial["meta"]["not_computed"] == ["standard/energy", "fig/energy"]
+    assert "Not computed yet" in (out / "detectors_table.md").read_text()
