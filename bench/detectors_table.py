@@ -104,6 +104,9 @@ def parse_args(argv=None):
     p.add_argument("--detectors", default="all", help="comma-separated registry names, or all (default)")
     p.add_argument("--grids", choices=("paper", "small"), default=None,
                    help="paper (default) or small (every axis thinned to its first and last value; --quick's default)")
+    p.add_argument("--networks", default="standard,fig",
+                   help="networks of the FIG table: standard,fig (default), or one of them (e.g. a second process "
+                        "filling other cells of the same --out)")
     p.add_argument("--no-cmg", dest="cmg", action="store_false", help="skip the CMG-energy + ReAct table")
     p.add_argument("--cached-only", action="store_true",
                    help="write the tables from the cells already computed (e.g. by a run still going); compute nothing")
@@ -128,6 +131,9 @@ def parse_args(argv=None):
     if unknown or not names:
         p.error(f"--detectors: unknown {unknown or args.detectors!r}; valid: all, {', '.join(DETECTORS)}")
     args.detector_names = names
+    args.network_names = [n.strip() for n in args.networks.split(",") if n.strip()]
+    if not args.network_names or any(n not in NETWORKS for n in args.network_names):
+        p.error(f"--networks: expected a comma-separated list of {', '.join(NETWORKS)}, got {args.networks!r}")
     return args
 
 
@@ -406,7 +412,7 @@ def main(argv=None) -> dict:
     skipped = {d: f"needs {METHOD_SPECIFIC[d]}" for d in args.detector_names if d in METHOD_SPECIFIC}
     detectors = [d for d in args.detector_names if d not in METHOD_SPECIFIC]
     cells, missing = {}, []
-    for network in NETWORKS:
+    for network in args.network_names:
         for d in detectors:
             try:
                 cell = table.cell(network, d)
@@ -435,7 +441,8 @@ def main(argv=None) -> dict:
         cmg_rows = {k: v for k, v in cmg_rows.items() if v is not None}
     total_s = time.perf_counter() - start
     command = "python bench/detectors_table.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    meta = {"command": command.strip(), "settings": {k: v for k, v in vars(args).items() if k != "detector_names"},
+    settings = {k: v for k, v in vars(args).items() if k not in ("detector_names", "network_names")}
+    meta = {"command": command.strip(), "settings": settings,
             "settings_tag": table.tag, "sizes": table.sizes, "device": str(table.ctx.device),
             "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
             "total_s": round(total_s, 1), "skipped": skipped, "cmg_note": cmg_note, "not_computed": missing}
