@@ -35,8 +35,8 @@ and are listed as skipped) is built, fitted on the ID training data where it nee
 
 ``--quick``: ``mnist5k-0to4``, a width-8 SmallCNN, 1000 training images, 3 epochs of pretraining, 3 FIG steps (Langevin
 chains of at most 5 updates, the demo's ``--tiny``), 1 CMG epoch, detectors fitted on 256 images (DRF's flows for 2
-epochs), 48 images per set and the ``small`` grids (each axis thinned to its first and last value): a smoke run of every code path in under a minute of CPU time
-(tests/test_detectors_table.py). The numbers mean nothing.
+epochs), 48 images per set and the ``small`` grids (each axis thinned to its first and last value): a smoke run of
+every code path in about a minute of CPU time (tests/test_detectors_table.py). The numbers mean nothing.
 
 Cells (one per network x detector) are cached under ``--out/cells`` (resumable: a second run with the same settings
 recomputes nothing); networks under ``--out/models``, the pretraining and CVAE in ``--cache``. Writes
@@ -112,7 +112,8 @@ def parse_args(argv=None):
                    help="write the tables from the cells already computed (e.g. by a run still going); compute nothing")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--cache", default=None, help="pretraining / CVAE cache (default: $FASTOOD_CACHE or ~/.cache/fastood)")
+    p.add_argument("--cache", default=None,
+                   help="pretraining / CVAE cache (default: $FASTOOD_CACHE or ~/.cache/fastood)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
