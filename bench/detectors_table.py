@@ -4,7 +4,7 @@ scored with ReAct (CMG's Table 2 layout), on a real benchmark; hyperparameters t
     python bench/detectors_table.py [--data fashion-mnist] [--out runs/detectors-table] [--quick]
         [--width 32] [--pretrain-epochs 6] [--fig-steps 1000] [--cmg-epochs 10] [--cvae-epochs 10]
         [--train-limit N] [--fit-limit N] [--eval-n 2000] [--val-n 1000] [--detectors LIST] [--grids paper|small]
-        [--seed 0] [--device auto] [--cache DIR] [--quiet]
+        [--networks standard,fig] [--no-cmg] [--cached-only] [--seed 0] [--device auto] [--cache DIR] [--quiet]
 
 Networks (the demo's method registry, :data:`fastood.demo.METHODS`, and its cached pretraining):
 
@@ -27,7 +27,7 @@ and are listed as skipped) is built, fitted on the ID training data where it nee
   ``--eval-n`` ID test images that are scored) against as many generated auxiliary outliers (half ``blobs``, half
   ``strokes``; :func:`fastood.data.auxiliary_outliers`, disjoint from every test OOD set). The papers report, per
   OOD set, the best value over their grid as measured on that OOD set itself ("best reported"): an upper bound that
-  uses the test distribution. The numbers here never see the test OOD sets, so they are lower, as a user's would be.
+  uses the test distribution. The numbers here never see the test OOD sets (expect them lower), as a user's would not.
 - Reported: AUROC per OOD set, mean AUROC, mean FPR95 (FPR on OOD at 95% TPR on ID), ID accuracy, FIG's improvement
   over the standard network per detector, the chosen hyperparameters, the fit time (the fit behind the chosen
   detector), the size of the fitted state, and scoring speed (test images / s over the ID and OOD test subsets,
