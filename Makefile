@@ -1,6 +1,7 @@
 # fastood developer commands.
 #   make setup   fresh machine -> .venv with torch (CUDA build) + dependencies, then the native build
 #   make test    Python tests (CPU; CUDA tests run where a GPU is present) + the CMake/ctest C++ test
+#   make data    full MNIST + Fashion-MNIST into the data root ($FASTOOD_DATA, else ~/.cache/fastood/data)
 #   make build   (re)build fastood._C in place (CUDA kernels when torch has CUDA and a toolkit is found)
 #   make bench   kernel benchmark table (bench/bench_ops.py)
 #   make gpu-check  on a GPU machine: build for it, CUDA tests, compute-sanitizer, CUDA benchmarks -> gpu-check/
@@ -12,7 +13,7 @@ CUDA_HOME ?= $(shell [ -d /usr/local/cuda ] && echo /usr/local/cuda)
 export CUDA_HOME
 PYTEST_ARGS ?=
 
-.PHONY: setup venv build test pytest ctest bench gpu-check clean
+.PHONY: setup venv build data test pytest ctest bench gpu-check clean
 
 setup: venv build
 
@@ -20,12 +21,15 @@ venv:
 	[ -x $(PY) ] || $(PYTHON_SYS) -m venv $(VENV)
 	$(PY) -m pip install --upgrade "pip>=23" setuptools wheel
 	$(PY) -m pip install $(TORCH_SPEC)
-	$(PY) -m pip install numpy scikit-learn tqdm pybind11 ninja pytest expecttest mlxtend matplotlib
+	$(PY) -m pip install numpy scikit-learn tqdm pybind11 ninja pytest expecttest mlxtend matplotlib lightning
 
 build:
 	$(PY) setup.py build_ext --inplace
 	FASTOOD_NO_EXTENSION=1 $(PY) -m pip install --no-build-isolation --no-deps -e . >/dev/null
 	$(PY) -c "import fastood.ops as o; print('fastood build:', o.build_info())"
+
+data:
+	$(PY) -m fastood data fetch mnist fashion-mnist
 
 test: pytest ctest
 

@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastood.data import benchmark  # noqa: E402
+from fastood.protocol import mean_std as _protocol_mean_std  # noqa: E402
 from fastood.detectors import MSP, Energy  # noqa: E402
 from fastood.evaluation import evaluate  # noqa: E402
 from fastood.models.cvae import ConditionalVAE  # noqa: E402
@@ -97,16 +98,14 @@ def sample_grid(path, bench, manifold, class_mix, per_row=12):
 
 
 def _mean(values):
-    values = [v for v in values if v == v]  # drop NaN
-    return sum(values) / len(values) if values else float("nan")
+    return _protocol_mean_std(values)[0]  # NaN dropped
 
 
 def mean_std(values, scale=1.0, fmt="7.2f"):
-    values = [scale * v for v in values if v is not None and v == v]
-    if not values:
+    mean, std = _protocol_mean_std([scale * v for v in values if v is not None])
+    if mean != mean:
         return "n/a"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{format(statistics.mean(values), fmt)} +- {format(std, fmt.replace('7', '5'))}"
+    return f"{format(mean, fmt)} +- {format(std, fmt.replace('7', '5'))}"
 
 
 def run_seed(args, bench, pretrained, seed, id_test, ood, png=None):

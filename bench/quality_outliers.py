@@ -51,6 +51,7 @@ from fastood.detectors import MSP, Energy, ICELikelihood  # noqa: E402
 from fastood.evaluation import evaluate  # noqa: E402
 from fastood.models import GaussianClassifier, TwoHead  # noqa: E402
 from fastood.pretrain import pretrained_small_cnn  # noqa: E402
+from fastood.protocol import mean_std  # noqa: E402
 from fastood.trainers.discrepancy import DiscrepancyTrainer  # noqa: E402
 from fastood.trainers.ice import ICETrainer, init_gaussian_head  # noqa: E402
 from fastood.trainers.oe import EnergyOETrainer, OETrainer  # noqa: E402
@@ -138,7 +139,7 @@ def run_seed(args, seed, bench, pretrained, id_loader, ood_loaders, id_unlabeled
 
 
 def _mean_std(values):
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    return mean_std(values)
 
 
 def main(argv=None):

@@ -37,6 +37,7 @@ from fastood.detectors import MSP  # noqa: E402
 from fastood.evaluation import evaluate  # noqa: E402
 from fastood.models import TwoHead  # noqa: E402
 from fastood.pretrain import pretrained_small_cnn  # noqa: E402
+from fastood.protocol import mean_std as _protocol_mean_std  # noqa: E402
 from fastood.trainers.discrepancy import DiscrepancyTrainer  # noqa: E402
 from quality_outliers import halves, unlabeled_images  # noqa: E402
 
@@ -49,11 +50,10 @@ ROWS = {
 
 
 def mean_std(values):
-    values = [v for v in values if v is not None]
-    if not values:
+    mean, std = _protocol_mean_std([v for v in values if v is not None])
+    if mean != mean:
         return "n/a"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):7.2f} +- {std:5.2f}"
+    return f"{mean:7.2f} +- {std:5.2f}"
 
 
 def main(argv=None):

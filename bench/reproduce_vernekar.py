@@ -64,6 +64,15 @@ def adadelta(lr):
     return lambda params: torch.optim.Adadelta(params, lr=lr, rho=0.95, eps=1e-7)
 
 
+def sgd(lr):
+    """fastood's ManifoldTrainer default (SGD, momentum 0.9, weight decay 5e-4): the ``--optimizer sgd`` ablation."""
+    return lambda params: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
+
+
+def make_optimizer(args, lr):
+    return adadelta(lr) if args.optimizer == "adadelta" else sgd(lr)
+
+
 def rmsprop(params):
     """Keras' RMSprop defaults (the authors' ``vae.compile(optimizer='rmsprop')``)."""
     return torch.optim.RMSprop(params, lr=1e-3, alpha=0.9, eps=1e-7)
@@ -110,8 +119,8 @@ def run_cell(name, seed, args, cells, log):
         bench.id_train = subset(bench.id_train, args.train_n, seed)
     n = bench.num_classes
     src = source(name)
-    lr = ADADELTA_LR[src] if args.lr is None else args.lr
-    tag = f"{name}_s{seed}_e{args.epochs}_lr{lr}"
+    lr = (ADADELTA_LR[src] if args.optimizer == "adadelta" else 0.01) if args.lr is None else args.lr
+    tag = f"{name}_s{seed}_e{args.epochs}_lr{lr}" + ("" if args.optimizer == "adadelta" else f"_{args.optimizer}")
     ckpt = os.path.join(cells.root, "ckpt")
     loader = DataLoader(bench.id_train, batch_size=128, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
@@ -119,7 +128,7 @@ def run_cell(name, seed, args, cells, log):
     # Baseline: the same network with n outputs, the same optimizer and budget.
     def train_plain(model):
         torch.manual_seed(seed)
-        StandardTrainer(model, optimizer=adadelta(lr), scheduler=None, seed=seed, progress=progress,
+        StandardTrainer(model, optimizer=make_optimizer(args, lr), scheduler=None, seed=seed, progress=progress,
                         checkpoint_dir=os.path.join(ckpt, f"plain_{tag}")).fit(loader, epochs=args.epochs)
 
     with sw("train_plain"):
@@ -140,8 +149,8 @@ def run_cell(name, seed, args, cells, log):
     def train_n1(model):
         torch.manual_seed(seed)
         sampler = ManifoldSampler(cvae, bounds=(-1.0, 1.0), beta_range=args.beta)
-        ManifoldTrainer(model, sampler, ood_weight=0.1, ratio=(2, 1, 1), optimizer=adadelta(lr), scheduler=None,
-                        seed=seed, progress=progress,
+        ManifoldTrainer(model, sampler, ood_weight=0.1, ratio=(2, 1, 1), optimizer=make_optimizer(args, lr),
+                        scheduler=None, seed=seed, progress=progress,
                         checkpoint_dir=os.path.join(ckpt, f"n1_{tag}_{args.beta}")).fit(loader, epochs=args.epochs)
 
     with sw("train_n1"):
@@ -156,6 +165,7 @@ def run_cell(name, seed, args, cells, log):
     own = ExtraClass(n1) if name in ("mnist", "fashion-mnist") else MaxIDProbability(n1)
     other = MaxIDProbability(n1) if name in ("mnist", "fashion-mnist") else ExtraClass(n1)
     out = {"name": name, "seed": seed, "epochs": args.epochs, "cvae_epochs": args.cvae_epochs, "lr": lr,
+           "optimizer": args.optimizer,
            "beta": args.beta, "n_train": len(bench.id_train), "n_eval_id": len(id_eval)}
     with sw("evaluate"):
         out["acc_before"] = accuracy(plain, bench.id_test, n)
@@ -214,7 +224,10 @@ def main(argv=None):
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--epochs", type=int, default=3, help="classifier epochs (paper: 200)")
     p.add_argument("--cvae-epochs", type=int, default=10, help="CVAE epochs (paper: <= 100, early stopping)")
-    p.add_argument("--lr", type=float, default=None, help="Adadelta lr (default: the paper's per data set)")
+    p.add_argument("--optimizer", default="adadelta", choices=("adadelta", "sgd"),
+                   help="adadelta (the paper's) or sgd (fastood's ManifoldTrainer default, lr 0.01): an ablation")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the paper's Adadelta lr per "
+                                                          "data set; 0.01 for sgd)")
     p.add_argument("--beta", default="paper", choices=("paper", "authors"), help="type-I step range")
     p.add_argument("--eval-n", type=int, default=2000, help="ID and per-OOD-set images scored")
     p.add_argument("--train-n", type=int, default=None, help="subsample the ID training set (quick runs)")
@@ -233,13 +246,15 @@ def main(argv=None):
     results = []
     for name in args.sets:
         for seed in args.seeds:
-            key = f"{name}_s{seed}_e{args.epochs}_c{args.cvae_epochs}_{args.beta}_n{args.eval_n}" \
-                  f"{'' if args.lr is None else f'_lr{args.lr}'}{'' if args.train_n is None else f'_t{args.train_n}'}"
+            key = (f"{name}_s{seed}_e{args.epochs}_c{args.cvae_epochs}_{args.beta}_n{args.eval_n}"
+                   + ("" if args.lr is None else f"_lr{args.lr}")
+                   + ("" if args.optimizer == "adadelta" else f"_{args.optimizer}")
+                   + ("" if args.train_n is None else f"_t{args.train_n}"))
             results.append(cells.run(key, lambda: run_cell(name, seed, args, cells, log), log))
     rows = build_rows(results, args.sets)
     meta = {"command": "python bench/reproduce_vernekar.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "budget": f"classifier {args.epochs} epochs (paper 200), CVAE {args.cvae_epochs} epochs, batch 128 ID "
-                      f"+ 64 type I + 64 type II, beta {args.beta}",
+            "budget": f"classifier {args.epochs} epochs (paper 200) with {args.optimizer}, CVAE {args.cvae_epochs} "
+                      f"epochs, batch 128 ID + 64 type I + 64 type II, beta {args.beta}",
             "evaluation": f"{args.eval_n} ID test images and {args.eval_n} per OOD set (accuracy: full test set)",
             "seeds": args.seeds, "wall_s (this invocation)": round(time.time() - t0, 1),
             "cell wall_s": {f"{r['name']} s{r['seed']}": r.get("wall_s") for r in results}}

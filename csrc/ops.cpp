@@ -8,8 +8,32 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <string>
+
+// The torch (and CUDA) this library was compiled against. setup.py generates fastood_build_versions.h with torch's
+// full version ("2.13.0+cu130") and torch.version.cuda; the CMake build has no generated header and records
+// LibTorch's version without the local part. The marker is also read from the file by fastood/ops/_backend.py
+// when the library cannot be loaded (e.g. an undefined symbol of another torch), to say which torch it wants.
+#if __has_include("fastood_build_versions.h")
+#include "fastood_build_versions.h"
+#else
+#include <torch/version.h>
+#define FASTOOD_BUILT_TORCH TORCH_VERSION
+#define FASTOOD_BUILT_TORCH_CUDA "unknown"
+#endif
+
+extern "C" {
+__attribute__((used, visibility("default"))) const char fastood_build_versions_marker[] =
+    "FASTOOD-BUILD-VERSIONS torch=" FASTOOD_BUILT_TORCH " cuda=" FASTOOD_BUILT_TORCH_CUDA;
+}
 
 namespace fastood {
+
+// "torch=<version> cuda=<version|none|unknown>" (the marker without its prefix).
+std::string build_versions() {
+  constexpr size_t prefix = sizeof("FASTOOD-BUILD-VERSIONS ") - 1;
+  return std::string(fastood_build_versions_marker + prefix);
+}
 
 bool cuda_built() {
 #ifdef FASTOOD_WITH_CUDA
@@ -39,6 +63,7 @@ TORCH_LIBRARY(fastood, m) {
   // Unit vectors P r / |P r|, P = I - J (J^T J)^-1 J^T, per sample.
   m.def("nullspace_project(Tensor jac, Tensor r) -> Tensor");
   m.def("cuda_built() -> bool", &cuda_built);
+  m.def("build_versions() -> str", &build_versions);
 }
 
 namespace {

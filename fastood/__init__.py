@@ -8,11 +8,17 @@ Submodules are imported on first use, so ``import fastood`` stays cheap:
 - :mod:`fastood.samplers`    outlier generators (Langevin, manifold, class-mix, noise)
 - :mod:`fastood.models`      reference networks and heads
 - :mod:`fastood.trainers`    one trainer per method
+- :mod:`fastood.objectives`  each method's training step as a piece for your own loop (the trainers loop over them)
+- :mod:`fastood.losses`      every method's loss as a function on tensors
 - :mod:`fastood.data`        offline data, synthetic OOD sets, torchvision adapters
 - :mod:`fastood.evaluation`  run detectors over ID/OOD sets and report
 - :mod:`fastood.batches`     how batches are read (tuples, dicts, ``batch_fn``)
 
-:func:`save_model` writes a model file ``fastood eval`` reads.
+:func:`save_model` writes a model file ``fastood eval`` reads. For your own training loop (or a LightningModule):
+the objectives (``FIGObjective``, ``GaussianNoiseObjective``, ``OEObjective``, ``EnergyOEObjective``,
+``ICEObjective``, ``ManifoldObjective``, ``CMGObjective``, ``DiscrepancyObjective``),
+:func:`frozen_batchnorm` and :func:`check_data_range`, all importable from ``fastood`` itself. Warning classes:
+:class:`DataRangeWarning`, :class:`ResumeWarning`, :class:`ModelReplacedWarning`.
 """
 import importlib
 
@@ -20,10 +26,22 @@ __version__ = "0.1.0"
 
 _SUBMODULES = (
     "ops", "metrics", "detectors", "samplers", "models", "trainers", "data", "evaluation",
-    "distributed", "cli", "batches", "model_files",
+    "distributed", "cli", "batches", "model_files", "objectives", "losses", "outlier_sources", "data_range",
 )
 
-__all__ = list(_SUBMODULES) + ["__version__", "save_model"]
+#: names importable from ``fastood`` itself -> the module that defines them (imported on first use)
+_NAMES = {
+    **{name: "fastood.objectives" for name in (
+        "Objective", "OutlierObjective", "FIGObjective", "GaussianNoiseObjective", "OEObjective", "EnergyOEObjective",
+        "ICEObjective", "ManifoldObjective", "CMGObjective", "DiscrepancyObjective")},
+    "frozen_batchnorm": "fastood._modes",
+    "check_data_range": "fastood.data_range",
+    "DataRangeWarning": "fastood.data_range",
+    "ResumeWarning": "fastood.trainers.resume",
+    "ModelReplacedWarning": "fastood.trainers.base",
+}
+
+__all__ = list(_SUBMODULES) + list(_NAMES) + ["__version__", "save_model"]
 
 
 def save_model(model, path, /, **meta):
@@ -38,4 +56,8 @@ def __getattr__(name):
         module = importlib.import_module(f"{__name__}.{name}")
         globals()[name] = module
         return module
+    if name in _NAMES:
+        value = getattr(importlib.import_module(_NAMES[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'fastood' has no attribute {name!r}")

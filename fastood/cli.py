@@ -13,11 +13,13 @@ import sys
 
 # Kept here (not imported) so that building the parser imports nothing heavy; tests check they match the package.
 METHODS = ("standard", "fig", "gs", "manifold", "cmg-energy", "cmg-softmax", "oe", "energy-oe", "ice", "discrepancy")
-DATA = ("mnist5k-0to4", "digits-0to4")
+DATA = ("mnist5k-0to4", "digits-0to4", "mnist", "fashion-mnist", "mnist-0to4", "fashion-mnist-0to4", "mnist-0to5",
+        "mnist-1to6", "mnist-2to7", "mnist-3to8", "mnist-4to9")
 MODELS = ("smallcnn", "resnet18")
 # "auto" = the model's own detector, "all" = every detector the model supports; the rest mirror fastood.detectors.
 DETECTORS = ("auto", "all", "msp", "maxlogit", "energy", "entropy", "odin", "mahalanobis", "discrepancy", "extraclass",
-             "ice", "maxidprobability", "vim", "ash", "gen", "dice", "relativemahalanobis")
+             "ice", "maxidprobability", "vim", "ash", "gen", "dice", "relativemahalanobis", "gm", "drf", "openmax",
+             "react", "knn")
 BENCHES = ("ops", "sampler", "nullspace")
 
 _EPILOG = """\
@@ -223,14 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ood", dest="ood_dirs", action="append", default=None, metavar="[NAME=]DIR",
                     help="folder of OOD test images (repeat for several sets)")
     ev.add_argument("--size", type=_positive_int, default=None,
-                    help="with --id/--ood: resize images to SIZE x SIZE (default: the model file's image size, "
+                    help="with --id/--ood: resize images to SIZE x SIZE (default: the model file's image_shape, "
                          "else each file's own)")
     ev.add_argument("--channels", type=int, choices=(1, 3), default=None,
-                    help="with --id/--ood: 1 (grayscale) or 3 (RGB) (default: the model file's, else 3)")
+                    help="with --id/--ood: 1 (grayscale) or 3 (RGB) (default: the model file's image_shape, else "
+                         "the in_channels of the model's first Conv2d, else 3)")
     ev.add_argument("--mean", type=_floats, default=None, metavar="M[,M,M]",
                     help="with --id/--ood: the model's input normalization (x - mean) / std from pixels in [0, 1] "
-                         "(default: fastood's [-1, 1])")
+                         "(default: the model file's mean/std from fastood.save_model(..., mean=, std=), else "
+                         "fastood's [-1, 1], with a warning unless the model was trained on a built-in benchmark)")
     ev.add_argument("--std", type=_floats, default=None, metavar="S[,S,S]", help="see --mean")
+    ev.add_argument("--skip-bad-images", dest="skip_bad", action="store_true",
+                    help="with --id/--ood: skip unreadable (corrupt, truncated) image files, counted and named in the "
+                         "report, instead of stopping at the first")
     ev.add_argument("--detector", type=_choice("detector", DETECTORS), default="auto", metavar="NAME",
                     help=f"{', '.join(DETECTORS)}; auto = the method's own detector, all = every detector the model "
                          "supports in one table; detectors that learn from ID data are fitted on the benchmark's "
@@ -362,8 +369,8 @@ def _cmd_eval(args) -> int:
     if folders and args.detector == "all":
         raise CLIError("--detector all needs a benchmark (--data): several detectors are fitted on its ID training "
                        "data, which image folders do not give; pick one detector for --id/--ood")
-    if not folders and any(v is not None for v in (args.size, args.channels, args.mean, args.std)):
-        raise CLIError("--size, --channels, --mean and --std apply to image folders (--id/--ood)")
+    if not folders and (any(v is not None for v in (args.size, args.channels, args.mean, args.std)) or args.skip_bad):
+        raise CLIError("--size, --channels, --mean, --std and --skip-bad-images apply to image folders (--id/--ood)")
     with _user_errors():
         from fastood import demo
 
@@ -375,7 +382,7 @@ def _cmd_eval(args) -> int:
                 run_eval_folders(payload, args.id_dir, args.ood_dirs, detector=args.detector, size=args.size,
                                  channels=args.channels, mean=args.mean, std=args.std, batch_size=args.batch_size,
                                  device=args.device, out=args.out, progress=not args.quiet, plots=args.plots,
-                                 model_file=args.checkpoint)
+                                 model_file=args.checkpoint, skip_bad=args.skip_bad)
             else:
                 demo.run_eval(args.checkpoint, detector=args.detector, data=args.data, batch_size=args.batch_size,
                               device=args.device, seed=args.seed, out=args.out, progress=not args.quiet,

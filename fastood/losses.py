@@ -1,9 +1,13 @@
-"""Training losses of the outlier-exposure methods, as plain functions on tensors.
+"""Training losses of every fastood method, as plain functions on tensors.
 
 Each ``*_loss`` returns a scalar to minimize; its ``*_loss_terms`` twin returns the same value under ``"loss"``
-together with the terms it is made of (what the trainers log). Logits are ``[B, C]`` with classes on dim 1; every
-softmax, entropy and log-sum-exp here runs over the class axis, never over the batch. Computations run in
-float32 (or float64 for float64 inputs), so bfloat16 logits from autocast are fine.
+together with the terms it is made of (what the trainers log). :func:`fig_loss` and :func:`cmg_energy_loss` return
+``(loss, ce, term)`` tuples instead (as they always did). The objectives of :mod:`fastood.objectives` (one
+training step of each method, which the trainers loop over) are built on these.
+
+Logits are ``[B, C]`` with classes on dim 1; every softmax, entropy and log-sum-exp here runs over the class axis,
+never over the batch. Computations run in float32 (or float64 for float64 inputs), so bfloat16 logits from
+autocast are fine.
 
 An empty outlier / unlabeled batch contributes a zero term (still attached to the graph); an empty labeled batch
 is an error (its cross-entropy is undefined).
@@ -17,6 +21,11 @@ is an error (its cross-entropy is undefined).
   fine-tuning loss, Eq. 3).
 - :func:`ice_loss`: ICE (Wu et al., AAAI 2023): cross-entropy over the Gaussian head plus the in-distribution
   likelihood and the outliers' ``-log(1 - exp(max_i h_i))``, computed stably.
+- :func:`fig_loss`: FIG (Zhao, Cao, Lin, TNNLS, Algorithm 2): cross-entropy minus the mean softmax entropy of the
+  generated batch.
+- :func:`extra_class_loss`: the (n+1)-class cross-entropy with the outliers labeled n (Vernekar et al. 2019, with
+  the outlier class weighted; CMG-softmax, weight 1).
+- :func:`cmg_energy_loss`: CMG-energy (Wang et al., ECML 2022): cross-entropy plus :func:`energy_margin_loss`.
 """
 import math
 
@@ -244,3 +253,75 @@ def ice_loss(h_in, y, h_out, lam: float = 1.0, eps: float = 1e-6) -> torch.Tenso
     Returns a scalar.
     """
     return ice_loss_terms(h_in, y, h_out, lam, eps)["loss"]
+
+
+# ------------------------------------------------------------------------------------------------ FIG
+def fig_loss(logits_id, labels, logits_gen, lam=1.0):
+    """FIG's fine-tuning objective (Zhao, Cao, Lin, TNNLS, Algorithm 2)
+    ``CE(f(x_id), y) - lam * mean_i H(softmax(f(x_gen_i)))``.
+
+    Args:
+        logits_id: [b, C] logits of the ID batch (b >= 1); labels: [b] class indices.
+        logits_gen: [g, C] logits of the generated batch (g may be 0: the entropy term is then 0).
+        lam: weight of the entropy term (paper: 1), >= 0.
+    Returns ``(loss, ce, mean_entropy)``, scalars; ``loss`` is differentiable in both logits.
+    """
+    lam = _check_weight("lam", lam)
+    logits_id, labels, logits_gen = _check_id_and_outliers(("logits_id", "logits_gen"), logits_id, labels,
+                                                            logits_gen)
+    ce = F.cross_entropy(logits_id, labels)
+    entropy = ops.softmax_entropy(logits_gen).mean() if logits_gen.shape[0] else logits_id.new_zeros(())
+    return ce - lam * entropy, ce, entropy
+
+
+# ------------------------------------------------------------------------------------------------ n+1 classes
+def extra_class_loss(logits_in, y, logits_out, ood_weight: float = 1.0) -> torch.Tensor:
+    """Cross-entropy of an (n+1)-class classifier whose last class is "outlier", over the joint batch: the ID
+    images with their labels, the outliers labeled n, weighted (torch's weighted mean)::
+
+        sum_i w_{t_i} CE(f(x_i), t_i) / sum_i w_{t_i},   w = 1 for the n ID classes, ood_weight for class n
+
+    The n+1 classifier of Vernekar et al. 2019 (ood_weight 0.1) and CMG-softmax (Wang et al. 2022, weight 1).
+
+    Args: logits_in [B, n+1] (B >= 1), y [B] in [0, n-1], logits_out [M, n+1] (M may be 0), ood_weight > 0.
+    Returns a scalar.
+    """
+    ood_weight = _check_weight("ood_weight", ood_weight)
+    if ood_weight == 0:
+        raise ValueError("ood_weight must be > 0, got 0")
+    logits_in, y, logits_out = _check_id_and_outliers(("logits_in", "logits_out"), logits_in, y, logits_out)
+    n_out = logits_in.shape[1]
+    if n_out < 2:
+        raise ValueError(f"the logits must have n + 1 >= 2 columns (the last is the outlier class), got {n_out}")
+    if int(y.max()) >= n_out - 1 or int(y.min()) < 0:
+        raise ValueError(f"labels must lie in [0, {n_out - 2}]: the logits have {n_out} columns = n ID classes + "
+                         f"the outlier class; got labels in [{int(y.min())}, {int(y.max())}]")
+    logits = torch.cat([logits_in, logits_out])
+    targets = torch.cat([y, y.new_full((logits_out.shape[0],), n_out - 1)])
+    weight = logits.new_ones(n_out)
+    weight[-1] = ood_weight
+    return F.cross_entropy(logits, targets, weight=weight)
+
+
+# ------------------------------------------------------------------------------------------------ CMG
+def cmg_energy_loss(logits_id, labels, logits_ood, m_in, m_out, lam=0.1, T=1.0):
+    """CMG-energy's objective (Wang et al., ECML 2022, as Liu et al.'s energy fine-tuning)::
+
+        CE(f(x_id), y) + lam * ( mean relu(E(x_id) - m_in)^2 + mean relu(m_out - E(x_ood))^2 )
+
+    with ``E = -T logsumexp(f / T)`` (:func:`energy`, regularizer :func:`energy_margin_loss`). logits_id [b, n]
+    (b >= 1), labels [b], logits_ood [g, n] (g may be 0). Returns ``(loss, ce, regularizer)`` scalars.
+    """
+    lam = _check_weight("lam", lam)
+    logits_id, labels, logits_ood = _check_id_and_outliers(("logits_id", "logits_ood"), logits_id, labels,
+                                                           logits_ood)
+    ce = F.cross_entropy(logits_id, labels)
+    reg = energy_margin_loss(energy(logits_id, T), energy(logits_ood, T), m_in, m_out)
+    return ce + lam * reg, ce, reg
+
+
+__all__ = [
+    "uniform_cross_entropy", "oe_loss", "oe_loss_terms", "energy", "energy_margin_loss", "energy_oe_loss",
+    "energy_oe_loss_terms", "discrepancy_loss", "discrepancy_loss_terms", "log1mexp", "ice_outlier_nll", "ice_loss",
+    "ice_loss_terms", "fig_loss", "extra_class_loss", "cmg_energy_loss",
+]

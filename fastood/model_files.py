@@ -1,6 +1,7 @@
 """Model files ``fastood eval`` reads: fastood's own, a ``torch.save(model)`` file, or a state_dict with a factory.
 
     fastood.save_model(model, "model.pt", data="digits-0to4", detector="energy")   # any metadata you like
+    fastood.save_model(model, "model.pt", mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26), image_shape=(3, 32, 32))
     payload = load_model("model.pt")                     # {"module": nn.Module, "method": ..., ...}
     payload = load_model("weights.pt", factory="mypkg.models:make_net")           # a state_dict
 
@@ -16,7 +17,7 @@ from torch import nn
 
 MODEL_FORMAT = "fastood-model"
 #: keys fastood itself reads from a model file; ``save_model``'s metadata may set them
-KNOWN_META = ("method", "data", "model", "seed", "detector", "image_shape", "num_classes")
+KNOWN_META = ("method", "data", "model", "seed", "detector", "image_shape", "num_classes", "mean", "std")
 _RESERVED = ("format", "version", "module")
 
 
@@ -28,8 +29,10 @@ class ModelFileError(ValueError):
 def save_model(model: nn.Module, path, /, **meta) -> str:
     """Write ``model`` (a copy on the CPU in eval mode, unwrapped from DDP) with ``meta`` to ``path``, atomically, in
     the format ``fastood eval`` reads. Useful metadata: ``data`` (the built-in benchmark to evaluate on),
-    ``detector`` (``fastood eval``'s default detector), ``image_shape``, ``num_classes``, ``method``; any other
-    picklable values are kept too. Returns ``path``."""
+    ``detector`` (``fastood eval``'s default detector), ``image_shape`` (``(C, H, W)``: ``fastood eval`` on image
+    folders reads them with C channels at H x W), ``mean`` and ``std`` (the input normalization ``(x - mean) / std``
+    from pixels in [0, 1], one number or one per channel: ``fastood eval`` on image folders applies it),
+    ``num_classes``, ``method``; any other picklable values are kept too. Returns ``path``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     clash = sorted(set(meta) & set(_RESERVED))
@@ -39,6 +42,13 @@ def save_model(model: nn.Module, path, /, **meta) -> str:
     module = copy.deepcopy(module).cpu().eval()
     if meta.get("image_shape") is not None:
         meta["image_shape"] = tuple(int(s) for s in meta["image_shape"])
+    if (meta.get("mean") is None) != (meta.get("std") is None):
+        raise ValueError("save_model: give both mean and std (the model's input normalization), or neither")
+    if meta.get("mean") is not None:
+        from fastood.data.normalization import _values, bounds_for
+
+        bounds_for(meta["mean"], meta["std"])  # validates them: positive std, matching lengths
+        meta["mean"], meta["std"] = tuple(_values("mean", meta["mean"])), tuple(_values("std", meta["std"]))
     payload = dict({k: None for k in KNOWN_META}, **meta, format=MODEL_FORMAT, version=1, module=module)
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -235,8 +235,8 @@ def test_real_benchmarks():
     assert all(len(v) == 300 for v in b.ood.values()) and len(b.id_test) == 10000
     assert all(int(v.labels.max()) == -1 for v in b.ood.values())
     sphere_norm = b.ood["sphere"].images.flatten(1).norm(dim=1)
-    assert torch.allclose(sphere_norm, torch.full_like(sphere_norm, float(b.id_train.images.flatten(1).norm(dim=1).max())),
-                          rtol=1e-4)
+    radius = float(b.id_train.images.flatten(1).norm(dim=1).max())
+    assert torch.allclose(sphere_norm, torch.full_like(sphere_norm, radius), rtol=1e-4)
     split = benchmark("mnist-0to4")
     assert set(split.ood) == {"mnist-5to9"} and split.num_classes == 5
     assert set(split.id_train.labels.unique().tolist()) == {0, 1, 2, 3, 4}
@@ -246,7 +246,7 @@ def test_real_benchmarks():
         assert part.num_classes == 6 and part.id_train.labels.unique().tolist() == list(range(6))
         (ood_name, ood), = part.ood.items()
         assert len(part.id_test) + len(ood) == 10000
-    with pytest.raises(ValueError, match="shares images or their distribution"):
+    with pytest.raises(ValueError, match="shares images with an OOD test set"):
         split.auxiliary("mnist5k-train-5to9")
     with pytest.raises(ValueError, match="size is for the built-in"):
         benchmark("mnist", size=32)

@@ -8,6 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from fastood.trainers import ICETrainer, ManifoldTrainer, OETrainer, StandardTrainer
+from fastood.trainers.resume import ResumeWarning
 
 DIM = 4
 
@@ -150,11 +151,12 @@ def test_resuming_with_a_bigger_budget_continues_the_new_schedule(tmp_path):
     assert again.step == 40 and len(lrs) == 20
     assert lrs == pytest.approx([_cosine(1e-3, 40, s) for s in range(20, 40)], rel=1e-6, abs=1e-12)
     assert again.scheduler.state_dict()["T_max"] == 40
-    # the same budget again: the checkpoint's scheduler continues exactly, no warning
+    # the same budget again: the checkpoint's scheduler continues exactly; the only warning says it resumed
     third = OETrainer(_model(), outliers=_outliers(), checkpoint_dir=tmp_path, progress=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         third.fit(_loader(), steps=40)
+    assert [w.category for w in caught] == [ResumeWarning]
     assert third.scheduler.state_dict()["T_max"] == 40 and third.scheduler.last_epoch == 40
 
 

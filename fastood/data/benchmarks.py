@@ -66,7 +66,7 @@ class Benchmark:
         sets; ValueError for a set that is not (e.g. ``digits-train-5to9`` with ``mnist5k-0to4``)."""
         if name in _NOT_DISJOINT.get(self.name, ()):
             safe = [a for a in AUXILIARY if a not in _NOT_DISJOINT[self.name]]
-            raise ValueError(f"auxiliary set {name!r} shares images or their distribution with a test set of "
+            raise ValueError(f"auxiliary set {name!r} shares images with an OOD test set (or is the ID data) of "
                              f"{self.name!r}; "
                              f"sets disjoint from its test sets: {', '.join(safe)}")
         return auxiliary_outliers(name, n=n, shape=self.shape, seed=seed, split_seed=self.seed)

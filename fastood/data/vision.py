@@ -112,16 +112,29 @@ def torchvision_dataset(name: str, root: str, train: bool = True, download: bool
         raise RuntimeError(f"could not open {class_name} in {where!r} ({exc}); {hint}") from exc
 
 
+class BadImageError(ValueError):
+    """An image file that cannot be read (corrupt, truncated, not an image); the message names the file and how to
+    skip such files instead (``skip_bad=True``; ``fastood eval --skip-bad-images``)."""
+
+
 class ImageFiles:
     """Every image file under ``root`` (recursively, sorted by path) as ``(x [C, size, size] in [-1, 1], -1)``.
 
     An OOD set has no labels, so the label is always -1 and the folder layout does not matter (flat, one
-    sub-folder, or many). Attributes: ``root``, ``files`` (absolute paths).
+    sub-folder, or many). Attributes: ``root``, ``files`` (absolute paths), ``bad`` (``[(path, error)]`` of the
+    unreadable files met so far when ``skip_bad``).
+
+    A file that cannot be read raises :class:`BadImageError` naming it; with ``skip_bad=True`` the item is None
+    instead and the file is recorded in ``bad`` (a collate function must then drop the Nones, as
+    :func:`fastood.folder_eval.folder_loaders` does; ``bad`` is filled in the process that reads, so keep
+    ``num_workers=0`` to see it).
     """
 
-    def __init__(self, root: str, transform):
+    def __init__(self, root: str, transform, skip_bad: bool = False):
         self.root = os.path.abspath(os.path.expanduser(str(root)))
         self.transform = transform
+        self.skip_bad = bool(skip_bad)
+        self.bad = []
         self.files = sorted(os.path.join(d, f) for d, _, names in os.walk(self.root) for f in names
                             if f.lower().endswith(IMAGE_EXTENSIONS))
 
@@ -131,8 +144,18 @@ class ImageFiles:
     def __getitem__(self, index):
         from PIL import Image
 
-        with Image.open(self.files[index]) as img:
-            return self.transform(img), -1
+        path = self.files[index]
+        try:
+            with Image.open(path) as img:
+                return self.transform(img), -1
+        except (OSError, SyntaxError, ValueError) as err:  # PIL: unidentified, truncated or broken files
+            message = f"{type(err).__name__}: {' '.join(str(err).split())}"
+            if not self.skip_bad:
+                raise BadImageError(f"cannot read the image {path} ({message}); pass skip_bad=True (fastood eval: "
+                                    "--skip-bad-images) to skip unreadable files and count them in the report"
+                                    ) from None
+            self.bad.append((path, message))
+            return None
 
     def __repr__(self):
         return f"ImageFiles({self.root!r}, n={len(self)})"
@@ -174,13 +197,14 @@ class _Normalize:
         return (x - self.mean) / self.std
 
 
-def images_in(root: str, size=None, channels: int = 3, mean=None, std=None) -> ImageFiles:
+def images_in(root: str, size=None, channels: int = 3, mean=None, std=None, skip_bad: bool = False) -> ImageFiles:
     """Every image file under ``root`` (any layout) as ``(x [channels, H, W], -1)``, for scoring a user's model.
 
     ``size``: resize to ``size x size`` (None keeps each file's size: they must then agree to be batched).
     ``mean``/``std`` (numbers or one per channel): normalize as ``(x - mean) / std`` from pixels in [0, 1], as the
-    model was trained; without them images are mapped to fastood's [-1, 1]. Raises FileNotFoundError for a missing
-    folder or one without images."""
+    model was trained; without them images are mapped to fastood's [-1, 1]. ``skip_bad``: an unreadable file gives
+    None (recorded in the dataset's ``bad``) instead of raising :class:`BadImageError`. Raises FileNotFoundError for
+    a missing folder or one without images."""
     _check_size(size)
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels!r}")
@@ -203,7 +227,7 @@ def images_in(root: str, size=None, channels: int = 3, mean=None, std=None) -> I
         if len(lower) not in (1, channels):
             raise ValueError(f"mean/std have {len(lower)} values but the images have {channels} channel(s)")
         steps.append(_Normalize(mean, std))
-    dataset = ImageFiles(where, T.Compose(steps))
+    dataset = ImageFiles(where, T.Compose(steps), skip_bad=skip_bad)
     if not dataset.files:
         raise FileNotFoundError(f"image folder {where!r} holds no image file ({', '.join(IMAGE_EXTENSIONS)})")
     return dataset

@@ -52,16 +52,20 @@ def resolve_layers(model: nn.Module, layers, who: str):
     return [(n, modules[n], False) for n in layers]
 
 
-def forward_with_taps(model: nn.Module, x: torch.Tensor, taps, who: str, transform=None):
+def forward_with_taps(model: nn.Module, x: torch.Tensor, taps, who: str, transform=None, reduce=None):
     """``(raw activations per tap (as the layer produced them, before any transform), model output)`` from one
     forward pass of ``model(x)``. ``transform(tensor) -> tensor``, if given, replaces each tapped activation in the
-    forward pass (activation shaping). A module called several times in one pass contributes its last call."""
+    forward pass (activation shaping). ``reduce(tensor) -> tensor``, if given, is applied to each tapped activation
+    inside the hook and its result returned instead of the raw activation: e.g. ``pool_features`` or GM's Gram
+    vectors, computed before an in-place op later in the network (torchvision's ``ReLU(inplace=True)``) can change
+    the tensor, and without keeping the full feature map. A module called several times in one pass contributes its
+    last call."""
     seen, handles = {}, []
 
     def grab(name, value):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{who}: layer {name!r} produced {type(value).__name__}, expected a tensor")
-        seen[name] = value
+        seen[name] = value if reduce is None else reduce(value)
         return value if transform is None else transform(value)
 
     for name, module, use_input in taps:

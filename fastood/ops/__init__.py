@@ -5,7 +5,8 @@ Every op dispatches to the native C++/CUDA kernels when the extension is built a
 :func:`use_backend`.
 """
 from . import reference
-from ._backend import backend, build_info, cuda_kernels_available, native_available, set_backend, use_backend
+from ._backend import (BuildMismatchWarning, backend, build_info, cuda_kernels_available, native_available,
+                       set_backend, use_backend)
 from .langevin_step import langevin_step_
 from .modified_energy import modified_energy, modified_energy_grad
 from .nullspace_project import nullspace_project
@@ -14,5 +15,5 @@ from .softmax_entropy import softmax_entropy
 __all__ = [
     "modified_energy", "modified_energy_grad", "softmax_entropy", "langevin_step_", "nullspace_project",
     "native_available", "cuda_kernels_available", "build_info", "backend", "set_backend", "use_backend",
-    "reference",
+    "reference", "BuildMismatchWarning",
 ]

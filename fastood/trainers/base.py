@@ -8,21 +8,23 @@ import logging
 import math
 import numbers
 import os
-import random
-import sys
 import time
 import warnings
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from fastood._modes import capture_modes, freeze_batchnorm_, restore_modes
+from fastood._rng import capture_rng, restore_rng  # noqa: F401 (re-exported)
+from fastood._stack import user_stacklevel
 from fastood.batches import BatchReader, check_device, first_item, model_device  # noqa: F401 (re-exported)
+from fastood.data_range import DataRangeWarning, range_problems
+from fastood.objectives.base import unwrap  # noqa: F401 (re-exported)
 from fastood.trainers.checkpoint import (CheckpointError, NonFiniteStateError, check_writable, describe_non_finite,
                                          first_non_finite, load_checkpoint_file, save_checkpoint_file)
 from fastood.trainers.interrupt import StopSignals, TrainingInterrupted
-from fastood.trainers.resume import RecordsHyperparameters, Resumed, check_compatible, method_name
+from fastood.trainers.resume import RecordsHyperparameters, Resumed, ResumeWarning, check_compatible, method_name
 
 _END = object()
 _RESUME_MODES = ("auto", True, False)
@@ -34,9 +36,17 @@ class MechanismIdleWarning(RuntimeWarning):
     epoch (or a whole fit shorter than one): the run trains, but not the way its paper does."""
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel wrapper (or the model itself)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+class ModelReplacedWarning(UserWarning):
+    """A trainer trains a new module in place of the model it was given (ICE's Gaussian-head classifier): score and
+    save ``trainer.model`` (or use ``trainer.detector()``), not the variable you passed in."""
+
+
+def delegated(name: str, doc: str = None) -> property:
+    """A trainer attribute that reads and writes the attribute ``name`` of its :attr:`Trainer.objective` (the
+    trainers are loops over the objectives of :mod:`fastood.objectives`: ``trainer.lam = 0.5`` changes the loss)."""
+    return property(lambda self: getattr(self.objective, name),
+                    lambda self, value: setattr(self.objective, name, value),
+                    doc=doc or f"The objective's ``{name}`` (``trainer.objective.{name}``).")
 
 
 def check_budget(name: str, value) -> int:
@@ -69,21 +79,6 @@ def broadcast_from_rank0(*values):
     values = list(values)
     dist.broadcast_object_list(values, src=0)
     return tuple(values)
-
-
-def capture_rng() -> dict:
-    """This process's torch, numpy, python and CUDA random states."""
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def restore_rng(rng: dict) -> None:
-    # .cpu(): a checkpoint loaded with map_location="cuda" carries the state tensors on the GPU.
-    torch.set_rng_state(rng["torch"].cpu())
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
-    if rng.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([state.cpu() for state in rng["cuda"]])
 
 
 def _is_scheduler(value) -> bool:
@@ -126,8 +121,10 @@ class Trainer(metaclass=RecordsHyperparameters):
         amp: on CUDA, run forward passes under bfloat16 autocast (ignored on CPU).
         freeze_bn: keep every BatchNorm layer in eval mode while training (running statistics fixed and used for
             normalization; the affine weights still train), so outliers or generated images in a batch cannot
-            shift the ID features' normalization. Default False (fine-tuning trainers that mix outliers into
-            the batch turn it on by default, and say so).
+            shift the ID features' normalization (:func:`fastood.frozen_batchnorm` does the same in your own loop).
+            Default ``False``. Trainers whose default differs say so in their own docstring: FIGTrainer defaults to
+            ``True``, ICETrainer to ``None`` (frozen when the Gaussian head was fitted on trained features);
+            ManifoldTrainer also takes ``"auto"``; OETrainer, EnergyOETrainer and DiscrepancyTrainer keep ``False``.
         skip_nonfinite: on a non-finite loss, skip the batch (no update; the BatchNorm buffers restored), count it
             in ``skipped_batches`` and the ``skipped_nonfinite`` log, warn, and go on. Default False: raise a
             ``FloatingPointError`` naming the step, the batch and whether the input itself was non-finite. A skipped
@@ -141,6 +138,8 @@ class Trainer(metaclass=RecordsHyperparameters):
             Default False: each rank normalizes with its own shard's statistics and DDP copies rank 0's running
             statistics to the others — a different computation from one process whenever BatchNorm trains.
 
+    :meth:`fit` leaves the model's train/eval modes (every submodule's, BatchNorm's included) as it found them.
+
     Under ``torchrun`` (an initialized process group) the model is wrapped in
     DistributedDataParallel, checkpoints are written by rank 0 and logged metrics are all-reduced.
     Loaders should then use a ``DistributedSampler``; its ``set_epoch`` is called every epoch.
@@ -149,6 +148,9 @@ class Trainer(metaclass=RecordsHyperparameters):
     default_lr = 0.1
     #: log keys shown in the progress bar (None: the first four of each step's logs)
     progress_keys = None
+    #: the method's step as an object of :mod:`fastood.objectives` (set by the method trainers), which
+    #: :meth:`training_step` calls; None for a trainer that computes its loss itself
+    objective = None
 
     def __init__(self, model: nn.Module, *, lr=None, momentum=0.9, weight_decay=5e-4, optimizer=None,
                  scheduler="auto", checkpoint_dir=None, checkpoint_every=100, progress=True, seed=0, device=None,
@@ -253,7 +255,8 @@ class Trainer(metaclass=RecordsHyperparameters):
         message = self.mechanism_idle(logs)
         if message:
             self._mechanism_warned = True
-            warnings.warn(f"{type(self).__name__}: {message}", MechanismIdleWarning, stacklevel=3)
+            warnings.warn(f"{type(self).__name__}: {message}", MechanismIdleWarning,
+                          stacklevel=user_stacklevel())
 
     def on_fit_start(self, loader) -> None:
         """Called once per :meth:`fit` before the first step (after a resume, if any)."""
@@ -352,7 +355,7 @@ class Trainer(metaclass=RecordsHyperparameters):
                 lrs = ", ".join(f"{g['lr']:.3g}" for g in self.optimizer.param_groups)
                 warnings.warn(f"{type(self).__name__}: the budget changed from {previous} to {total} steps; the LR "
                               f"schedule was rebuilt for {total} steps and continues at step {self.step} (lr {lrs})",
-                              stacklevel=3)
+                              stacklevel=user_stacklevel())
 
     def check_optimizer(self) -> None:
         """Every parameter the method trains must be in the optimizer, else it would silently never train (e.g. a
@@ -376,29 +379,22 @@ class Trainer(metaclass=RecordsHyperparameters):
         return None if lower is None or upper is None else (tuple(lower), tuple(upper))
 
     def check_data_range(self, images: torch.Tensor) -> None:
-        """Warn once when ID images clearly fall outside :meth:`data_box` (by more than 10% of its width on a
-        channel): samples drawn in the wrong box teach the model nothing about the data (e.g. a [-1, 1] box for
-        mean/std-normalized data in [-2, 2.1])."""
+        """Warn once (:class:`~fastood.data_range.DataRangeWarning`, pointing at your ``fit`` call) when the first
+        ID batch does not fit :meth:`data_box`: outside it by more than 10% of its width on a channel (a [-1, 1]
+        box for mean/std-normalized data in [-2, 2.1]), or spanning at most half of its width on a channel (pixels in
+        [0, 1] under the default [-1, 1] box: half of every generated image lies where the data never go). The
+        message names :func:`fastood.data.bounds_for`. See :func:`fastood.check_data_range`."""
         if self._range_checked:
             return
         self._range_checked = True
         box = self.data_box()
-        if box is None or images.dim() < 2 or images.numel() == 0:
+        if box is None or not isinstance(images, torch.Tensor) or images.dim() < 2 or images.numel() == 0 \
+                or not images.is_floating_point():
             return
-        lower, upper = (torch.tensor(v, dtype=torch.float64) for v in box)
-        x = images.detach().double().transpose(0, 1).reshape(images.shape[1], -1)
-        lo, hi = x.amin(1).cpu(), x.amax(1).cpu()
-        if lower.numel() not in (1, lo.numel()) or upper.numel() not in (1, lo.numel()):
-            return  # a channel-count mismatch is the sampler's error to raise
-        slack = 0.1 * (upper - lower).clamp_min(1e-12)
-        if bool(((lo < lower - slack) | (hi > upper + slack)).any()):
-            def fmt(t):
-                return "[" + ", ".join(f"{v:.3g}" for v in t.tolist()) + "]"
-            warnings.warn(
-                f"{type(self).__name__}: the first ID batch spans {fmt(lo)} .. {fmt(hi)} per channel, but the sampler "
-                f"generates images in lower={fmt(lower)}, upper={fmt(upper)}. If your images are normalized with "
-                "mean/std, pass bounds=fastood.data.bounds_for(mean, std) to the trainer (or to your sampler).",
-                stacklevel=4)
+        problems = range_problems(images, box, strict=False)  # a channel-count mismatch is the sampler's error
+        if problems:
+            warnings.warn(f"{type(self).__name__}: " + "; and ".join(problems), DataRangeWarning,
+                          stacklevel=user_stacklevel())
 
     def explain_batch_error(self, images, labels, err: Exception):
         """A clear error for labels a classifier cannot take (negative, or >= its number of outputs), or None."""
@@ -463,12 +459,6 @@ class Trainer(metaclass=RecordsHyperparameters):
     @property
     def checkpoint_path(self):
         return None if self.checkpoint_dir is None else os.path.join(self.checkpoint_dir, "checkpoint.pt")
-
-    def _say(self, message: str) -> None:
-        """An event a user must not miss (resumed, skipped batch): logged, and printed on rank 0 with progress."""
-        logger.info(message)
-        if self.progress and rank() == 0:
-            print(message, file=sys.stderr, flush=True)
 
     def _named_state_tensors(self):
         """(name, tensor) of everything a checkpoint stores that training updates: parameters, buffers and the
@@ -547,7 +537,13 @@ class Trainer(metaclass=RecordsHyperparameters):
         self.load_state_dict(state)
         self.resumed = Resumed(path, self.step, self.total_steps)
         of = f" of {self.total_steps}" if self.total_steps is not None else ""
-        self._say(f"{type(self).__name__}: resumed from {path} at step {self.step}{of}")
+        message = f"{type(self).__name__}: resumed from {path} at step {self.step}{of}"
+        if self.total_steps is not None and self.step >= self.total_steps:
+            message += (": the checkpoint already holds the whole budget, so this fit trains nothing (the model now "
+                        "holds the checkpoint's weights). Pass resume=False or another checkpoint_dir to train "
+                        "afresh, or a larger budget to continue")
+        logger.info(message)
+        warnings.warn(message, ResumeWarning, stacklevel=user_stacklevel())
         return True
 
     def _epoch_batches(self, loader):
@@ -595,14 +591,19 @@ class Trainer(metaclass=RecordsHyperparameters):
         ``resume`` (when ``checkpoint_dir`` is set):
 
         - ``"auto"`` (default): continue from ``checkpoint_dir/checkpoint.pt`` when it exists, else start afresh —
-          so re-running an interrupted script carries on. It is never silent: the trainer says "resumed from
-          <path> at step N of M" and sets :attr:`resumed`; and it refuses (``ResumeMismatch``, naming the
+          so re-running an interrupted script carries on. It is never silent, whatever ``progress`` is: the trainer
+          warns "resumed from <path> at step N of M" (:class:`~fastood.trainers.resume.ResumeWarning`, also
+          logged; it adds that nothing is left to train when the checkpoint holds the whole budget) and sets
+          :attr:`resumed`; and it refuses (``ResumeMismatch``, naming the
           difference) a checkpoint of another method, other hyperparameters or another model structure.
         - ``True``: the same, but a missing checkpoint is an error (``FileNotFoundError``).
         - ``False``: start afresh; the old checkpoint is overwritten by this run's first write.
 
         SIGINT/SIGTERM during training finish the current step, write the checkpoint and raise
         :class:`~fastood.trainers.interrupt.TrainingInterrupted` (see ``handle_signals``).
+
+        The model's train/eval modes (each submodule's, BatchNorm's included) are restored as they were when ``fit``
+        was called, also when it raises.
         """
         if resume not in _RESUME_MODES or not isinstance(resume, (str, bool)):
             raise ValueError(f"resume must be 'auto', True or False, got {resume!r}")
@@ -632,6 +633,13 @@ class Trainer(metaclass=RecordsHyperparameters):
                                        else f"{self.checkpoint_path} does not exist")
                                     + "; pass resume='auto' to start afresh when there is none")
         self.total_steps = total
+        modes = capture_modes(unwrap(self.model))
+        try:
+            return self._fit(loader, total, per_epoch, resume)
+        finally:
+            restore_modes(modes)
+
+    def _fit(self, loader, total, per_epoch, resume):
         if resume:
             self.resume()
         self._setup_schedule(total)
@@ -724,9 +732,7 @@ class Trainer(metaclass=RecordsHyperparameters):
     def apply_bn_mode(self) -> None:
         """With ``freeze_bn``, put the BatchNorm layers in eval mode (done before every step, after ``train()``)."""
         if self.freeze_bn:
-            for module in self.model.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+            freeze_batchnorm_(self.model)
 
     def _optimize(self, batch) -> dict:
         self.model.train()
@@ -791,7 +797,7 @@ class Trainer(metaclass=RecordsHyperparameters):
         self.skipped_batches.append({"step": self.step, "epoch": self.epoch, "batch": self.batch_in_epoch,
                                      "input_finite": input_finite})
         warnings.warn(message + f". Skipped (no update; {len(self.skipped_batches)} skipped so far)",
-                      RuntimeWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=user_stacklevel())
         logger.warning("%s. Skipped (%d so far)", message, len(self.skipped_batches))
         # The batch counts as a step without an update, so the budget, the schedule and resume stay aligned.
         self.step += 1

@@ -4,17 +4,17 @@ import math
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastood._modes import eval_mode
+from fastood._stack import user_stacklevel
+from fastood.losses import cmg_energy_loss  # noqa: F401 (re-exported: fastood.trainers.cmg.cmg_energy_loss)
 from fastood.losses import energy as energy_score  # noqa: F401  (also re-exported: fastood.trainers.cmg.energy_score)
-from fastood.losses import energy_margin_loss
+from fastood.objectives.cmg import MODES, CMGObjective
 
-from .base import Trainer, broadcast_from_rank0, first_item, rank, unwrap
+from .base import Trainer, broadcast_from_rank0, delegated, first_item, rank, unwrap
 from .manifold import grow_head, grow_linear
 
-MODES = ("energy", "softmax")
 TRAIN = ("last_layer", "head")
 _HEAD_MODULES = (nn.Linear, nn.Flatten, nn.Dropout, nn.Identity, nn.BatchNorm1d, nn.ReLU, nn.LeakyReLU, nn.GELU,
                  nn.SiLU, nn.ELU, nn.Tanh)
@@ -71,20 +71,6 @@ def _grow_split_head(head: nn.Module) -> nn.Module:
         return head
     raise TypeError(f"mode='softmax' adds an output to the head's final nn.Linear; the head given is a "
                     f"{type(head).__name__} that does not end in one")
-
-
-def cmg_energy_loss(logits_id, labels, logits_ood, m_in, m_out, lam=0.1, T=1.0):
-    """CMG-energy's objective (Eq. of Wang et al., as Liu et al.'s energy fine-tuning)::
-
-        CE(f(x_id), y) + lam * ( mean relu(E(x_id) - m_in)^2 + mean relu(m_out - E(x_ood))^2 )
-
-    with ``E = -T logsumexp(f / T)`` (:func:`fastood.losses.energy`, regularizer
-    :func:`fastood.losses.energy_margin_loss`). logits_id [b, n], labels [b], logits_ood [g, n] (g may be 0).
-    Returns ``(loss, ce, regularizer)`` scalars.
-    """
-    ce = F.cross_entropy(logits_id, labels)
-    reg = energy_margin_loss(energy_score(logits_id, T), energy_score(logits_ood, T), m_in, m_out)
-    return ce + lam * reg, ce, reg
 
 
 def loader_augments(loader, items=2) -> bool:
@@ -150,6 +136,10 @@ class CMGTrainer(Trainer):
       labeled n. Detector: :class:`~fastood.detectors.ExtraClass` (probability of class n+1).
     - The detector runs on images: :attr:`classifier` = ``head(backbone(x))`` (a :class:`FeatureClassifier`).
       With the automatic splits the head modules are ``model``'s own, so ``model`` itself is fine-tuned too.
+    - The step is :class:`fastood.objectives.CMGObjective` (``trainer.objective``, called on the head and cached
+      features; ``mode``, ``lam``, ``T``, ``m_in`` and ``m_out`` are its attributes).
+    - After :meth:`fit` the model's train/eval modes are as ``fit`` found them, except the frozen extractor's, which
+      stays in eval mode.
     - Optimizer: Adam, lr 1e-4, no weight decay (paper and authors: shaoyijia/CMG ``training/fine_tune.py``,
       ``torch.optim.Adam(..., lr=0.0001)``, 15 epochs, ~7,000 steps on full MNIST). It moves the head slowly: on
       mnist5k-0to4 (2,000 images, 93 steps, 3 seeds, bench/quality_cvae.py) CMG-softmax scored 63.7 mean AUROC
@@ -188,6 +178,11 @@ class CMGTrainer(Trainer):
 
     default_lr = 1e-4
     progress_keys = ("loss", "acc", "id_inside", "ood_inside", "ood_rejected")
+    mode = delegated("mode")
+    lam = delegated("lam")
+    T = delegated("T")
+    m_in = delegated("m_in")
+    m_out = delegated("m_out")
 
     def __init__(self, model, cvae, mode="energy", lam=0.1, T=1.0, train="last_layer", split=None,
                  quantiles=(0.2, 0.8), margins=None, ood_ratio=1.0, sigma=5.0, batch_size=None, sample_batch=256,
@@ -238,9 +233,10 @@ class CMGTrainer(Trainer):
                 p.requires_grad_(False)
         self.backbone, self.head = backbone, head
         self.sampler = self._make_sampler(cvae, sigma)
-        self.mode, self.lam, self.T = mode, float(lam), float(T)
+        m_in, m_out = (None, None) if margins is None else margins
+        self.objective = CMGObjective(mode, m_in=m_in, m_out=m_out, lam=lam, T=T)
+        self.objective.owner = type(self).__name__
         self.quantiles, self.ood_ratio = (q_in, q_out), float(ood_ratio)
-        self.m_in, self.m_out = (None, None) if margins is None else margins
         self.batch_size, self.sample_batch = batch_size, sample_batch
         self.id_features = self.id_labels = None
         self._pool, self._pool_epoch, self._image_shape = None, None, None
@@ -293,7 +289,7 @@ class CMGTrainer(Trainer):
                     "CMGTrainer caches the ID features once, but the loader's dataset returns different images for "
                     "the same item on two loads (random augmentation?): stage 2 trains on one frozen draw of the "
                     "augmentation. Pass a loader without random transforms to make that explicit.",
-                    UserWarning, stacklevel=3)
+                    UserWarning, stacklevel=user_stacklevel())
             return cached
 
     def _cache_id_features(self, loader):
@@ -355,18 +351,20 @@ class CMGTrainer(Trainer):
         if self.id_features is None:
             self.cache_id_features(loader)
         batch_size = self.batch_size or getattr(loader, "batch_size", None) or 128
-        return super().fit(_FeatureBatches(self.id_features, self.id_labels, batch_size), epochs=epochs,
-                           steps=steps, resume=resume)
+        try:
+            return super().fit(_FeatureBatches(self.id_features, self.id_labels, batch_size), epochs=epochs,
+                               steps=steps, resume=resume)
+        finally:
+            self.backbone.eval()  # frozen for good (fit restored the modes it found)
 
     @torch.no_grad()
     def measure_margins(self):
         """``(m_in, m_out)``: the ``quantiles`` of the energies of all cached ID features and of the current epoch's
         pseudo-OOD features under the current head (eval mode). Stored on the trainer."""
         with eval_mode(self.head):
-            e_id = energy_score(self.head(self.id_features).float(), self.T)
-            e_ood = energy_score(self.head(self.ood_features()).float(), self.T)
-        self.m_in, self.m_out = broadcast_from_rank0(float(torch.quantile(e_id.double(), self.quantiles[0])),
-                                                     float(torch.quantile(e_ood.double(), self.quantiles[1])))
+            margins = self.objective.margins_from(self.head(self.id_features), self.head(self.ood_features()),
+                                                  self.quantiles)
+        self.m_in, self.m_out = broadcast_from_rank0(*margins)
         return self.m_in, self.m_out
 
     def on_fit_start(self, loader):
@@ -382,28 +380,8 @@ class CMGTrainer(Trainer):
         g = max(1, int(round(self.ood_ratio * f_id.shape[0])))
         start = self.batch_in_epoch * max(1, int(round(self.ood_ratio * nominal)))
         f_ood = pool[(torch.arange(g, device=pool.device) + start) % pool.shape[0]]
-        logits = self.net(torch.cat([f_id, f_ood]), from_features=True).float()
-        b = f_id.shape[0]
-        logits_id, logits_ood = logits[:b], logits[b:]
-        if self.mode == "energy":
-            loss, ce, reg = cmg_energy_loss(logits_id, y, logits_ood, self.m_in, self.m_out, self.lam, self.T)
-            with torch.no_grad():
-                e_id, e_ood = energy_score(logits_id.detach(), self.T), energy_score(logits_ood.detach(), self.T)
-                logs = {"loss": loss, "ce": ce.detach(), "reg": reg.detach(),
-                        "energy_id": e_id.mean(), "energy_ood": e_ood.mean(),
-                        "id_inside": (e_id <= self.m_in).float().mean(),
-                        "ood_inside": (e_ood >= self.m_out).float().mean()}
-        else:
-            n_out = logits.shape[1]
-            targets = torch.cat([y, y.new_full((logits_ood.shape[0],), n_out - 1)])
-            loss = F.cross_entropy(logits, targets)
-            with torch.no_grad():
-                logs = {"loss": loss, "ce": F.cross_entropy(logits_id.detach(), y),
-                        "ood_rejected": (logits_ood.detach().argmax(1) == n_out - 1).float().mean()}
-        with torch.no_grad():
-            scores = logits_id.detach() if self.mode == "energy" else logits_id.detach()[:, :-1]
-            logs["acc"] = (scores.argmax(1) == y).float().mean()
-        return logs
+        loss, logs = self.objective(lambda f: self.net(f, from_features=True), f_id, y, f_ood)
+        return {**logs, "loss": loss}
 
     def mechanism_idle(self, logs):
         if self.mode != "energy":

@@ -1,29 +1,19 @@
 """Two-head discrepancy training (Yu & Aizawa, "Unsupervised out-of-distribution detection by maximum classifier
 discrepancy", ICCV 2019)."""
 import logging
-import math
 import warnings
 from collections import deque
 
 import torch
-import torch.nn.functional as F
 
-from fastood.losses import discrepancy_loss_terms
+from fastood._stack import user_stacklevel
+from fastood.objectives.discrepancy import DiscrepancyObjective
 
-from .base import unwrap
+from .base import delegated, unwrap
 from .outliers import OutlierTrainer
 
 SCHEDULES = ("paper", "joint")
 log = logging.getLogger(__name__)
-
-
-def _two_logits(out, where: str):
-    if not (isinstance(out, (tuple, list)) and len(out) == 2
-            and all(isinstance(t, torch.Tensor) and t.dim() == 2 for t in out)):
-        got = f"{type(out).__name__} of {len(out)}" if isinstance(out, (tuple, list)) else type(out).__name__
-        raise TypeError(f"DiscrepancyTrainer needs a model returning (logits1, logits2), two [B, C] tensors, e.g. "
-                        f"fastood.models.TwoHead (TwoHead.from_model(classifier)); got {got} on {where}")
-    return out
 
 
 def _num_classes(model):
@@ -55,7 +45,8 @@ class DiscrepancyTrainer(OutlierTrainer):
        3 seeds): paper 99.27 +- 0.04 mean AUROC, 98.8% ID accuracy; joint 98.57 +- 0.22, 97.5%; near-OOD
        (digits 5-9) 96.4 against 92.9.
 
-    Both pre-training and fine-tuning steps count in ``fit``'s ``steps`` / ``epochs`` (one per mini-batch; under
+    The losses are :class:`fastood.objectives.DiscrepancyObjective`'s (``trainer.objective``: ``supervised`` for
+    pre-training and step A, the call for step B). Both pre-training and fine-tuning steps count in ``fit``'s ``steps`` / ``epochs`` (one per mini-batch; under
     the paper's schedule a fine-tuning mini-batch makes two optimizer updates and one scheduler step). In the
     transductive setting of the paper the unlabeled images are (a part of) the test images, ID and OOD mixed.
 
@@ -94,13 +85,14 @@ class DiscrepancyTrainer(OutlierTrainer):
     #: mechanism check: an entropy gap that never reached this fraction of the margin counts as idle
     idle_margin_fraction = 0.05
 
+    margin = delegated("margin")
+
     def __init__(self, model, unlabeled=None, margin: float = 1.2, pretrain_steps=None, max_pretrain_steps: int = 500,
                  match_window: int = 10, match_tolerance: float = 0.01, schedule: str = "paper", **kwargs):
         if unlabeled is None:
             raise TypeError("DiscrepancyTrainer needs unlabeled=: a DataLoader of unlabeled images (or a sampler)")
         super().__init__(model, unlabeled, **kwargs)
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
-            raise ValueError(f"margin must be a finite number, got {margin!r}")
+        self._replace_objective(DiscrepancyObjective, margin=margin)
         if pretrain_steps is not None and (isinstance(pretrain_steps, bool) or not isinstance(pretrain_steps, int)
                                            or pretrain_steps < 0):
             raise ValueError(f"pretrain_steps must be None (until head 2 matches head 1) or an int >= 0, "
@@ -112,58 +104,31 @@ class DiscrepancyTrainer(OutlierTrainer):
             raise ValueError(f"match_tolerance must be a number in [0, 1], got {match_tolerance!r}")
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-        self.margin, self.pretrain_steps, self.schedule = float(margin), pretrain_steps, schedule
+        self.pretrain_steps, self.schedule = pretrain_steps, schedule
         self.max_pretrain_steps, self.match_window = max_pretrain_steps, match_window
         self.match_tolerance = float(match_tolerance)
         self.pretraining = pretrain_steps is None or pretrain_steps > 0
         self.pretrain_result = None
         self._accuracies = deque(maxlen=match_window)
-        self._margin_checked = False
-        self._check_margin(_num_classes(model))
+        self.objective.check_margin(_num_classes(model))
 
     @property
     def unlabeled(self):
         """The unlabeled-image source (an :class:`~fastood.trainers.outliers.OutlierSource`)."""
         return self.outliers
 
-    def _check_margin(self, num_classes):
-        if num_classes is None or self._margin_checked:
-            return
-        self._margin_checked = True
-        if num_classes >= 2 and self.margin >= math.log(num_classes):
-            warnings.warn(f"DiscrepancyTrainer: margin m = {self.margin:g} cannot be reached with {num_classes} "
-                          f"classes: the entropy gap H(p1) - H(p2) is at most log({num_classes}) = "
-                          f"{math.log(num_classes):.3g}, so the unlabeled loss never reaches 0. Use a margin below "
-                          "log(C) (the paper's 1.2 assumes C >= 4)", UserWarning, stacklevel=3)
-
     # ------------------------------------------------------------------ losses
     def _supervised(self, x, y):
-        l1, l2 = _two_logits(self.net(x), "the labeled batch")
-        self._check_margin(l1.shape[1])
-        ce1, ce2 = F.cross_entropy(l1.float(), y), F.cross_entropy(l2.float(), y)
-        return ce1, ce2, l1, l2
-
-    @staticmethod
-    def _accuracy(logits, y):
-        return (logits.detach().argmax(1) == y).float().mean()
+        """``(loss, logs)`` of the supervised loss of both heads (pre-training and step A)."""
+        return self.objective.supervised(self.net, x, y)
 
     def training_step(self, batch):
         x, y = batch[0], batch[1]
         if self.pretraining:
-            ce1, ce2, l1, l2 = self._supervised(x, y)
-            return {"loss": ce1 + ce2, "ce1": ce1.detach(), "ce2": ce2.detach(), "acc1": self._accuracy(l1, y),
-                    "acc2": self._accuracy(l2, y), "phase": 0.0}
-        out_in, out_u = self.forward_in_out(x, self.draw_outliers(x))
-        l1, l2 = _two_logits(out_in, "the labeled batch")
-        u1, u2 = _two_logits(out_u, "the unlabeled batch")
-        self._check_margin(l1.shape[1])
-        ce1, ce2 = F.cross_entropy(l1.float(), y), F.cross_entropy(l2.float(), y)
-        unl = discrepancy_loss_terms(u1, u2, self.margin)
-        gap = unl["entropy_gap"].detach()
-        return {"loss": ce1 + ce2 + unl["loss"], "ce1": ce1.detach(), "ce2": ce2.detach(),
-                "acc1": self._accuracy(l1, y), "acc2": self._accuracy(l2, y), "unlabeled": unl["loss"].detach(),
-                "entropy_gap": gap, "margin_reached": gap / self.margin if self.margin else float("nan"),
-                "phase": 1.0}
+            loss, logs = self._supervised(x, y)
+        else:
+            loss, logs = self.objective(self.net, x, y)
+        return {**logs, "loss": loss}
 
     # ------------------------------------------------------------------ schedule
     def _step_a(self, batch):
@@ -172,8 +137,7 @@ class DiscrepancyTrainer(OutlierTrainer):
         self.apply_bn_mode()
         x, y = batch[0], batch[1]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
-            ce1, ce2, _, _ = self._supervised(x, y)
-        loss = ce1 + ce2
+            loss, _ = self._supervised(x, y)
         (bad,) = self._agree(not bool(torch.isfinite(loss)))  # under DDP every rank skips together
         if bad:  # no step-A update; step B meets the same batch and handles it (skip or raise, naming it)
             return
@@ -215,7 +179,8 @@ class DiscrepancyTrainer(OutlierTrainer):
         if reason == "budget":
             warnings.warn(f"DiscrepancyTrainer: head 2 did not match head 1 within max_pretrain_steps = "
                           f"{self.max_pretrain_steps} (accuracy {acc2:.3f} vs {acc1:.3f}); fine-tuning starts anyway. "
-                          "Raise max_pretrain_steps or start from two trained heads", UserWarning, stacklevel=4)
+                          "Raise max_pretrain_steps or start from two trained heads", UserWarning,
+                          stacklevel=user_stacklevel())
 
     # ------------------------------------------------------------------ mechanism
     def mechanism_idle(self, logs):

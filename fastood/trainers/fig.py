@@ -1,26 +1,9 @@
-"""FIG fine-tuning (Zhao, Cao, Lin, TNNLS; Algorithm 2) and its Gaussian-noise baseline GS."""
-import math
+"""FIG fine-tuning (Zhao, Cao, Lin, TNNLS; Algorithm 2) and its Gaussian-noise baseline GS: loops over
+:class:`fastood.objectives.FIGObjective` / :class:`~fastood.objectives.GaussianNoiseObjective`."""
+from fastood.losses import fig_loss  # noqa: F401 (re-exported: fastood.trainers.fig.fig_loss)
+from fastood.objectives.fig import FIGObjective, GaussianNoiseObjective
 
-import torch
-import torch.nn.functional as F
-
-from fastood import ops
-
-from .base import Trainer, unwrap
-
-
-def fig_loss(logits_id, labels, logits_gen, lam=1.0):
-    """Algorithm 2's objective ``CE(f(x_id), y) - lam * mean_i H(softmax(f(x_gen_i)))``.
-
-    Args:
-        logits_id: [b, C] logits of the ID batch; labels: [b] class indices.
-        logits_gen: [g, C] logits of the generated batch (g may be 0: the entropy term is then 0).
-        lam: weight of the entropy term (paper: 1).
-    Returns ``(loss, ce, mean_entropy)``, scalars; ``loss`` is differentiable in both logits.
-    """
-    ce = F.cross_entropy(logits_id, labels)
-    entropy = ops.softmax_entropy(logits_gen).mean() if logits_gen.shape[0] else logits_id.new_zeros(())
-    return ce - lam * entropy, ce, entropy
+from .base import Trainer, delegated, unwrap
 
 
 class FIGTrainer(Trainer):
@@ -29,7 +12,8 @@ class FIGTrainer(Trainer):
     Each step takes an ID batch ``(x, y)`` of b images, draws ``ceil(k * b)`` samples of x's image shape from the
     *current* model with ``sampler`` (default: :class:`~fastood.samplers.langevin.LangevinSampler` with the
     paper's settings and ``bounds``), and minimizes ``CE(f(x), y) - lam * mean H(softmax(f(x_gen)))``
-    (:func:`fig_loss`) with SGD (lr 1e-3, momentum 0.9, weight decay 5e-4). Raising the entropy of the model's
+    (:func:`fastood.losses.fig_loss`) with SGD (lr 1e-3, momentum 0.9, weight decay 5e-4). The step is
+    :class:`~fastood.objectives.FIGObjective` (``trainer.objective``), which your own loop can call as well. Raising the entropy of the model's
     most confident "noise" makes low max-softmax a better OOD score; the detector is MSP (higher = more OOD).
 
     Budget: give it several epochs. The entropy term first costs ID accuracy, which cross-entropy then wins back.
@@ -59,7 +43,7 @@ class FIGTrainer(Trainer):
             updated twice (once with each batch). Models without BatchNorm give the same loss either way.
             With ``freeze_bn`` (the default) BatchNorm normalizes with the pretrained running statistics in both
             cases and this only changes how the forward is batched.
-        freeze_bn: keep BatchNorm in eval mode while fine-tuning (default True; the affine weights still train).
+        freeze_bn: keep BatchNorm in eval mode while fine-tuning (default ``True``; the affine weights still train).
             The paper does not say; fastood's default, because the generated batch otherwise drags the running
             statistics away from the ID data. Measured on mnist5k-0to4 (SmallCNN, 128 steps at lr 1e-3, seed 0): with
             ``freeze_bn=False`` ID accuracy fell to 25% at step 32 (58-70% with ``joint_forward=False``) and the
@@ -84,57 +68,27 @@ class FIGTrainer(Trainer):
     default_lr = 1e-3
     progress_keys = ("loss", "ce", "gen_steps", "sampler_confidence")
 
+    objective_class = FIGObjective
+    sampler = delegated("sampler")
+    k = delegated("k")
+    lam = delegated("lam")
+    joint_forward = delegated("joint_forward")
+
     def __init__(self, model, sampler=None, k=0.1, lam=1.0, joint_forward=True, bounds=None, freeze_bn=True,
                  **kwargs):
+        objective = self.objective_class(sampler, k=k, lam=lam, joint_forward=joint_forward, bounds=bounds,
+                                         check_range=False)  # fit checks the first batch
         super().__init__(model, freeze_bn=freeze_bn, **kwargs)
-        if isinstance(k, bool) or not (isinstance(k, (int, float)) and math.isfinite(k) and k >= 0):
-            raise ValueError(f"k must be a finite number >= 0, got {k!r}")
-        if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
-            raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
-        if sampler is not None and bounds is not None:
-            raise ValueError("give either a sampler or bounds (for the default sampler), not both: "
-                             "pass bounds to the sampler you construct")
-        if sampler is None:
-            sampler = self.default_sampler((-1.0, 1.0) if bounds is None else bounds)
-        if not callable(getattr(sampler, "sample", None)):
-            raise TypeError(f"sampler must have a sample(model, n, shape, context=None) method, got "
-                            f"{type(sampler).__name__}")
-        self.sampler, self.k, self.lam, self.joint_forward = sampler, float(k), float(lam), bool(joint_forward)
+        objective.owner = type(self).__name__
+        self.objective = objective
 
     def default_sampler(self, bounds):
-        from fastood.samplers.langevin import LangevinSampler
-
-        return LangevinSampler(bounds=bounds)
+        """The sampler built when none is given (the objective's: Langevin for FIG, Gaussian noise for GS)."""
+        return self.objective.default_sampler(bounds)
 
     def training_step(self, batch):
-        x, y = batch[0], batch[1]
-        if x.shape[0] == 0:
-            raise ValueError("FIGTrainer got an empty ID batch")
-        n_gen = math.ceil(self.k * x.shape[0])
-        if n_gen == 0:  # k = 0: plain cross-entropy fine-tuning, no sampling
-            ce = F.cross_entropy(self.net(x).float(), y)
-            return {"loss": ce, "ce": ce}
-        generated = self.sampler.sample(unwrap(self.model), n_gen, tuple(x.shape[1:]), context=(x, y))
-        generated = generated.to(device=x.device, dtype=x.dtype)
-        if self.joint_forward:
-            logits = self.net(torch.cat([x, generated]))
-            logits_id, logits_gen = logits[: x.shape[0]], logits[x.shape[0]:]
-        else:
-            logits_id, logits_gen = self.net(x), self.net(generated)
-        loss, ce, entropy = fig_loss(logits_id.float(), y, logits_gen.float(), self.lam)
-        gen = logits_gen.detach().float()
-        logs = {"loss": loss, "ce": ce, "gen_entropy": entropy.detach(),
-                "gen_confidence": torch.softmax(gen, 1).amax(1).mean(),
-                "gen_energy": ops.modified_energy(gen, getattr(self.sampler, "c", 5.0)).mean()}
-        stats = getattr(self.sampler, "stats", None) or {}
-        if "confidence" in stats and len(stats["confidence"]):
-            logs["sampler_confidence"] = stats["confidence"].float().mean()
-            logs["sampler_energy"] = stats["energy"].float().mean()
-            logs["gen_steps"] = stats["steps"].float().mean()
-            logs["gen_steps_min"] = stats["steps"].min().float()
-        if "start_confidence" in stats and len(stats["start_confidence"]):
-            logs["sampler_start_confidence"] = stats["start_confidence"].float().mean()
-        return logs
+        loss, logs = self.objective(self.net, batch[0], batch[1])
+        return {**logs, "loss": loss}
 
     def mechanism_idle(self, logs):
         """A message when the sampler performed no update over ``logs`` (see the class docstring), else None."""
@@ -165,11 +119,7 @@ class GaussianNoiseTrainer(FIGTrainer):
     """
 
     progress_keys = ("loss", "ce", "gen_entropy", "gen_confidence")
+    objective_class = GaussianNoiseObjective
 
     def mechanism_idle(self, logs):
         return None
-
-    def default_sampler(self, bounds):
-        from fastood.samplers.noise import GaussianNoiseSampler
-
-        return GaussianNoiseSampler(bounds=bounds)

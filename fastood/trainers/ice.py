@@ -1,13 +1,15 @@
 """ICE: in-distribution compatible outlier exposure with a Gaussian head (Wu et al., AAAI 2023)."""
 import itertools
+import warnings
 
 import torch
 from torch import nn
 
-from fastood.losses import ice_loss_terms
+from fastood._stack import user_stacklevel
 from fastood.models import GaussianClassifier, GaussianHead
+from fastood.objectives.ice import ICEObjective
 
-from .base import is_distributed, unwrap
+from .base import ModelReplacedWarning, delegated, is_distributed, unwrap
 from .outliers import OutlierTrainer
 
 
@@ -44,7 +46,7 @@ class ICETrainer(OutlierTrainer):
     """ICE training: a backbone with a :class:`~fastood.models.GaussianHead` ``h_i(z) = -||L^-1 (z - m_i)||^2``
     minimizing ``CE(softmax(h(z)), y) + lam * (-h_y(z) - log(1 - exp(max_i h_i(z_out))))`` (lam = 1;
     :func:`fastood.losses.ice_loss`, stable near h = 0). ID images and outliers go through the model in one forward
-    pass. Detector: :class:`~fastood.detectors.ICELikelihood` (score ``-max_i h_i``, higher = more OOD;
+    pass. A loop over :class:`fastood.objectives.ICEObjective` (``trainer.objective``). Detector: :class:`~fastood.detectors.ICELikelihood` (score ``-max_i h_i``, higher = more OOD;
     ``exp(max_i h_i)`` is the in-distribution probability).
 
     ``model`` is either
@@ -52,9 +54,11 @@ class ICETrainer(OutlierTrainer):
         ``GaussianClassifier(backbone, GaussianHead(feat_dim, C))``): trained as it is (from scratch or not); or
       - a trained classifier with a final ``nn.Linear`` (fine-tuning): its head is replaced by a GaussianHead
         (:meth:`GaussianClassifier.from_model`; ``trainer.model`` is then the new GaussianClassifier, sharing the
-        classifier's backbone) which is initialized from the class feature means and the covariance's Cholesky
-        factor of the first :meth:`fit` loader's data, before the first step (``init_batches`` batches at most;
-        recorded in the checkpoint, not redone on resume). :meth:`from_classifier` does it eagerly.
+        classifier's backbone, and the constructor warns once, :class:`~fastood.trainers.base.ModelReplacedWarning`:
+        score, evaluate and save ``trainer.model`` or ``trainer.detector()``, since the variable you passed in
+        keeps its old ``nn.Linear`` head) which is initialized from the class feature means and the covariance's
+        Cholesky factor of the first :meth:`fit` loader's data, before the first step (``init_batches`` batches at
+        most; recorded in the checkpoint, not redone on resume). :meth:`from_classifier` does it eagerly.
 
     Defaults: the paper's fine-tuning recipe -- SGD lr 0.01 (momentum 0.9, wd 5e-4) with cosine decay to 0 over
     the run (``cosine=False``: constant) and an outlier batch twice the ID batch (``outlier_ratio=2``: 128 ID + 256
@@ -70,7 +74,7 @@ class ICETrainer(OutlierTrainer):
         setting tried went to NaN within 3 steps or collapsed to chance accuracy. ``grad_clip=None`` turns it off.
       - ``ridge=0.1``: the covariance is shrunk towards its mean variance (``cov + 0.1 * mean_var * I``) before
         the Cholesky factorization: ReLU features have dead (zero-variance) dimensions.
-      - ``freeze_bn=None`` (default): BatchNorm stays in eval mode when the head was initialized from a trained
+      - ``freeze_bn=None`` (the default): BatchNorm stays in eval mode when the head was initialized from a trained
         model's features (the statistics the head was fitted on: outliers in the joint batch would otherwise
         shift the ID features' normalization, the "distribution shift" ICE warns about; measured with "blobs"
         outliers, near-OOD AUROC 0.86 in train mode vs 0.97 frozen), and trains normally otherwise (a model
@@ -102,15 +106,19 @@ class ICETrainer(OutlierTrainer):
     #: below this share of the loss gradient's norm the outlier term counts as idle
     idle_ratio = 1e-8
 
+    lam = delegated("lam")
+    eps = delegated("eps")
+
     def __init__(self, model, outliers=None, lam: float = 1.0, eps: float = 1e-6, ridge: float = 0.1,
                  init_batches=None, freeze_bn=None, grad_clip=10.0, head_scale="median", cosine: bool = True,
                  outlier_ratio: float = 2.0, grad_share_every: int = 10, **kwargs):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.head_initialized = True
+        replaced = None
         if not _has_gaussian_head(model):
             try:
-                model = GaussianClassifier.from_model(model)
+                replaced, model = model, GaussianClassifier.from_model(model)
             except TypeError as err:
                 raise TypeError("ICETrainer needs a model containing a fastood.models.GaussianHead (output h [B, C]) "
                                 f"or a classifier whose final nn.Linear can be replaced by one: {err}") from None
@@ -120,18 +128,22 @@ class ICETrainer(OutlierTrainer):
         self.freeze_bn_option = freeze_bn
         super().__init__(model, outliers, freeze_bn=bool(freeze_bn), grad_clip=grad_clip, outlier_ratio=outlier_ratio,
                          **kwargs)
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0:
-            raise ValueError(f"lam must be a number >= 0, got {lam!r}")
-        if not (isinstance(eps, (int, float)) and 0 < eps < 1):
-            raise ValueError(f"eps must be a number in (0, 1), got {eps!r}")
+        self._replace_objective(ICEObjective, lam=lam, eps=eps)
         if not (head_scale == "median" or (isinstance(head_scale, (int, float)) and not isinstance(head_scale, bool)
                                            and head_scale > 0)):
             raise ValueError(f"head_scale must be 'median' or a number > 0, got {head_scale!r}")
         if isinstance(grad_share_every, bool) or not isinstance(grad_share_every, int) or grad_share_every < 0:
             raise ValueError(f"grad_share_every must be an int >= 0, got {grad_share_every!r}")
-        self.lam, self.eps, self.ridge, self.init_batches = float(lam), float(eps), float(ridge), init_batches
+        self.ridge, self.init_batches = float(ridge), init_batches
         self.head_scale, self.cosine, self.grad_share_every = head_scale, bool(cosine), grad_share_every
         self._resolve_freeze_bn()
+        if replaced is not None:
+            warnings.warn(
+                f"ICETrainer replaced the final nn.Linear of the {type(replaced).__name__} you passed by a Gaussian "
+                "head: trainer.model is a new GaussianClassifier (sharing your model's backbone) and only it is the "
+                "ICE model. Score, evaluate and save trainer.model (or use trainer.detector()); your variable keeps "
+                "its old linear head (MSP(model) on it scores that head, not ICE's)",
+                ModelReplacedWarning, stacklevel=user_stacklevel())
 
     def _resolve_freeze_bn(self):
         """``freeze_bn=None``: frozen iff the head was initialized from a trained model's features (now or at
@@ -167,31 +179,14 @@ class ICETrainer(OutlierTrainer):
             self.initialize_head(loader)
 
     def training_step(self, batch):
-        x, y = batch[0], batch[1]
-        h_in, h_out = self.forward_in_out(x, self.draw_outliers(x, y))
-        terms = ice_loss_terms(h_in, y, h_out, self.lam, self.eps)
-        terms["acc"] = (h_in.detach().argmax(1) == y).float().mean()
-        if self.grad_share_every and self.step % self.grad_share_every == 0 and not is_distributed():
-            terms.update(self.outlier_gradient_share(terms))
-        return terms
+        share = bool(self.grad_share_every) and self.step % self.grad_share_every == 0 and not is_distributed()
+        loss, logs = self.objective(self.net, batch[0], batch[1], grad_share=share)
+        return {**logs, "loss": loss}
 
     def outlier_gradient_share(self, terms) -> dict:
-        """``{"outlier_grad_share", "outlier_grad_vs_ce"}``: the norm of ``lam`` times the outlier term's gradient
-        on the GaussianHead parameters, over that of the whole loss and of the CE term (floats; the graph is
-        kept for the training backward)."""
-        params = [p for head in _gaussian_heads(unwrap(self.model)) for p in head.parameters() if p.requires_grad]
-        if not params or not terms["outlier_nll"].requires_grad:
-            return {}
-
-        def norm(value):
-            grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
-            return float(torch.sqrt(sum((g.detach().double() ** 2).sum() for g in grads if g is not None)
-                                    + torch.zeros((), dtype=torch.float64)))
-
-        g_out = self.lam * norm(terms["outlier_nll"])
-        g_loss, g_ce = norm(terms["loss"]), norm(terms["ce"])
-        return {"outlier_grad_share": g_out / g_loss if g_loss > 0 else 0.0,
-                "outlier_grad_vs_ce": g_out / g_ce if g_ce > 0 else float("inf") if g_out > 0 else 0.0}
+        """``{"outlier_grad_share", "outlier_grad_vs_ce"}`` of ``terms`` (:func:`fastood.losses.ice_loss_terms`'
+        attached values) on the model's GaussianHead: :meth:`fastood.objectives.ICEObjective.outlier_gradient_share`."""
+        return self.objective.outlier_gradient_share(self.model, terms)
 
     def mechanism_idle(self, logs):
         """A message when the outlier term's gradient stayed below ``idle_ratio`` of the loss gradient at every

@@ -2,10 +2,11 @@
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .base import Trainer, first_item, unwrap
+from fastood.objectives.manifold import ManifoldObjective, check_ratio, manifold_sampler  # noqa: F401 (re-exported)
+
+from .base import Trainer, delegated, first_item, unwrap
 
 _HEAD_NAMES = ("fc", "classifier", "head", "linear")  # where fastood.models.split_head looks, in its order
 
@@ -68,16 +69,6 @@ def median_nn_distance(x: torch.Tensor, max_images: int = 256) -> float:
     return float(dist.min(dim=1).values.median())
 
 
-def check_ratio(ratio, name="ratio"):
-    """``(id, type1, type2)`` weights: finite, >= 0, id > 0 and type1 + type2 > 0. Returns floats."""
-    if isinstance(ratio, (str, bytes)) or not hasattr(ratio, "__len__") or len(ratio) != 3:
-        raise ValueError(f"{name} must be three numbers (ID, type I, type II), got {ratio!r}")
-    r = tuple(float(v) for v in ratio)
-    if not all(math.isfinite(v) and v >= 0 for v in r) or r[0] <= 0 or r[1] + r[2] <= 0:
-        raise ValueError(f"{name} must be finite and >= 0 with ID > 0 and type I + type II > 0, got {ratio!r}")
-    return r
-
-
 class ManifoldTrainer(Trainer):
     """Trains an (n+1)-class classifier whose last class is "outlier" (Vernekar et al. 2019).
 
@@ -88,6 +79,9 @@ class ManifoldTrainer(Trainer):
     joint batch, weight 1 for the n ID classes and ``ood_weight`` (0.1) for the outlier class::
 
         loss = sum_i w_{t_i} CE(f(x_i), t_i) / sum_i w_{t_i}       (torch's weighted mean)
+
+    (:func:`fastood.losses.extra_class_loss`). The step is :class:`fastood.objectives.ManifoldObjective`
+    (``trainer.objective``; ``sampler``, ``ood_weight``, ``ratio`` and ``id_nn_distance`` are its attributes).
 
     The detector is :class:`~fastood.detectors.ExtraClass`: score = softmax probability of class n+1
     (higher = more OOD); its predictions are the argmax over the n ID classes. ``detector("max_id_probability")``
@@ -139,13 +133,17 @@ class ManifoldTrainer(Trainer):
     #: mechanism check: a type-I step below this fraction of the ID nearest-neighbour distance counts as idle
     idle_step_fraction = 0.01
 
+    sampler = delegated("sampler")
+    ood_weight = delegated("ood_weight")
+    ratio = delegated("ratio")
+    id_nn_distance = delegated("id_nn_distance")
+
     def __init__(self, model, cvae, ood_weight=0.1, ratio=(2, 1, 1), extend_head=False, bounds=None, freeze_bn=False,
                  **kwargs):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not (isinstance(ood_weight, (int, float)) and math.isfinite(ood_weight) and ood_weight > 0):
-            raise ValueError(f"ood_weight must be a finite number > 0, got {ood_weight!r}")
-        self.ratio = check_ratio(ratio)
+        objective = ManifoldObjective(cvae, ood_weight=ood_weight, ratio=ratio, bounds=bounds,
+                                      check_range=False)  # fit checks the first batch
         if extend_head:
             grow_head(model, 1)
         if freeze_bn == "auto":
@@ -153,27 +151,8 @@ class ManifoldTrainer(Trainer):
         elif not isinstance(freeze_bn, bool):
             raise ValueError(f"freeze_bn must be True, False or 'auto', got {freeze_bn!r}")
         super().__init__(model, freeze_bn=freeze_bn, **kwargs)
-        self.sampler = self._make_sampler(cvae, bounds)
-        self.ood_weight = float(ood_weight)
-        self.id_nn_distance = None
-        self._type1_step = None
-
-    @staticmethod
-    def _make_sampler(cvae, bounds):
-        from fastood.samplers.manifold import ManifoldSampler
-
-        if isinstance(cvae, nn.Module):
-            return ManifoldSampler(cvae, bounds=(-1.0, 1.0) if bounds is None else bounds)
-        if bounds is not None:
-            raise ValueError("bounds is for the default sampler built around a CVAE; pass it to your sampler instead")
-        if not callable(getattr(cvae, "sample", None)):
-            raise TypeError(f"cvae must be a ConditionalVAE or a sampler with sample(model, n, shape, context), got "
-                            f"{type(cvae).__name__}")
-        return cvae
-
-    @property
-    def _typed(self) -> bool:
-        return all(callable(getattr(self.sampler, a, None)) for a in ("type1", "type2"))
+        objective.owner = type(self).__name__
+        self.objective = objective
 
     def on_fit_start(self, loader):
         if callable(getattr(self.sampler, "fit", None)) and not getattr(self.sampler, "fitted", True):
@@ -200,75 +179,11 @@ class ManifoldTrainer(Trainer):
                             "coverage (the paper: 0.95)")
         return "; ".join(problems) or None
 
-    def _outliers(self, x, y):
-        b = x.shape[0]
-        n1 = int(round(b * self.ratio[1] / self.ratio[0]))
-        n2 = int(round(b * self.ratio[2] / self.ratio[0]))
-        if not self._typed:
-            gen = self.sampler.sample(unwrap(self.model), n1 + n2, tuple(x.shape[1:]), context=(x, y))
-            return gen.to(device=x.device, dtype=x.dtype), None
-        parts = []
-        self._type1_step = None
-        if n1:
-            idx = torch.randperm(b, device=x.device)[:n1] if n1 <= b else torch.randint(b, (n1,), device=x.device)
-            parts.append(self.sampler.type1(x[idx], y[idx]).to(device=x.device, dtype=x.dtype))
-            step = getattr(self.sampler, "stats", {}).get("step")
-            self._type1_step = step.float() if isinstance(step, torch.Tensor) and step.numel() else \
-                (parts[-1] - x[idx]).flatten(1).norm(dim=1).float()
-        if n2:
-            parts.append(self.sampler.type2(n2).to(device=x.device, dtype=x.dtype))
-        return torch.cat(parts), n1
-
     def training_step(self, batch):
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
             raise ValueError("ManifoldTrainer needs labeled ID batches (x, y)")
-        x, y = batch[0], batch[1]
-        if x.shape[0] == 0:
-            raise ValueError("ManifoldTrainer got an empty ID batch")
-        generated, n1 = self._outliers(x, y)
-        logits = self.net(torch.cat([x, generated])).float()
-        n_out = logits.shape[1]
-        if n_out < 2:
-            raise ValueError(f"the model must have n + 1 >= 2 outputs (the last is the outlier class), got {n_out}")
-        if int(y.max()) >= n_out - 1 or int(y.min()) < 0:
-            raise ValueError(f"labels must lie in [0, {n_out - 2}]: the model has {n_out} outputs = n ID classes + "
-                             f"the outlier class; got labels up to {int(y.max())} (train from scratch with n + 1 "
-                             "outputs, or pass extend_head=True)")
-        b = x.shape[0]
-        targets = torch.cat([y.long(), y.new_full((generated.shape[0],), n_out - 1, dtype=torch.long)])
-        weight = logits.new_ones(n_out)
-        weight[-1] = self.ood_weight
-        loss = F.cross_entropy(logits, targets, weight=weight)
-        with torch.no_grad():
-            pred = logits.detach().argmax(1)
-            rejected = (pred[b:] == n_out - 1).float()
-            nan = torch.tensor(float("nan"))
-            logs = {"loss": loss, "ce_id": F.cross_entropy(logits[:b].detach(), y),
-                    "acc": (logits[:b, :-1].argmax(1) == y).float().mean()}
-            if n1 is None:
-                logs["rejected"] = rejected.mean() if rejected.numel() else nan
-            else:
-                logs["type1_rejected"] = rejected[:n1].mean() if n1 else nan
-                logs["type2_rejected"] = rejected[n1:].mean() if rejected.numel() > n1 else nan
-            logs.update(self._mechanism_logs(x, generated, n1))
-        return logs
-
-    def _mechanism_logs(self, x, generated, n1):
-        """Mean type-I step (absolute and relative to the ID nearest-neighbour distance) and type-II radius."""
-        nan = float("nan")
-        stats = getattr(self.sampler, "stats", {}) or {}
-        step = stats.get("step")
-        if n1 is None:  # a custom sampler: measure nothing it does not report
-            step_mean = float(step.float().mean()) if isinstance(step, torch.Tensor) and step.numel() else nan
-        elif n1:
-            # the typed path draws type I and then type II, so stats describe type II: measure type I directly
-            step_mean = float(self._type1_step.mean()) if self._type1_step is not None else nan
-        else:
-            step_mean = nan
-        radius = stats.get("radius")
-        radius_mean = float(radius.float().mean()) if isinstance(radius, torch.Tensor) and radius.numel() else nan
-        rel = step_mean / self.id_nn_distance if self.id_nn_distance and math.isfinite(step_mean) else nan
-        return {"type1_step": step_mean, "type1_step_rel": rel, "type2_radius": radius_mean}
+        loss, logs = self.objective(self.net, batch[0], batch[1])
+        return {**logs, "loss": loss}
 
     def detector(self, score: str = "extra_class"):
         """The n+1 classifier's detector (higher = more OOD): ``"extra_class"`` (default,

@@ -1,13 +1,12 @@
 """Outlier Exposure (Hendrycks et al., ICLR 2019) and energy-bounded OE (Liu et al., NeurIPS 2020): the auxiliary-
 outlier baselines of the ICE paper."""
-import math
-
 import torch
 
 from fastood._modes import eval_mode
-from fastood.losses import energy, energy_oe_loss_terms, oe_loss_terms
+from fastood.losses import energy
+from fastood.objectives.oe import EnergyOEObjective, OEObjective
 
-from .base import broadcast_from_rank0, first_item, unwrap
+from .base import broadcast_from_rank0, delegated, first_item, unwrap
 from .outliers import OutlierTrainer
 
 MARGIN_MODES = ("fixed", "auto")
@@ -15,7 +14,8 @@ MARGIN_MODES = ("fixed", "auto")
 
 class OETrainer(OutlierTrainer):
     """Fine-tunes a classifier with Outlier Exposure: ``CE(f(x_in), y) + lam * mean_out CE(uniform, softmax(f(x_out)))``
-    (:func:`fastood.losses.oe_loss`), lam = 0.5.
+    (:func:`fastood.losses.oe_loss`), lam = 0.5: a loop over :class:`fastood.objectives.OEObjective`
+    (``trainer.objective``).
 
     ID and outliers go through the model in one forward pass of their concatenation (``joint_forward``).
     Defaults follow the paper's fine-tuning recipe: SGD lr 1e-3 (momentum 0.9, wd 5e-4) with cosine decay to 0
@@ -46,11 +46,12 @@ class OETrainer(OutlierTrainer):
     #: below this the outlier term counts as idle
     idle_below = 1e-6
 
+    lam = delegated("lam")
+
     def __init__(self, model, outliers=None, lam: float = 0.5, cosine: bool = True, **kwargs):
         super().__init__(model, outliers, **kwargs)
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0:
-            raise ValueError(f"lam must be a number >= 0, got {lam!r}")
-        self.lam, self.cosine = float(lam), bool(cosine)
+        self._replace_objective(OEObjective, lam=lam)
+        self.cosine = bool(cosine)
 
     def configure_scheduler(self, optimizer, total_steps):
         if not self.cosine or total_steps < 1:
@@ -58,13 +59,8 @@ class OETrainer(OutlierTrainer):
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
 
     def training_step(self, batch):
-        x, y = batch[0], batch[1]
-        logits_in, logits_out = self.forward_in_out(x, self.draw_outliers(x, y))
-        terms = oe_loss_terms(logits_in, y, logits_out, self.lam)
-        terms["acc"] = (logits_in.detach().argmax(1) == y).float().mean()
-        terms["outlier_excess"] = (terms["outlier"].detach() - math.log(logits_in.shape[1])
-                                   if logits_out.shape[0] else logits_in.new_zeros(()))
-        return terms
+        loss, logs = self.objective(self.net, batch[0], batch[1])
+        return {**logs, "loss": loss}
 
     def mechanism_idle(self, logs):
         """A message when the outlier term was ~0 (above its floor) over ``logs``, else None."""
@@ -81,7 +77,9 @@ class OETrainer(OutlierTrainer):
 
 class EnergyOETrainer(OETrainer):
     """Energy-bounded outlier exposure: ``CE + lam * (mean relu(E_in - m_in)^2 + mean relu(m_out - E_out)^2)``,
-    ``E = -T logsumexp(f / T)`` (:func:`fastood.losses.energy_oe_loss`); lam = 0.1, T = 1.
+    ``E = -T logsumexp(f / T)`` (:func:`fastood.losses.energy_oe_loss`); lam = 0.1, T = 1: a loop over
+    :class:`fastood.objectives.EnergyOEObjective` (``trainer.objective``; ``m_in``, ``m_out``, ``lam``, ``T`` are
+    its attributes).
 
     Margins:
         ``margins="fixed"`` (default): ``m_in`` / ``m_out`` as given (the paper's CIFAR values -25 / -7).
@@ -104,21 +102,23 @@ class EnergyOETrainer(OETrainer):
                    "regularizer has no gradient.")
     idle_fix = "the margins: margins='auto' measures them from this model's energies."
 
+    m_in = delegated("m_in")
+    m_out = delegated("m_out")
+    T = delegated("T")
+
     def __init__(self, model, outliers=None, m_in: float = -25.0, m_out: float = -7.0, lam: float = 0.1,
                  T: float = 1.0, margins: str = "fixed", auto_quantiles=(0.2, 0.8), auto_batches: int = 20, **kwargs):
         super().__init__(model, outliers, lam=lam, **kwargs)
         if margins not in MARGIN_MODES:
             raise ValueError(f"margins must be one of {MARGIN_MODES}, got {margins!r}")
-        if isinstance(T, bool) or not isinstance(T, (int, float)) or not T > 0:
-            raise ValueError(f"T must be a number > 0, got {T!r}")
+        self._replace_objective(EnergyOEObjective, m_in=m_in, m_out=m_out, lam=lam, T=T)
         q_in, q_out = auto_quantiles
         if not (0 <= q_in <= 1 and 0 <= q_out <= 1):
             raise ValueError(f"auto_quantiles must be two numbers in [0, 1], got {auto_quantiles!r}")
         if int(auto_batches) < 1:
             raise ValueError(f"auto_batches must be >= 1, got {auto_batches!r}")
-        self.margins, self.T = margins, float(T)
+        self.margins = margins
         self.auto_quantiles, self.auto_batches = (float(q_in), float(q_out)), int(auto_batches)
-        self.m_in, self.m_out = float(m_in), float(m_out)
         self.margins_measured = margins == "fixed"
 
     def on_fit_start(self, loader):
@@ -149,13 +149,6 @@ class EnergyOETrainer(OETrainer):
         # under DDP each rank measured its own shard: every rank uses rank 0's margins (as the checkpoint holds)
         return broadcast_from_rank0(float(torch.quantile(e_in.double(), self.auto_quantiles[0])),
                                     float(torch.quantile(e_out.double(), self.auto_quantiles[1])))
-
-    def training_step(self, batch):
-        x, y = batch[0], batch[1]
-        logits_in, logits_out = self.forward_in_out(x, self.draw_outliers(x, y))
-        terms = energy_oe_loss_terms(logits_in, y, logits_out, self.m_in, self.m_out, self.lam, self.T)
-        terms["acc"] = (logits_in.detach().argmax(1) == y).float().mean()
-        return terms
 
     def extra_state(self):
         state = super().extra_state()

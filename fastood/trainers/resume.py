@@ -18,11 +18,19 @@ import torch
 
 from fastood._hyperparameters import RUN_SETTINGS, RecordsHyperparameters  # noqa: F401 (re-exported)
 
-__all__ = ["RecordsHyperparameters", "RUN_SETTINGS", "ResumeMismatch", "Resumed", "method_name",
+__all__ = ["RecordsHyperparameters", "RUN_SETTINGS", "ResumeMismatch", "ResumeWarning", "Resumed", "method_name",
            "check_compatible"]
 
 class ResumeMismatch(ValueError):
     """The checkpoint was written by a different method, with other hyperparameters, or for another model."""
+
+
+class ResumeWarning(UserWarning):
+    """A :meth:`~fastood.trainers.base.Trainer.fit` continued from the checkpoint in its ``checkpoint_dir`` instead
+    of starting afresh (``resume="auto"``, the default): the model's weights were replaced by the checkpoint's, and
+    only the steps left of the budget are trained (none when the checkpoint holds the whole budget). Warned whatever
+    ``progress`` is; silence it with ``warnings.filterwarnings("ignore", category=fastood.ResumeWarning)`` when
+    resuming is what you want."""
 
 
 class Resumed(NamedTuple):

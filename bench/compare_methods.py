@@ -1,0 +1,185 @@
+"""Every trainer of fastood on one real benchmark under one protocol -- a table no paper has.
+
+    python bench/compare_methods.py [--data fashion-mnist] [--seeds 0 1 2] [--steps 1000] [--methods all]
+        [--eval-n 2000] [--out runs/compare] [--quick] [--quiet]
+
+Protocol (the same for every method; the registry and the run context are fastood.demo's, so these are exactly
+the methods and budgets ``fastood demo`` / ``fastood train`` run):
+- per seed, one cross-entropy pretrained SmallCNN (``--pretrain-epochs``, cached) that every fine-tuning method
+  starts from; ``standard`` is that network trained further for the same budget (the control);
+- every method for ``--steps`` optimizer steps of ``--batch-size`` ID images with its defaults (the paper's
+  recipe; the auxiliary outliers of OE / Energy-OE / ICE and the two-head's unlabeled data are fastood.demo's:
+  generated "blobs", disjoint from every test set);
+- evaluation: ``--eval-n`` images of the ID test set and of each OOD set (seeded subsets), with the method's own
+  detector and MSP / Energy; ID accuracy on the same ID images.
+Columns: mean AUROC per OOD set and over the sets, FPR95, ID accuracy (mean +- std over seeds), the change of the
+mean AUROC and of ID accuracy against the pretrained network's MSP, wall time of the training, and the method's
+mechanism telemetry (its logged figures, averaged over the last 10% of its steps).
+
+Each (seed, method) cell is cached under ``--out``/cells and each training checkpoints: an interrupted run
+continues. Writes ``--out``/compare_methods.{txt,md,json,csv}.
+"""
+import argparse
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from fastood.demo import (METHODS, Context, RunConfig, _evaluate_rows, _method_rows, _train_method,  # noqa: E402
+                          make_detector)
+from fastood.protocol import Cells, format_mean_std, mean_std  # noqa: E402
+
+
+def _report_dict(report) -> dict:
+    return {"detector": report.detector, "id_accuracy": report.id_accuracy,
+            "auroc": {k: 100 * v["auroc"] for k, v in report.metrics.items()},
+            "fpr95": {k: 100 * v["fpr95"] for k, v in report.metrics.items()},
+            "mean_auroc": 100 * report.average["auroc"], "mean_fpr95": 100 * report.average["fpr95"]}
+
+
+def _telemetry(history, fraction=0.1) -> dict:
+    """The mean of every logged figure over the last ``fraction`` of the steps (NaN entries skipped)."""
+    if not history:
+        return {}
+    tail = history[-max(1, int(len(history) * fraction)):]
+    out = {}
+    for key in tail[-1]:
+        values = [float(h[key]) for h in tail if key in h and isinstance(h[key], (int, float))
+                  and math.isfinite(float(h[key]))]
+        if values and key not in ("step", "epoch"):
+            out[key] = sum(values) / len(values)
+    return out
+
+
+def _config(args, seed, method):
+    return RunConfig(methods=[method], data=args.data, seed=seed, steps=args.steps, batch_size=args.batch_size,
+                     eval_limit=args.eval_n, out=os.path.join(args.out, f"s{seed}", method), resume=True,
+                     quiet=args.quiet, plots=False, pretrain_epochs=args.pretrain_epochs,
+                     cvae_epochs=args.cvae_epochs, train_limit=args.train_n, cache=args.cache)
+
+
+def baseline_cell(args, seed):
+    ctx = Context(_config(args, seed, "standard"))
+    try:
+        t0 = time.perf_counter()
+        base = ctx.pretrained()
+        pretrain_s = time.perf_counter() - t0
+        rows = _evaluate_rows(ctx, {"msp": make_detector("msp", base), "energy": make_detector("energy", base)})
+        return {"seed": seed, "pretrain_s": pretrain_s, "rows": {k: _report_dict(v) for k, v in rows.items()}}
+    finally:
+        ctx.close()
+
+
+def method_cell(args, seed, method):
+    ctx = Context(_config(args, seed, method))
+    try:
+        t0 = time.perf_counter()
+        built, own = _train_method(ctx, method, os.path.join(args.out, f"s{seed}", method, "model.pt"))
+        train_s = time.perf_counter() - t0
+        reports = _evaluate_rows(ctx, _method_rows(ctx, method, built, own))
+        first = next(iter(reports))
+        return {"seed": seed, "method": method, "train_s": train_s, "own": first,
+                "rows": {k: _report_dict(v) for k, v in reports.items()},
+                "telemetry": _telemetry(getattr(built.trainer, "history", []))}
+    finally:
+        ctx.close()
+
+
+def table(base, cells, methods, oods):
+    """Text table: one row per method (its own detector), means over seeds."""
+    head = (["method / detector"] + [f"AUROC {o}" for o in oods]
+            + ["mean AUROC", "change", "FPR95", "ID acc", "acc change", "train s", "telemetry (last 10%)"])
+    rows = []
+    msp = [b["rows"]["msp"] for b in base]
+    base_auroc = [r["mean_auroc"] for r in msp]
+    base_acc = [100 * r["id_accuracy"] for r in msp]
+    rows.append(["pretrained / MSP"] + [format_mean_std([r["auroc"][o] for r in msp]) for o in oods]
+                + [format_mean_std(base_auroc), "", format_mean_std([r["mean_fpr95"] for r in msp]),
+                   format_mean_std(base_acc), "", "", ""])
+    for m in methods:
+        got = [c for c in cells if c["method"] == m]
+        if not got:
+            rows.append([m] + ["not run"] * (len(head) - 1))
+            continue
+        own = [c["rows"][c["own"]] for c in got]
+        seeds = [c["seed"] for c in got]
+        b_auroc = {b["seed"]: b["rows"]["msp"]["mean_auroc"] for b in base}
+        b_acc = {b["seed"]: 100 * b["rows"]["msp"]["id_accuracy"] for b in base}
+        change = [r["mean_auroc"] - b_auroc[s] for r, s in zip(own, seeds) if s in b_auroc]
+        acc = [100 * r["id_accuracy"] if r["id_accuracy"] is not None else math.nan for r in own]
+        acc_change = [a - b_acc[s] for a, s in zip(acc, seeds) if s in b_acc]
+        keys = sorted(set().union(*[c["telemetry"] for c in got]) - {"loss"})[:6]
+        tele = ", ".join(f"{k}={mean_std([c['telemetry'].get(k, math.nan) for c in got])[0]:.3g}" for k in keys)
+        rows.append([f"{m} / {own[0]['detector']}"] + [format_mean_std([r["auroc"][o] for r in own]) for o in oods]
+                    + [format_mean_std([r["mean_auroc"] for r in own]), format_mean_std(change),
+                       format_mean_std([r["mean_fpr95"] for r in own]), format_mean_std(acc),
+                       format_mean_std(acc_change), f"{mean_std([c['train_s'] for c in got])[0]:.0f}", tele])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    fmt = " | ".join("{:<%d}" % w for w in widths)
+    return "\n".join([fmt.format(*head), "-" * (sum(widths) + 3 * len(widths))] + [fmt.format(*r) for r in rows])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="fashion-mnist")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--methods", nargs="+", default=["all"])
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps of every method (default 1000)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--pretrain-epochs", type=int, default=3)
+    p.add_argument("--cvae-epochs", type=int, default=5)
+    p.add_argument("--eval-n", type=int, default=2000)
+    p.add_argument("--train-n", type=int, default=None, help="subsample the ID training set (quick runs)")
+    p.add_argument("--cache", default=None, help="pretrained-network cache (default: fastood's)")
+    p.add_argument("--out", default="runs/compare")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quick", action="store_true", help="mnist5k-0to4, 1 seed, 4 steps: a smoke test")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.data, args.seeds, args.steps = "mnist5k-0to4", args.seeds[:1], 4
+        args.pretrain_epochs, args.cvae_epochs = 1, 1
+        args.eval_n, args.train_n = 64, args.train_n or 256
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = [m for m in METHODS if m != "standard"] + ["standard"] if args.methods == ["all"] else args.methods
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        p.error(f"unknown methods {unknown}; valid: {', '.join(METHODS)}")
+    cells = Cells(args.out)
+    log = (lambda *a: None) if args.quiet else print
+    t0 = time.time()
+    tag = f"{args.data}_st{args.steps}_b{args.batch_size}_n{args.eval_n}_t{args.train_n}"
+    base, results = [], []
+    for seed in args.seeds:
+        base.append(cells.run(f"{tag}_s{seed}_pretrained", lambda: baseline_cell(args, seed), log))
+        for m in methods:
+            results.append(cells.run(f"{tag}_s{seed}_{m}", lambda: method_cell(args, seed, m), log))
+    oods = list(base[0]["rows"]["msp"]["auroc"])
+    text = table(base, results, methods, oods)
+    meta = {"command": "python bench/compare_methods.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "data": args.data, "seeds": args.seeds,
+            "budget": f"{args.steps} steps of {args.batch_size} ID images per method (pretraining "
+                      f"{args.pretrain_epochs} epochs, CVAEs {args.cvae_epochs} epochs)",
+            "evaluation": f"{args.eval_n} images per set", "wall_s (this invocation)": round(time.time() - t0, 1)}
+    os.makedirs(args.out, exist_ok=True)
+    import json
+
+    with open(os.path.join(args.out, "compare_methods.txt"), "w") as fh:
+        fh.write("\n".join(f"{k}: {v}" for k, v in meta.items()) + "\n\n" + text + "\n")
+    with open(os.path.join(args.out, "compare_methods.md"), "w") as fh:
+        fh.write("\n".join(f"- {k}: {v}" for k, v in meta.items()) + "\n\n```\n" + text + "\n```\n")
+    with open(os.path.join(args.out, "compare_methods.json"), "w") as fh:
+        json.dump({"meta": meta, "pretrained": base, "methods": results}, fh, indent=1)
+    print(text)
+    print(f"\nwritten: {os.path.join(args.out, 'compare_methods.{txt,md,json}')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""The paper-reproduction scripts (bench/reproduce_*.py) run end to end in their --quick mode."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fastood.data.real import available
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_mnist = pytest.mark.skipif(not available("mnist"), reason="MNIST is not in the data root (fastood data fetch)")
+
+
+def run_script(script, *args):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+@needs_mnist
+def test_reproduce_cmg_quick(tmp_path):
+    out = tmp_path / "cmg"
+    done = run_script("reproduce_cmg.py", "--quick", "--quiet", "--threads", "2", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    for ext in ("txt", "md", "json", "csv"):
+        assert (out / f"cmg_table.{ext}").is_file()
+    table = json.loads((out / "cmg_table.json").read_text())
+    rows = {r["row"]: r for r in table["rows"] if r["table"].startswith("Table 1")}
+    paper = {"Softmax": 97.6, "ODIN": 98.1, "Mahalanobis": 98.4, "CMG-s": 98.3, "CMG-e": 99.0}
+    for method, value in paper.items():
+        row = rows[method]
+        assert row["paper"] == value and row["n"] == 1
+        assert 0.0 <= row["mean"] <= 100.0 and row["difference"] == pytest.approx(row["mean"] - value)
+    assert "budget" in table["meta"] and "5 runs" in table["meta"]["runs"]
+    cells = json.loads(next((out / "cells").glob("mnist-0to5_s0_c*_t256.json")).read_text())
+    assert cells["cmg_softmax"]["steps"] == 20 and len(cells["cmg_softmax"]["trajectory"]) == 3
+    assert cells["cmg_energy"]["telemetry_last50"]["m_in"] is not None
+    assert "paper" in done.stdout and "difference" in done.stdout
+    # a second run finds every cell cached and trains nothing
+    again = run_script("reproduce_cmg.py", "--quick", "--threads", "2", "--out", str(out))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "[cached] mnist-0to5_s0" in again.stdout and "Trainer" not in again.stderr
+    assert json.loads((out / "cmg_table.json").read_text())["rows"] == table["rows"]
+
+
+def test_reproduce_cmg_rejects_a_bad_budget():
+    done = run_script("reproduce_cmg.py", "--stage2-steps", "0", "--out", os.devnull)
+    assert done.returncode == 2 and "--stage2-steps must be >= 1, got 0" in done.stderr
