@@ -474,7 +474,7 @@ def detector_names(names, own: Optional[str] = None) -> list:
 def make_detector(name: str, model: torch.nn.Module, ctx: Optional[Context] = None):
     """A detector by CLI name (``fastood.detectors.DETECTORS`` keys). With ``ctx``: detectors that learn from ID
     data (their class overrides ``Detector.fit``: Mahalanobis, relative Mahalanobis, ViM, DICE, and GM, DRF,
-    OpenMax, ReAct, KNN where registered) are fitted on the benchmark's ID training data with their paper defaults;
+    OpenMax, ReAct, KNN) are fitted on the benchmark's ID training data with their paper defaults;
     ODIN and Mahalanobis are also tuned on a validation split (held-out ID training images vs auxiliary outliers),
     never on the test OOD sets. ``bench/detectors_table.py`` tunes every detector on the papers' grids."""
     from fastood.detectors import DETECTORS
