@@ -16,7 +16,8 @@ METHODS = ("standard", "fig", "gs", "manifold", "cmg-energy", "cmg-softmax", "oe
 DATA = ("mnist5k-0to4", "digits-0to4", "mnist", "fashion-mnist", "mnist-0to4", "fashion-mnist-0to4", "mnist-0to5",
         "mnist-1to6", "mnist-2to7", "mnist-3to8", "mnist-4to9")
 MODELS = ("smallcnn", "resnet18")
-DETECTORS = ("auto", "msp", "maxlogit", "energy", "entropy", "odin", "mahalanobis", "discrepancy", "extraclass",
+# "auto" = the model's own detector, "all" = every detector the model supports; the rest mirror fastood.detectors.
+DETECTORS = ("auto", "all", "msp", "maxlogit", "energy", "entropy", "odin", "mahalanobis", "discrepancy", "extraclass",
              "ice", "maxidprobability", "vim", "ash", "gen", "dice", "relativemahalanobis", "gm", "drf", "openmax",
              "react", "knn")
 BENCHES = ("ops", "sampler", "nullspace")
@@ -28,6 +29,8 @@ examples:
   fastood train fig --epochs 3 --out runs/fig
   fastood train fig --epochs 3 --out runs/fig --resume    # continue an interrupted run
   fastood eval runs/fig/model.pt --detector energy
+  fastood eval runs/fig/model.pt --detector all             # every detector, fitted on the ID training data
+  fastood demo --detectors vim,knn,react      # these detectors before and after FIG
   fastood eval my_resnet.pt --id data/cifar10-test --ood data/svhn --ood data/lsun \
       --mean 0.4914,0.4822,0.4465 --std 0.247,0.2435,0.2616   # torch.save(model) on image folders
   fastood eval weights.pt --model mypkg.models:make_net --data digits-0to4    # a state_dict
@@ -62,6 +65,17 @@ def _methods_list(value: str) -> list:
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"unknown method(s) {', '.join(map(repr, unknown)) or repr(value)}; "
                                          f"valid methods: all, {', '.join(valid)}")
+    return names
+
+
+def _detectors_list(value: str) -> list:
+    """``--detectors``: ``all`` or a comma-separated list of registered detector names."""
+    names = [v.strip().lower() for v in value.split(",") if v.strip()]
+    valid = [d for d in DETECTORS if d != "auto"]
+    unknown = [n for n in names if n not in valid]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown detector(s) {', '.join(map(repr, unknown)) or repr(value)}; "
+                                         f"valid detectors: {', '.join(valid)}")
     return names
 
 
@@ -171,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--methods", type=_methods_list, default=["fig"], metavar="LIST",
                       help="fig (default), all, or a comma-separated list of: "
                            + ", ".join(m for m in METHODS if m != "standard"))
+    demo.add_argument("--detectors", type=_detectors_list, default=None, metavar="LIST",
+                      help="detectors evaluated on the pretrained network and after each method: all (every "
+                           "detector the model supports) or a comma-separated list of "
+                           + ", ".join(d for d in DETECTORS if d not in ("auto", "all"))
+                           + "; those that learn from ID data are fitted on the training set (default: MSP, Energy "
+                             "and each method's own)")
     _add_run_options(demo, out_default="fastood-demo",
                      epochs_help="fine-tuning epochs of every method (default: each method's own)")
 
@@ -219,7 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --id/--ood: skip unreadable (corrupt, truncated) image files, counted and named in the "
                          "report, instead of stopping at the first")
     ev.add_argument("--detector", type=_choice("detector", DETECTORS), default="auto", metavar="NAME",
-                    help=f"{', '.join(DETECTORS)}; auto = the method's own detector (default: %(default)s)")
+                    help=f"{', '.join(DETECTORS)}; auto = the method's own detector, all = every detector the model "
+                         "supports in one table; detectors that learn from ID data are fitted on the benchmark's "
+                         "training set (default: %(default)s)")
     ev.add_argument("--data", type=_choice("data set", DATA), default=None, metavar="NAME",
                     help="benchmark to evaluate on (default: the one the model was trained on)")
     ev.add_argument("--batch-size", type=_positive_int, default=256,
@@ -344,6 +366,9 @@ def _cmd_eval(args) -> int:
         raise CLIError("image folders need both --id DIR (ID test images) and at least one --ood DIR")
     if folders and args.data is not None:
         raise CLIError("give --data NAME (a built-in benchmark) or --id/--ood (image folders), not both")
+    if folders and args.detector == "all":
+        raise CLIError("--detector all needs a benchmark (--data): several detectors are fitted on its ID training "
+                       "data, which image folders do not give; pick one detector for --id/--ood")
     if not folders and (any(v is not None for v in (args.size, args.channels, args.mean, args.std)) or args.skip_bad):
         raise CLIError("--size, --channels, --mean, --std and --skip-bad-images apply to image folders (--id/--ood)")
     with _user_errors():

@@ -76,6 +76,7 @@ class RunConfig:
     train_limit: Optional[int] = None   # at most this many ID training images
     grid: int = 64                      # generated samples in each PNG grid
     plots: bool = True                  # ROC curves and histograms (needs matplotlib)
+    detectors: Optional[list] = None    # demo: detectors of every row (names or "all"); None: MSP, Energy + own
 
     def __post_init__(self):
         if self.tiny:
@@ -443,9 +444,39 @@ def _cache_root(path):
 
 
 # ----------------------------------------------------------------------------------------------- detectors
+#: Detectors that only make sense on a model trained by their own method; ``--detector all`` / ``--detectors all``
+#: leave them out unless the model's own detector is one of them.
+METHOD_SPECIFIC_DETECTORS = {"discrepancy": "a two-head model (DiscrepancyTrainer)",
+                             "extraclass": "an n+1-class model (ManifoldTrainer, CMG-softmax)",
+                             "maxidprobability": "an n+1-class model (ManifoldTrainer)",
+                             "ice": "a Gaussian head (ICETrainer)"}
+
+
+def detector_names(names, own: Optional[str] = None) -> list:
+    """Expand ``["all"]`` (or ``"all"``) to every registered detector that a plain classifier supports, plus ``own``
+    (the model's own detector, e.g. ``extraclass`` for an n+1 classifier); other names are checked and kept."""
+    from fastood.detectors import DETECTORS
+
+    if isinstance(names, str):
+        names = [names]
+    out = []
+    for name in names:
+        key = name.lower()
+        if key == "all":
+            out += [k for k in DETECTORS if k not in METHOD_SPECIFIC_DETECTORS or k == own]
+        elif key not in DETECTORS:
+            raise PipelineError(f"unknown detector {name!r}; valid detectors: all, {', '.join(DETECTORS)}")
+        else:
+            out.append(key)
+    return list(dict.fromkeys(out))
+
+
 def make_detector(name: str, model: torch.nn.Module, ctx: Optional[Context] = None):
-    """A detector by CLI name (``fastood.detectors.DETECTORS`` keys). ODIN and Mahalanobis are tuned on a
-    validation split (held-out ID training images vs auxiliary outliers), never on the test OOD sets."""
+    """A detector by CLI name (``fastood.detectors.DETECTORS`` keys). With ``ctx``: detectors that learn from ID
+    data (their class overrides ``Detector.fit``: Mahalanobis, relative Mahalanobis, ViM, DICE, and GM, DRF,
+    OpenMax, ReAct, KNN) are fitted on the benchmark's ID training data with their paper defaults;
+    ODIN and Mahalanobis are also tuned on a validation split (held-out ID training images vs auxiliary outliers),
+    never on the test OOD sets. ``bench/detectors_table.py`` tunes every detector on the papers' grids."""
     from fastood.detectors import DETECTORS
 
     key = name.lower()
@@ -456,13 +487,14 @@ def make_detector(name: str, model: torch.nn.Module, ctx: Optional[Context] = No
         from fastood.detectors import Detector
 
         det = cls(model)
-        if ctx is not None and cls.fit is not Detector.fit:   # GM, DRF, OpenMax, ReAct, KNN: fitted, defaults
+        if ctx is not None and cls.fit is not Detector.fit:   # fitted on the ID training data, paper defaults
+            ctx.say(f"{cls.__name__}: fitting on the ID training data ({len(ctx.bench.id_train)} images)")
             det.fit(DataLoader(ctx.bench.id_train, batch_size=256))
         return det
     if ctx is None:
         return cls(model)
     from fastood.data import auxiliary_outliers
-    from fastood.detectors import tune_detector
+    from fastood.detectors.tuning import tune_fitted
 
     train = ctx.bench.id_train
     n = len(train)
@@ -476,7 +508,8 @@ def make_detector(name: str, model: torch.nn.Module, ctx: Optional[Context] = No
     else:
         grid = {"epsilon": [0.0, 0.002, 0.01]}
         fit_loader = DataLoader(train, batch_size=256)
-    detector, params, _ = tune_detector(lambda **p: cls(model, **p), grid, id_val, ood_val, fit_loader=fit_loader)
+    # One fit shared by every grid point (Mahalanobis' epsilon does not change its fit).
+    detector, params, _, _ = tune_fitted(cls(model), grid, id_val, ood_val, fit_loader=fit_loader)
     ctx.say(f"{cls.__name__}: picked {params} on the validation split")
     return detector
 
@@ -641,11 +674,30 @@ def _method_rows(ctx: Context, name: str, built: Built, own) -> dict:
     method = METHODS[name]
     model = unwrap(built.model)
     detectors = {f"{method.label} / {own.name}": own}
+    if ctx.config.detectors is not None:  # demo --detectors: the chosen ones, fitted / tuned on this model
+        chosen = [k for k in detector_names(ctx.config.detectors, own=_detector_key(own)) if k != _detector_key(own)]
+        detectors.update(_named_detectors(ctx, method.label, chosen, model))
+        return detectors
     for key in method.extra:
         det = make_detector(key, model)
         if type(det) is not type(own):
             detectors[f"{method.label} / {det.name}"] = det
     return detectors
+
+
+def _named_detectors(ctx: Context, label: str, names, model) -> dict:
+    """``{"LABEL / DETECTOR": detector}`` for ``names``, built (and fitted / tuned) by :func:`make_detector`; a
+    detector the model does not support (TypeError / ValueError, e.g. ViM without a final linear layer) is left out
+    with a message."""
+    out = {}
+    for key in names:
+        try:
+            det = make_detector(key, model, ctx)
+        except (TypeError, ValueError) as err:
+            ctx.say(f"{label}: skipping detector {key} ({type(err).__name__}: {err})")
+            continue
+        out[f"{label} / {det.name}"] = det
+    return out
 
 
 def _write_samples(ctx: Context, name: str, built: Built) -> dict:
@@ -698,8 +750,12 @@ def run_demo(config: RunConfig) -> dict:
     try:
         with ctx.timed("pretrain"):
             base = ctx.pretrained()
-        baseline = [make_detector("msp", base), make_detector("energy", base)]
-        rows = _evaluate_rows(ctx, {f"pretrained / {det.name}": det for det in baseline})
+        if config.detectors is None:
+            baseline = {f"pretrained / {det.name}": det for det in (make_detector("msp", base),
+                                                                    make_detector("energy", base))}
+        else:
+            baseline = _named_detectors(ctx, "pretrained", detector_names(config.detectors), base)
+        rows = _evaluate_rows(ctx, baseline)
         samples = {}
         for name in config.methods:
             built, own = _train_method(ctx, name, os.path.join(config.out, "models", f"{name}.pt"))
@@ -749,7 +805,8 @@ def run_eval(path: str, detector: str = "auto", data: Optional[str] = None, batc
              eval_limit: Optional[int] = None, plots: bool = True, factory=None, payload: Optional[dict] = None):
     """Evaluate a saved model (any file :func:`fastood.model_files.load_model` reads; ``factory`` for a state_dict,
     or an already loaded ``payload``) with one detector on a benchmark's test sets; write a report. Returns the
-    Report."""
+    Report. ``detector="all"``: every registered detector the model supports (see :func:`detector_names`), fitted
+    on the benchmark's ID training data where needed, in one table; returns ``{row: Report}``."""
     from fastood.evaluation import evaluate
 
     payload = load_model_file(path, factory) if payload is None else payload
@@ -768,13 +825,19 @@ def run_eval(path: str, detector: str = "auto", data: Optional[str] = None, batc
         raise PipelineError(f"the model was trained on {payload['data']} images of shape {tuple(expected)}, but "
                             f"--data {config.data} has images of shape {ctx.shape}; evaluate it on {payload['data']}")
     model = payload["module"].to(ctx.device).eval()
-    det = make_detector(det_name, model, ctx)
     id_loader, ood = ctx.test_loaders(batch_size)
-    report = evaluate(det, id_loader, ood, progress=progress)
-    row = f"{payload['method'] or 'model'} / {det.name}"
-    write_report(config.out, {row: report}, dict(_meta(ctx, "eval", 0.0), model_file=os.path.abspath(path)), {},
+    label = payload["method"] or "model"
+    if det_name == "all":
+        detectors = _named_detectors(ctx, label, detector_names("all", own=payload["detector"]), model)
+    else:
+        det = make_detector(det_name, model, ctx)
+        detectors = {f"{label} / {det.name}": det}
+    reports = {}
+    for row, det in detectors.items():
+        with ctx.timed(f"evaluate {row}"):
+            reports[row] = evaluate(det, id_loader, ood, progress=progress)
+    write_report(config.out, reports, dict(_meta(ctx, "eval", 0.0), model_file=os.path.abspath(path)), {},
                  plots=plots)
-    print(report.table())
+    print(results_table(reports) if det_name == "all" else next(iter(reports.values())).table())
     print(f"\nreport: {os.path.abspath(config.out)}")
-    return report
-
+    return reports if det_name == "all" else next(iter(reports.values()))

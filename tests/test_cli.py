@@ -85,7 +85,10 @@ def test_cli_choices_match_the_package():
 
     assert cli.METHODS == tuple(demo.METHODS)
     assert cli.DATA == tuple(data.BENCHMARKS)
-    assert cli.DETECTORS == ("auto",) + tuple(detectors.DETECTORS)
+    # auto (the model's own) and all (every detector), then the registry's names, each once; order-free so that a
+    # newly registered detector only has to be added to both lists.
+    assert cli.DETECTORS[:2] == ("auto", "all")
+    assert sorted(cli.DETECTORS[2:]) == sorted(detectors.DETECTORS)
 
 
 def test_bench_without_source_tree_says_so(tmp_path, monkeypatch, capsys):
@@ -167,3 +170,44 @@ def test_module_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "fastood", "--version"], cwd=ROOT, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0 and out.stdout.startswith("fastood ")
+
+
+def test_eval_detector_all_fits_and_scores_every_detector(tmp_path, capsys):
+    from fastood import demo, detectors
+
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    common = ["--data", "digits-0to4", "--tiny", "--cache", str(cache), "--quiet", "--device", "cpu", "--no-plots"]
+    assert cli.main(["train", "standard", "--steps", "3", "--out", str(out), *common]) == 0
+    capsys.readouterr()
+    assert cli.main(["eval", str(out / "model.pt"), "--detector", "all", "--quiet", "--no-plots",
+                     "--out", str(tmp_path / "ev")]) == 0
+    printed = capsys.readouterr().out
+    rows = json.loads((tmp_path / "ev" / "results.json").read_text())["rows"]
+    # Every registered detector a plain classifier supports, one row each; the method-specific ones are left out.
+    expected = [k for k in detectors.DETECTORS if k not in demo.METHOD_SPECIFIC_DETECTORS]
+    classes = sorted(detectors.DETECTORS[k].__name__ for k in expected)
+    assert sorted(r["detector"].split("(")[0] for r in rows.values()) == classes
+    for row in rows.values():
+        assert set(row["ood"]) == {"digits-5to9", "gaussian", "uniform", "sphere"}
+        assert all(0.0 <= m["auroc"] <= 1.0 for m in row["ood"].values())
+    # The detectors that learn from ID data were fitted (an unfitted one raises instead of scoring).
+    assert any(r["detector"].startswith("ViM") for r in rows.values()) and "DICE" in printed
+    # --detector all on image folders is refused before anything is loaded.
+    assert _exit_code(["eval", str(out / "model.pt"), "--detector", "all", "--id", str(tmp_path),
+                       "--ood", str(tmp_path)]) == 2
+    assert "--detector all needs a benchmark" in capsys.readouterr().err
+
+
+def test_demo_detectors_option(tmp_path, capsys):
+    assert _exit_code(["demo", "--detectors", "vim,nonsense"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown detector(s) 'nonsense'" in err and "relativemahalanobis" in err
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--data", "digits-0to4", "--tiny", "--detectors", "vim,dice,msp", "--out", str(out),
+                     "--cache", str(tmp_path / "cache"), "--quiet", "--device", "cpu", "--no-plots"]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    names = sorted(rows)
+    # The chosen detectors on the pretrained network and after FIG (FIG's own detector, MSP, is listed once).
+    assert [n for n in names if n.startswith("pretrained / ")] == ["pretrained / DICE(p=0.9)", "pretrained / MSP",
+                                                                    "pretrained / ViM(D=64)"]
+    assert [n for n in names if n.startswith("FIG / ")] == ["FIG / DICE(p=0.9)", "FIG / MSP", "FIG / ViM(D=64)"]

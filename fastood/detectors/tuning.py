@@ -1,9 +1,10 @@
-"""Hyperparameter selection for ODIN / Mahalanobis on a validation split, as their papers do.
+"""Hyperparameter selection for detectors on a validation split, as their papers do (ODIN, Mahalanobis, ...).
 
 Tune on held-out ID data and *validation* outliers (e.g. auxiliary outliers, noise, or a held-out OOD set):
 never on the test OOD sets that the final report is computed on, or the numbers are optimistic.
 """
 import itertools
+import time
 
 from fastood.metrics import METRIC_NAMES, ood_metrics
 
@@ -52,6 +53,68 @@ def tune_detector(make_detector, grid: dict, id_val_loader, ood_val_loader, fit_
         if best is None or sign * m[metric] > sign * best[2][metric]:
             best = (detector, params, m)
     return best[0], best[1], results
+
+
+def is_fitted(detector, probe) -> bool:
+    """False when scoring ``probe`` (a small image batch) raises the detectors' ``RuntimeError("... is not fitted
+    ...")`` (e.g. a copy from ``replace`` whose new hyperparameter needs a new fit: ViM's ``D``, ReAct's
+    ``percentile``); True otherwise."""
+    try:
+        detector.score(probe)
+    except RuntimeError as err:
+        if "not fitted" in str(err):
+            return False
+        raise
+    return True
+
+
+def tune_fitted(detector, grid: dict, id_val_loader, ood_val_loader, fit_loader=None, metric: str = "auroc",
+                convert=None, progress: bool = False):
+    """:func:`tune_detector` over the copies ``detector.replace(**params)`` of one detector, fitting only where needed.
+
+    ``detector`` is built (and fitted, if its method needs ID data) once; each grid point is its ``replace`` copy,
+    which keeps the fit wherever the hyperparameter does not change it (Mahalanobis' ``epsilon``, DICE's ``p``,
+    KNN's ``k``, ...). A copy that comes back unfitted (ViM's ``D``, ReAct's ``percentile``) is fitted on
+    ``fit_loader`` (ValueError when that is None). The first fit, if ``detector`` is not fitted yet, is done here too.
+
+    Args:
+        convert: optional ``callable(params) -> replace kwargs`` (e.g. pixel-unit noise -> input units); the grid and
+            the returned ``params`` / ``results`` stay in the grid's units.
+    Returns:
+        ``(best_detector, best_params, results, fit_seconds)``: as :func:`tune_detector`, plus the wall time of the
+        fit behind the best detector (0.0 when it needed none) and, in ``fit_seconds`` only, no other timing.
+    """
+    probe = _first_images(id_val_loader, detector)
+    fit_time = {}
+
+    def fit(det):
+        if fit_loader is None:
+            raise ValueError(f"{det.name} needs a fit on ID training data but fit_loader is None")
+        t0 = time.perf_counter()
+        det.fit(fit_loader)
+        return time.perf_counter() - t0
+
+    base_fit = 0.0 if is_fitted(detector, probe) else fit(detector)
+
+    def make(**params):
+        det = detector.replace(**(convert(params) if convert is not None else params))
+        seconds = base_fit
+        if not is_fitted(det, probe):
+            seconds = fit(det)
+        fit_time[id(det)] = seconds
+        return det
+
+    best, params, results = tune_detector(make, grid, id_val_loader, ood_val_loader, metric=metric,
+                                          progress=progress)
+    return best, params, results, fit_time.get(id(best), base_fit)
+
+
+def _first_images(loader, detector, n: int = 2):
+    """The first ``n`` images of a loader (read as the detector reads batches)."""
+    for x, _ in detector.batch_reader.unlabeled(loader, "id_val_loader"):
+        if x.shape[0]:
+            return x[:n]
+    raise ValueError("id_val_loader yielded no images")
 
 
 def tuning_table(results) -> str:
