@@ -119,7 +119,7 @@ def main(argv=None):
 
     # 2. FIG fine-tuning (Algorithm 2): each rank draws its own Langevin samples (per-rank seeds).
     cuda = device.type == "cuda"
-    sampler = LangevinSampler(max_steps=args.langevin_steps, channels_last=cuda, autocast_bf16=cuda)
+    sampler = LangevinSampler(max_steps=args.langevin_steps, channels_last=cuda, precision="bf16" if cuda else "fp32")
     D.seed_everything(args.seed, per_rank=True)
     fig = FIGTrainer(model, sampler=sampler, k=args.k, device=device, progress=bar, seed=args.seed,
                      checkpoint_dir=os.path.join(args.out, "fig"))

@@ -19,9 +19,9 @@ What fastood's FIGTrainer does for you, and this module does by hand:
   does.
 - The sampler, the sample count (``ceil(k * b)``), the loss and the data-range check (a warning, once, when the
   images do not fit the sampler's box) are the objective's.
-- Precision. The Langevin sampler computes its input gradients in float32 under a CUDA autocast (it overrides
-  one), but on the CPU it inherits a surrounding autocast: with ``precision="bf16-mixed"`` on the CPU the chains
-  run in bfloat16. Keep the default 32-bit precision on the CPU.
+- Precision. The Langevin sampler runs its chains in its own ``precision`` (``LangevinSampler(precision=...)``,
+  default "auto" = float32 for now) whatever autocast Lightning's ``precision="bf16-mixed"`` puts around the
+  step, on CPU and CUDA alike; the fine-tuning forward follows Lightning's precision.
 
 Detector after fine-tuning: maximum softmax probability (``fastood.detectors.MSP(module.model)``, higher score =
 more OOD), evaluated here on the benchmark's OOD sets.
