@@ -77,7 +77,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastood.data import benchmark  # noqa: E402
 from fastood.data.benchmarks import CMG_PARTITIONS  # noqa: E402
-from fastood.protocol import Cells, PaperRow, cached_model, paper_table, write_table  # noqa: E402
+from fastood.protocol import Cells, PaperRow, cached_model, report  # noqa: E402
 
 #: Table 1, Setting 1, row MNIST (AUROC %, mean +- std over the 5 partitions).
 PAPER = {"Softmax": (97.6, 0.7), "ODIN": (98.1, 1.1), "Mahalanobis": (98.4, 0.4), "CMG-s": (98.3, 0.2),
@@ -425,9 +425,7 @@ def main(argv=None):
             "cell wall_s": {f"{r['name']} s{r['seed']}": r.get("wall_s") for r in results},
             "stage wall_s": {f"{r['name']} s{r['seed']}": r.get("times_s") for r in results},
             "stage cpu_s (all threads)": {f"{r['name']} s{r['seed']}": r.get("cpu_s") for r in results}}
-    paths = write_table(args.out, "cmg_table", rows, meta)
-    print(paper_table(rows))
-    print(f"\nwritten: {', '.join(paths.values())}")
+    report(args.out, "cmg_table", rows, meta)
     return 0
 
 

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastood.data import benchmark  # noqa: E402
-from fastood.protocol import Cells, PaperRow, Stopwatch, cached_model, paper_table, write_table  # noqa: E402
+from fastood.protocol import Cells, PaperRow, Stopwatch, cached_model, report  # noqa: E402
 
 #: Table 1 of the paper (AUROC %, accuracy %). None = a column of the paper that is not reachable here.
 PAPER = {
@@ -258,9 +258,7 @@ def main(argv=None):
             "evaluation": f"{args.eval_n} ID test images and {args.eval_n} per OOD set (accuracy: full test set)",
             "seeds": args.seeds, "wall_s (this invocation)": round(time.time() - t0, 1),
             "cell wall_s": {f"{r['name']} s{r['seed']}": r.get("wall_s") for r in results}}
-    paths = write_table(args.out, "vernekar_table", rows, meta)
-    print(paper_table(rows))
-    print(f"\nwritten: {', '.join(paths.values())}")
+    report(args.out, "vernekar_table", rows, meta)
     return 0
 
 

@@ -24,7 +24,7 @@ import torch
 from .weights_cache import load_cached_weights, save_cached_weights
 
 __all__ = ["Cells", "cached_model", "mean_std", "format_mean_std", "PaperRow", "paper_table", "write_table",
-           "Stopwatch"]
+           "report", "Stopwatch"]
 
 
 def _slug(key: str) -> str:
@@ -192,6 +192,14 @@ def write_table(out: str, name: str, rows, meta: dict, digits: int = 1) -> dict:
         for r in rows:
             writer.writerow([r.table, r.row, r.paper, r.mean, r.std, len(r.ours), r.difference,
                              " ".join(f"{v:.4f}" for v in r.ours), r.note])
+    return paths
+
+
+def report(out: str, name: str, rows, meta: dict, digits: int = 1) -> dict:
+    """:func:`write_table` and print the table and the written paths (the end of every reproduction script)."""
+    paths = write_table(out, name, rows, meta, digits)
+    print(paper_table(rows, digits))
+    print(f"\nwritten: {', '.join(paths.values())}")
     return paths
 
 
