@@ -75,7 +75,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fastood.data import benchmark  # noqa: E402
+from fastood.data import benchmark, seeded_subset  # noqa: E402
 from fastood.data.benchmarks import CMG_PARTITIONS  # noqa: E402
 from fastood.protocol import Cells, PaperRow, cached_model, report  # noqa: E402
 
@@ -104,14 +104,6 @@ class Watch:
 
 def adam(lr):
     return lambda params: torch.optim.Adam(params, lr=lr)
-
-
-def subset(ds, n, seed):
-    if not n or n >= len(ds):
-        return ds
-    from fastood.data import ImageDataset
-    keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].sort().values
-    return ImageDataset(ds.images[keep], ds.labels[keep], name=ds.name)
 
 
 @torch.no_grad()
@@ -234,7 +226,7 @@ def run_cell(name, seed, args, cells, log):
     progress = not args.quiet
     bench = benchmark(name, seed=seed)
     n = bench.num_classes
-    train = subset(bench.id_train, args.train_n, seed)
+    train = seeded_subset(bench.id_train, args.train_n or None, seed)
     ckpt = None if args.quick else os.path.join(cells.root, "ckpt")
     log(f"{name} seed {seed}: {len(train)} training images, {n} classes")
 
@@ -276,8 +268,9 @@ def run_cell(name, seed, args, cells, log):
             return data
         with sw("features"):
             ood_name, ood = next(iter(bench.ood.items()))
-            id_eval, ood_eval = subset(bench.id_test, args.eval_n, seed), subset(ood, args.eval_n, seed)
-            stage2_set = subset(train, args.stage2_n, seed + 1)
+            eval_n = args.eval_n or None  # 0: every test image
+            id_eval, ood_eval = seeded_subset(bench.id_test, eval_n, seed), seeded_subset(ood, eval_n, seed)
+            stage2_set = seeded_subset(train, args.stage2_n or None, seed + 1)
             encoder = nn.Sequential(clf.encoder, nn.Flatten()).eval()
             torch.manual_seed(seed + 2)
             sampler = ClassMixSampler(cvae, sigma=args.sigma)

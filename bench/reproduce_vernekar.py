@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fastood.data import benchmark  # noqa: E402
+from fastood.data import benchmark, seeded_subset  # noqa: E402
 from fastood.protocol import Cells, PaperRow, Stopwatch, cached_model, report  # noqa: E402
 
 #: Table 1 of the paper (AUROC %, accuracy %). None = a column of the paper that is not reachable here.
@@ -80,14 +80,6 @@ def rmsprop(params):
     return torch.optim.RMSprop(params, lr=1e-3, alpha=0.9, eps=1e-7)
 
 
-def subset(ds, n, seed):
-    if n is None or n >= len(ds):
-        return ds
-    from fastood.data import ImageDataset
-    keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].sort().values
-    return ImageDataset(ds.images[keep], ds.labels[keep], name=ds.name)
-
-
 @torch.no_grad()
 def accuracy(model, ds, num_classes, batch=1000):
     model.eval()
@@ -118,7 +110,7 @@ def run_cell(name, seed, args, cells, log):
     progress = not args.quiet
     bench = benchmark(name, seed=seed)
     if args.train_n is not None:
-        bench.id_train = subset(bench.id_train, args.train_n, seed)
+        bench.id_train = seeded_subset(bench.id_train, args.train_n, seed)
     n = bench.num_classes
     src = source(name)
     lr = (ADADELTA_LR[src] if args.optimizer == "adadelta" else 0.01) if args.lr is None else args.lr
@@ -161,9 +153,10 @@ def run_cell(name, seed, args, cells, log):
 
     plain.eval()
     n1.eval()
-    id_eval = subset(bench.id_test, args.eval_n, seed)
+    id_eval = seeded_subset(bench.id_test, args.eval_n, seed)
     id_loader = DataLoader(id_eval, batch_size=500)
-    ood_loaders = {k: DataLoader(subset(v, args.eval_n, seed), batch_size=500) for k, v in bench.ood.items()}
+    ood_loaders = {k: DataLoader(seeded_subset(v, args.eval_n, seed), batch_size=500)
+                   for k, v in bench.ood.items()}
     own = ExtraClass(n1) if name in ("mnist", "fashion-mnist") else MaxIDProbability(n1)
     other = MaxIDProbability(n1) if name in ("mnist", "fashion-mnist") else ExtraClass(n1)
     out = {"name": name, "seed": seed, "epochs": args.epochs, "cvae_epochs": args.cvae_epochs, "lr": lr,
@@ -231,7 +224,8 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the paper's Adadelta lr per "
                                                           "data set; 0.01 for sgd)")
     p.add_argument("--beta", default="authors", choices=("paper", "authors"),
-                   help="type-I step range: authors (default, the notebooks' U(0.1, 28)) or paper (the text's U[0.1, 1])")
+                   help="type-I step range: authors (default, the notebooks' U(0.1, 28)) or paper (the text's "
+                        "U[0.1, 1])")
     p.add_argument("--eval-n", type=int, default=2000, help="ID and per-OOD-set images scored")
     p.add_argument("--train-n", type=int, default=None, help="subsample the ID training set (quick runs)")
     p.add_argument("--out", default="runs/vernekar")

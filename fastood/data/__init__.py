@@ -16,7 +16,7 @@ All images are float32 in [-1, 1]; every dataset yields ``(image, label)`` pairs
 """
 from .benchmarks import AUXILIARY, BENCHMARKS, CMG_PARTITIONS, REAL_BENCHMARKS, Benchmark, auxiliary_outliers, benchmark
 from .builtin import BUILTIN, load
-from .datasets import ImageDataset
+from .datasets import ImageDataset, seeded_subset
 from .normalization import bounds_for
 from .real import REAL, DataChecksumError, DataNotFoundError, data_root, load_real
 from .synthetic import NOISE_KINDS, noise
@@ -24,5 +24,5 @@ from .vision import VISION, ImageFiles, image_folder, torchvision_dataset
 
 __all__ = ["load_real", "data_root", "DataNotFoundError", "DataChecksumError", "REAL", "REAL_BENCHMARKS",
            "CMG_PARTITIONS", "bounds_for", "load", "noise", "benchmark", "auxiliary_outliers", "torchvision_dataset",
-           "image_folder", "ImageDataset",
+           "image_folder", "ImageDataset", "seeded_subset",
            "ImageFiles", "Benchmark", "BUILTIN", "BENCHMARKS", "AUXILIARY", "NOISE_KINDS", "VISION"]

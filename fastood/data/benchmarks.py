@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .builtin import load
 from .real import load_real
-from .datasets import ImageDataset
+from .datasets import ImageDataset, seeded_subset
 from .synthetic import _check_shape, noise
 
 #: CMG's Setting 1 (Wang et al. 2022, Table 1): ID = 6 consecutive MNIST classes, OOD = the other 4.
@@ -115,10 +115,7 @@ def _subset(ds: ImageDataset, n: int, seed: int) -> ImageDataset:
     """A seeded random subset of ``n`` images (all of them when ``n >= len(ds)``), in the set's order."""
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise ValueError(f"ood_size must be a positive int or None, got {n!r}")
-    if n >= len(ds):
-        return ds
-    keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(int(seed) + 7))[:n].sort().values
-    return ImageDataset(ds.images[keep], ds.labels[keep], name=ds.name)
+    return seeded_subset(ds, n, int(seed) + 7)
 
 
 def benchmark(name: str, seed: int = 0, size=None, root=None, ood_size=None, download: bool = False) -> Benchmark:

@@ -32,3 +32,12 @@ class ImageDataset(TensorDataset):
 
     def __repr__(self):
         return f"ImageDataset({self.name!r}, n={len(self)}, shape={self.shape})"
+
+
+def seeded_subset(ds: ImageDataset, n, seed: int) -> ImageDataset:
+    """``n`` images of ``ds`` drawn without replacement by ``torch.randperm`` seeded with ``seed``, kept in the set's
+    order; ``ds`` itself when ``n`` is None or at least ``len(ds)``."""
+    if n is None or n >= len(ds):
+        return ds
+    keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(int(seed)))[:n].sort().values
+    return ImageDataset(ds.images[keep], ds.labels[keep], name=ds.name)
