@@ -7,7 +7,7 @@ Langevin samples improve MSP detection?
                                 [--noise authors|paper|none] [--penalty entropy|log_entropy]
                                 [--data mnist5k-0to4|mnist|fashion-mnist] [--eval-size 2000] [--pretrain-epochs N]
                                 [--momentum 0.9] [--weight-decay 5e-4]
-                                [--precision fp32 bf16 ...] [--trajectory-epochs 0] [--quiet] [--json PATH]
+                                [--precision fp32 bf16 ...] [--amp bf16 ...] [--trajectory-epochs 0] [--quiet] [--json PATH]
 
 One protocol for every row: the same pretrained model, the same number of optimizer steps, the same batch size and
 learning rate, fine-tuning seeds 0..N-1 (data order and sampler noise). By default: the authors' fine-tuning budget
@@ -35,6 +35,8 @@ draw of the sampler noise than the same run without ``--eval-at``).
 4. ``--precision P [P ...]``: the FIG row once per sampler precision (``LangevinSampler(precision=P)``, rows
    ``FIG [P]``, the same seeds), e.g. ``--precision fp32 auto`` or ``--precision fp32 bf16``: the quality A/B of
    issue 22 -- "auto" may pick bfloat16 by default only if AUROC and ID accuracy stay within the seed spread.
+   ``--amp P [P ...]`` adds rows ``FIG [P, amp]``: the same with the fine-tuning step itself under bfloat16
+   autocast (``FIGTrainer(amp=True)``).
 
 Prints, per run, the MSP (higher score = more OOD) AUROC averaged over the benchmark's OOD sets and the ID accuracy
 next to the mechanism figures (Langevin updates per chain, mean and fewest; the generated samples' confidence at
@@ -167,6 +169,8 @@ def methods(args):
     if args.precision:
         for precision in args.precision:
             rows.append((f"FIG [{precision}]", FIGTrainer, fig_kwargs(args, precision=precision)))
+        for precision in args.amp or ():
+            rows.append((f"FIG [{precision}, amp]", FIGTrainer, {**fig_kwargs(args, precision=precision), "amp": True}))
     elif not args.no_fig:
         rows.append(("FIG", FIGTrainer, fig_kwargs(args)))
     if args.batch_stop:
@@ -233,6 +237,10 @@ def parse_args(argv=None):
     parser.add_argument("--precision", nargs="+", choices=PRECISIONS, metavar="P",
                         help=f"FIG rows, one per sampler precision {PRECISIONS} (replaces the FIG row; the A/B of "
                              "issue 22: --precision fp32 auto)")
+    parser.add_argument("--amp", nargs="+", choices=PRECISIONS, metavar="P",
+                        help="with --precision: also FIG rows with the fine-tuning step under bfloat16 autocast "
+                             "(FIGTrainer(amp=True); on a CPU only where bfloat16 is native), one per sampler "
+                             "precision P (rows 'FIG [P, amp]')")
     parser.add_argument("--no-control", action="store_true", help="skip the CE (k=0) control")
     parser.add_argument("--batch-size", type=int, default=AUTHORS_BATCH, help="ID batch size (default: the authors' "
                         "%(default)s)")
@@ -251,6 +259,8 @@ def parse_args(argv=None):
     parser.add_argument("--no-gs", action="store_true", help="skip the GS baseline")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    if args.amp and not args.precision:
+        parser.error("--amp adds rows to the --precision A/B: give --precision too")
     if args.epochs is not None and args.steps is not None:
         parser.error("give --steps or --epochs, not both")
     if args.epochs is None and args.steps is None:

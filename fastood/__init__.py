@@ -18,7 +18,7 @@ Submodules are imported on first use, so ``import fastood`` stays cheap:
 the objectives (``FIGObjective``, ``GaussianNoiseObjective``, ``OEObjective``, ``EnergyOEObjective``,
 ``ICEObjective``, ``ManifoldObjective``, ``CMGObjective``, ``DiscrepancyObjective``),
 :func:`frozen_batchnorm` and :func:`check_data_range`, all importable from ``fastood`` itself. Warning classes:
-:class:`DataRangeWarning`, :class:`ResumeWarning`, :class:`ModelReplacedWarning`.
+:class:`DataRangeWarning`, :class:`ResumeWarning`, :class:`ModelReplacedWarning`, :class:`AmpIgnoredWarning`.
 """
 import importlib
 
@@ -39,6 +39,7 @@ _NAMES = {
     "DataRangeWarning": "fastood.data_range",
     "ResumeWarning": "fastood.trainers.resume",
     "ModelReplacedWarning": "fastood.trainers.base",
+    "AmpIgnoredWarning": "fastood.trainers.base",
 }
 
 __all__ = list(_SUBMODULES) + list(_NAMES) + ["__version__", "save_model"]

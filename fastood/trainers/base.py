@@ -3,6 +3,7 @@
 A method subclasses :class:`Trainer` and implements :meth:`Trainer.training_step`; everything else
 (epochs or a step budget, checkpointing, exact resume, distributed data parallel) lives here.
 """
+import contextlib
 import itertools
 import logging
 import math
@@ -34,6 +35,10 @@ logger = logging.getLogger("fastood.trainers")
 class MechanismIdleWarning(RuntimeWarning):
     """A trainer's method-specific mechanism (Langevin updates, an outlier term, ...) stayed off for a whole
     epoch (or a whole fit shorter than one): the run trains, but not the way its paper does."""
+
+
+class AmpIgnoredWarning(UserWarning):
+    """``amp=True`` could not be honoured on this device (a CPU without native bfloat16): training runs float32."""
 
 
 class ModelReplacedWarning(UserWarning):
@@ -118,7 +123,11 @@ class Trainer(metaclass=RecordsHyperparameters):
         seed: seeds the per-epoch data order, so a resumed run sees the same batches.
         device: where to train; default: the model's device.
         grad_clip: optional max gradient norm.
-        amp: on CUDA, run forward passes under bfloat16 autocast (ignored on CPU).
+        amp: run the training step's forward passes under bfloat16 autocast: on CUDA always, on CPU where the CPU
+            computes bfloat16 natively (AVX512-BF16 or AMX, :func:`fastood.samplers.precision.cpu_bf16_native`);
+            on a CPU without it (where emulated bfloat16 is slower than float32) training stays float32 and an
+            :class:`AmpIgnoredWarning` says why. ``amp_info`` records what was chosen. A sampler inside the step
+            keeps its own ``precision`` (the FIG quality A/B, docs/fidelity.md, measures both).
         freeze_bn: keep every BatchNorm layer in eval mode while training (running statistics fixed and used for
             normalization; the affine weights still train), so outliers or generated images in a batch cannot
             shift the ID features' normalization (:func:`fastood.frozen_batchnorm` does the same in your own loop).
@@ -205,7 +214,7 @@ class Trainer(metaclass=RecordsHyperparameters):
         self.progress = progress
         self.seed = int(seed)
         self.grad_clip = grad_clip
-        self.amp = bool(amp) and self.device.type == "cuda"
+        self.amp, self.amp_info = self._resolve_amp(amp, self.device)
         self.freeze_bn = bool(freeze_bn)
         self._optimizer = optimizer
         self._user_optimizer = optimizer is not None
@@ -729,6 +738,35 @@ class Trainer(metaclass=RecordsHyperparameters):
         self.epoch += 1
         self.batch_in_epoch = 0
 
+    @staticmethod
+    def _resolve_amp(amp, device) -> tuple:
+        """``(enabled, info)`` of the ``amp`` argument on ``device``: bfloat16 autocast on CUDA, and on a CPU that
+        computes bfloat16 natively; elsewhere off, with an :class:`AmpIgnoredWarning` when it was asked for."""
+        if not isinstance(amp, bool):
+            raise TypeError(f"amp must be True or False, got {amp!r}")
+        if not amp:
+            return False, "off"
+        if device.type == "cuda":
+            return True, "bf16 autocast (cuda)"
+        if device.type == "cpu":
+            from fastood.samplers.precision import cpu_bf16_native
+            native, why = cpu_bf16_native()
+            if native:
+                return True, f"bf16 autocast (cpu: {why})"
+            warnings.warn(f"amp=True ignored: this CPU has no native bfloat16 ({why}); emulated bfloat16 is slower "
+                          "than float32, so training runs in float32", AmpIgnoredWarning, stacklevel=user_stacklevel())
+            return False, f"off (asked; cpu: {why})"
+        warnings.warn(f"amp=True ignored on device type {device.type!r} (bfloat16 autocast runs on cuda and cpu)",
+                      AmpIgnoredWarning, stacklevel=user_stacklevel())
+        return False, f"off (asked; device type {device.type})"
+
+    def autocast(self):
+        """The training step's autocast context: bfloat16 on the trainer's device when ``amp`` is on, else a
+        context that leaves precision as it is."""
+        if self.device.type not in ("cpu", "cuda"):
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
     def apply_bn_mode(self) -> None:
         """With ``freeze_bn``, put the BatchNorm layers in eval mode (done before every step, after ``train()``)."""
         if self.freeze_bn:
@@ -742,7 +780,7 @@ class Trainer(metaclass=RecordsHyperparameters):
         buffers = [b for b in unwrap(self.model).buffers()]
         saved = [b.detach().clone() for b in buffers]
         try:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+            with self.autocast():
                 out = self.training_step(batch)
         except (IndexError, RuntimeError, ValueError) as err:  # out-of-range labels: say so instead of torch's words
             clear = self.explain_batch_error(batch[0], batch[1], err) if len(batch) > 1 else None

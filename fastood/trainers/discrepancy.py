@@ -136,7 +136,7 @@ class DiscrepancyTrainer(OutlierTrainer):
         self.model.train()
         self.apply_bn_mode()
         x, y = batch[0], batch[1]
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+        with self.autocast():
             loss, _ = self._supervised(x, y)
         (bad,) = self._agree(not bool(torch.isfinite(loss)))  # under DDP every rank skips together
         if bad:  # no step-A update; step B meets the same batch and handles it (skip or raise, naming it)
