@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from fastood.demo import (METHODS, Context, RunConfig, _evaluate_rows, _method_rows, _train_method,  # noqa: E402
+from fastood.demo import (METHODS, Context, RunConfig, evaluate_rows, method_rows, train_method,  # noqa: E402
                           make_detector)
 from fastood.protocol import Cells, format_mean_std, mean_std  # noqa: E402
 
@@ -68,7 +68,7 @@ def baseline_cell(args, seed):
         t0 = time.perf_counter()
         base = ctx.pretrained()
         pretrain_s = time.perf_counter() - t0
-        rows = _evaluate_rows(ctx, {"msp": make_detector("msp", base), "energy": make_detector("energy", base)})
+        rows = evaluate_rows(ctx, {"msp": make_detector("msp", base), "energy": make_detector("energy", base)})
         return {"seed": seed, "pretrain_s": pretrain_s, "rows": {k: _report_dict(v) for k, v in rows.items()}}
     finally:
         ctx.close()
@@ -78,9 +78,9 @@ def method_cell(args, seed, method):
     ctx = Context(_config(args, seed, method))
     try:
         t0 = time.perf_counter()
-        built, own = _train_method(ctx, method, os.path.join(args.out, f"s{seed}", method, "model.pt"))
+        built, own = train_method(ctx, method, os.path.join(args.out, f"s{seed}", method, "model.pt"))
         train_s = time.perf_counter() - t0
-        reports = _evaluate_rows(ctx, _method_rows(ctx, method, built, own))
+        reports = evaluate_rows(ctx, method_rows(ctx, method, built, own))
         first = next(iter(reports))
         return {"seed": seed, "method": method, "train_s": train_s, "own": first,
                 "rows": {k: _report_dict(v) for k, v in reports.items()},

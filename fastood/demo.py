@@ -632,7 +632,7 @@ def _budget(config: RunConfig, method: Method) -> dict:
     return {"epochs": config.epochs if config.epochs is not None else method.epochs}
 
 
-def _evaluate_rows(ctx: Context, detectors: dict) -> dict:
+def evaluate_rows(ctx: Context, detectors: dict) -> dict:
     """{row: detector} -> {row: Report} on the test sets (rank 0 only; other ranks get {})."""
     from fastood.evaluation import evaluate
 
@@ -646,7 +646,7 @@ def _evaluate_rows(ctx: Context, detectors: dict) -> dict:
     return reports
 
 
-def _train_method(ctx: Context, name: str, model_path: str):
+def train_method(ctx: Context, name: str, model_path: str):
     """Build, train (resumable) and save one method. Returns (Built, the method's own detector)."""
     method = METHODS[name]
     if method.fine_tunes and ctx.config.pretrained is None:
@@ -668,7 +668,9 @@ def _train_method(ctx: Context, name: str, model_path: str):
     return built, own
 
 
-def _method_rows(ctx: Context, name: str, built: Built, own) -> dict:
+def method_rows(ctx: Context, name: str, built: Built, own) -> dict:
+    """``{"LABEL / DETECTOR": detector}`` of one trained method: its own detector, plus the ``--detectors`` choice
+    (fitted / tuned on the model) or else the method's ``extra`` detectors of :data:`METHODS`."""
     from fastood.trainers.base import unwrap
 
     method = METHODS[name]
@@ -755,11 +757,11 @@ def run_demo(config: RunConfig) -> dict:
                                                                     make_detector("energy", base))}
         else:
             baseline = _named_detectors(ctx, "pretrained", detector_names(config.detectors), base)
-        rows = _evaluate_rows(ctx, baseline)
+        rows = evaluate_rows(ctx, baseline)
         samples = {}
         for name in config.methods:
-            built, own = _train_method(ctx, name, os.path.join(config.out, "models", f"{name}.pt"))
-            rows.update(_evaluate_rows(ctx, _method_rows(ctx, name, built, own)))
+            built, own = train_method(ctx, name, os.path.join(config.out, "models", f"{name}.pt"))
+            rows.update(evaluate_rows(ctx, method_rows(ctx, name, built, own)))
             samples.update(_write_samples(ctx, name, built))
         if D.is_main_process():
             table = results_table(rows)
@@ -786,8 +788,8 @@ def run_train(config: RunConfig) -> dict:
     start = time.perf_counter()
     ctx = Context(config)
     try:
-        built, own = _train_method(ctx, name, os.path.join(config.out, "model.pt"))
-        rows = _evaluate_rows(ctx, _method_rows(ctx, name, built, own))
+        built, own = train_method(ctx, name, os.path.join(config.out, "model.pt"))
+        rows = evaluate_rows(ctx, method_rows(ctx, name, built, own))
         samples = _write_samples(ctx, name, built)
         if D.is_main_process():
             write_report(config.out, rows, _meta(ctx, f"train {name}", time.perf_counter() - start), samples,
