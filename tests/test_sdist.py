@@ -17,7 +17,7 @@ from fastood.ops import _backend
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # what the sdist must hold: everything tracked under these paths (csrc's headers and capability kernels included)
 SDIST_PATHS = ("csrc", "fastood", "tests/cpp", "CMakeLists.txt", "setup.py", "pyproject.toml", "MANIFEST.in",
-               "README.md")
+               "README.md", "LICENSE")
 BLOCK_TORCH = "import sys; sys.modules['torch'] = None  # `import torch` raises ImportError\n"
 RUN_SETUP = "import runpy\nsys.argv = ['setup.py', '{command}']\nrunpy.run_path('setup.py', run_name='__main__')\n"
 
