@@ -64,6 +64,9 @@ class ResidualFlow(nn.Module):
         return u, logdet
 
 
+_EVAL_ROWS = 4096      # rows per class and chunk when evaluating the trained flows on their training features
+
+
 class _StackedFlows:
     """The K ``ResidualFlow`` modules of one layer as stacked tensors, so that all K run at once as batched matrix
     products (``torch.baddbmm``) instead of K Python-level module calls. The modules stay the source of truth
@@ -87,7 +90,7 @@ class _StackedFlows:
         first = flows[0]
         self.dim = first.perms.shape[1]
         self.couplings = len(first.layers)
-        self.keep, self.free, self.index, self.params, self.sources = [], [], [], [], []
+        self.keep, self.free, self.take, self.index, self.params, self.sources = [], [], [], [], [], []
         for i in range(self.couplings):
             mask = first.layers[i].mask
             if any(not torch.equal(flow.layers[i].mask, mask) for flow in flows):
@@ -100,6 +103,7 @@ class _StackedFlows:
                 index = None if torch.equal(inverse, torch.arange(self.dim, device=inverse.device)) else \
                     inverse.expand(len(flows), -1)
             self.keep.append(keep)
+            self.take.append(tuple(_as_slice(ix) for ix in (keep, free)))
             self.free.append(free)
             self.index.append(index)
             for net in ("s", "t"):
@@ -146,7 +150,7 @@ class _StackedFlows:
         logdet = u.new_zeros(u.shape[:2])
         for i in range(self.couplings):
             w = params[self.PER_COUPLING * i:self.PER_COUPLING * (i + 1)]
-            kept, free = u[..., self.keep[i]], u[..., self.free[i]]
+            kept, free = u[..., self.take[i][0]], u[..., self.take[i][1]]
             s, t = _mlp(kept, w[0:6]), _mlp(kept, w[6:12])
             s = w[12] * torch.tanh(s)
             u = torch.cat([kept, (free - t) * torch.exp(-s)], 2)
@@ -163,14 +167,22 @@ class _StackedFlows:
         return -0.5 * (z * z).sum(2) - 0.5 * z.shape[2] * math.log(2 * math.pi) + logdet
 
 
+def _as_slice(index):
+    """A contiguous index [n] as a slice (a view, cheaper than gathering), else the index itself."""
+    if index.numel() and torch.equal(index, torch.arange(int(index[0]), int(index[0]) + index.numel(),
+                                                         device=index.device)):
+        return slice(int(index[0]), int(index[0]) + index.numel())
+    return index
+
+
 def _flow_tensors(flows):
     return [t for flow in flows for t in list(flow.parameters()) + list(flow.buffers())]
 
 
 def _mlp(x, w):
     """Linear-LeakyReLU-Linear-LeakyReLU-Linear on x [A, B, in] with stacked weights [A, in, out], biases [A, 1, out]."""
-    x = torch.nn.functional.leaky_relu(torch.baddbmm(w[1], x, w[0]))
-    x = torch.nn.functional.leaky_relu(torch.baddbmm(w[3], x, w[2]))
+    x = torch.nn.functional.leaky_relu(torch.baddbmm(w[1], x, w[0]), inplace=True)
+    x = torch.nn.functional.leaky_relu(torch.baddbmm(w[3], x, w[2]), inplace=True)
     return torch.baddbmm(w[5], x, w[4])
 
 
@@ -364,8 +376,8 @@ class DRF(Detector):
         self._stacked[layer] = _StackedFlows(flows)
         lls = []
         with torch.no_grad():
-            for start in range(0, max(u.shape[0] for u in us), 4096):
-                x, lengths = _padded([u[start:start + 4096] for u in us])
+            for start in range(0, max(u.shape[0] for u in us), _EVAL_ROWS):
+                x, lengths = _padded([u[start:start + _EVAL_ROWS] for u in us])
                 lls.append([row[:n] for row, n in zip(self._stacked[layer].log_normal(x), lengths)])
         return torch.cat([part[k] for k in range(len(us)) for part in lls])
 
