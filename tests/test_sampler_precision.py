@@ -41,11 +41,20 @@ def sample(sampler, model, device="cpu", n=8):
 
 
 # ------------------------------------------------------------------------------------------------ resolution
-def test_auto_stays_fp32_until_the_quality_ab_even_where_bf16_is_native(monkeypatch):
+def test_auto_is_bf16_by_default_where_native_since_the_quality_ab(monkeypatch):
+    """The A/B (docs/fidelity.md) passed, so "auto" picks bfloat16 on a native device without any switch."""
+    assert P.AUTO_USES_BF16 is True
+    monkeypatch.setattr(P, "cpu_bf16_native", lambda: (True, "test: native"))
+    dtype, info = P.resolve("auto", "cpu")
+    assert dtype is torch.bfloat16 and info["precision"] == "bf16" and info["bf16_native"] is True
+
+
+def test_auto_can_be_kept_fp32_everywhere(monkeypatch):
+    monkeypatch.setattr(P, "AUTO_USES_BF16", False)
     monkeypatch.setattr(P, "cpu_bf16_native", lambda: (True, "test: native"))
     dtype, info = P.resolve("auto", "cpu")
     assert dtype is None and info["precision"] == "fp32" and info["bf16_native"] is True
-    assert "A/B" in info["why"]
+    assert "AUTO_USES_BF16 = False" in info["why"]
 
 
 @pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
@@ -160,7 +169,8 @@ def test_auto_follows_the_resolution(device, monkeypatch):
     assert set(model.seen) == {torch.float32} and sampler.stats["precision"] == "fp32"
 
 
-def test_default_is_float32_today():
+def test_default_auto_is_float32_where_bf16_is_not_native(monkeypatch):
+    monkeypatch.setattr(P, "bf16_native", lambda dev: (False, "test: AVX2 only"))
     model = Recorder()
     sampler = LangevinSampler(max_steps=1)
     sample(sampler, model)
