@@ -183,11 +183,29 @@ def _status_kib(key):
     return None
 
 
+def _release_free_heap():
+    """Return the C heap's free pages to the kernel (glibc ``malloc_trim(0)``; a no-op elsewhere), so that memory an
+    earlier call freed but the allocator still held resident cannot hide this call's peak: without it, a second
+    identical call measured 0.3 MiB instead of 184 (3,000 tensors of 64 KB)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return bool(trim(0) or True)
+
+
 def peak_memory(fn, device):
     """``(peak MiB above the memory in use before the call, how it was measured)`` of one call of ``fn``."""
     import gc
 
     gc.collect()
+    if device.type == "cpu":
+        _release_free_heap()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
