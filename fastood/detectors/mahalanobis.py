@@ -5,6 +5,7 @@ import warnings
 import torch
 
 from ._feature_hooks import PENULTIMATE, forward_with_taps, is_logits, pool_features, resolve_layers
+from ._perturbation import InputPerturbation
 from .base import Detector, eval_mode
 
 
@@ -20,7 +21,7 @@ def whitening(cov: torch.Tensor, zero_message: str) -> torch.Tensor:
     return eigvecs[:, keep] / eigvals[keep].sqrt()
 
 
-class Mahalanobis(Detector):
+class Mahalanobis(InputPerturbation, Detector):
     """score = ``sum_l min_c (z_l - mu_{l,c})^T Sigma_l^+ (z_l - mu_{l,c})`` (paper Eq. 2, summed over layers l;
     higher = more OOD), for pooled features z_l of the chosen layers, class means mu_{l,c} and the tied
     within-class covariance Sigma_l (pseudo-inverse ``+`` for rank-deficient features).
@@ -60,15 +61,6 @@ class Mahalanobis(Detector):
         """``Mahalanobis(epsilon=...)``, plus the layer names when they are not the default."""
         base = super().name
         return base if self.layers == [PENULTIMATE] else f"{base[:-1]}, layers={self.layers})"
-
-    def _check_hyperparameters(self):
-        if not (isinstance(self.epsilon, (int, float)) and self.epsilon >= 0):
-            raise ValueError(f"epsilon must be a number >= 0, got {self.epsilon!r}")
-        self.epsilon = float(self.epsilon)
-
-    @property
-    def needs_input_grad(self) -> bool:
-        return self.epsilon > 0
 
     # ------------------------------------------------------------------ features
     def _features(self, x):

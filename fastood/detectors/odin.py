@@ -1,10 +1,11 @@
 """ODIN (Liang, Li, Srikant, ICLR 2018): temperature scaling plus input perturbation."""
 import torch
 
+from ._perturbation import InputPerturbation
 from .base import Detector, eval_mode, logits_of
 
 
-class ODIN(Detector):
+class ODIN(InputPerturbation, Detector):
     """score = ``-max_k softmax(f(x~) / T)_k`` (higher = more OOD), with the perturbed input (paper Eq. 2)
 
         ``x~ = x - epsilon * sign(-grad_x log max_k softmax(f(x) / T)_k)``,
@@ -50,13 +51,8 @@ class ODIN(Detector):
     def _check_hyperparameters(self):
         if not (isinstance(self.T, (int, float)) and self.T > 0):
             raise ValueError(f"T must be a number > 0, got {self.T!r}")
-        if not (isinstance(self.epsilon, (int, float)) and self.epsilon >= 0):
-            raise ValueError(f"epsilon must be a number >= 0, got {self.epsilon!r}")
-        self.T, self.epsilon = float(self.T), float(self.epsilon)
-
-    @property
-    def needs_input_grad(self) -> bool:
-        return self.epsilon > 0
+        self.T = float(self.T)
+        super()._check_hyperparameters()   # epsilon (InputPerturbation)
 
     def _perturb(self, x):
         """``(x~, logits of the clean x)``; x~ is detached."""

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ._feature_hooks import forward_with_taps, is_logits, pool_features, resolve_layers
+from ._perturbation import InputPerturbation
 from ._streaming import check_labels, check_unfitted
 from .base import Detector, eval_mode
 
@@ -191,7 +192,7 @@ def _padded(rows):
     return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), [r.shape[0] for r in rows]
 
 
-class DRF(Detector):
+class DRF(InputPerturbation, Detector):
     """score = ``sum_l -max_c log p_{l,c}(z_l)`` (higher = more OOD), the class-conditional log-likelihood of the
     pooled features z_l of each chosen layer under the residual flow (the paper's change of variables):
 
@@ -268,15 +269,6 @@ class DRF(Detector):
         self.flows = None       # per layer nn.ModuleList of K ResidualFlow
         self.train_log_likelihood = None  # per layer: mean training log-likelihood after fitting
         self._stacked = None    # per layer _StackedFlows of ``flows`` (rebuilt when they change)
-
-    def _check_hyperparameters(self):
-        if not (isinstance(self.epsilon, (int, float)) and self.epsilon >= 0):
-            raise ValueError(f"epsilon must be a number >= 0, got {self.epsilon!r}")
-        self.epsilon = float(self.epsilon)
-
-    @property
-    def needs_input_grad(self) -> bool:
-        return self.epsilon > 0
 
     # ------------------------------------------------------------------ fitting
     def fit(self, loader, progress: bool = False) -> "DRF":
