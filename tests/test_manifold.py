@@ -433,3 +433,29 @@ def test_type1_outliers_are_the_same_as_with_torch_func():
     for key in ("beta", "step", "jacobian_norm"):
         torch.testing.assert_close(sb[key], sa[key], rtol=1e-5, atol=1e-6)
     assert torch.equal(ra, rb)   # the random stream advanced alike
+
+
+def test_batchnorm_check_warns_when_eval_mode_accuracy_collapses():
+    """BatchNorm trained on the mixed ID + outlier batches (freeze_bn=False) can misnormalize ID images in eval
+    mode: on Fashion-MNIST (1000 steps from a pretrained SmallCNN) ID accuracy fell to 25.7% while the logged
+    training-mode accuracy was 90%, and nothing warned. The check scores the first batch's ID images in eval mode."""
+    trainer = ManifoldTrainer(_pretrained_bn_classifier(), FixedOutliers(), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MechanismIdleWarning)
+        trainer.fit(loader(24, 12), steps=2)
+    x, y = trainer._bn_probe
+    assert x.shape[0] == 12 and torch.equal(y, labeled(24)[1][:12])   # the first (unshuffled) batch
+    model = trainer.model
+    with torch.no_grad():
+        expected = float((model.eval()(x)[:, :-1].argmax(1) == y).float().mean())
+    model.train()
+    eval_acc, train_acc = trainer.bn_accuracy_gap([{"acc": 1.0}, {"acc": 0.9}])
+    assert eval_acc == pytest.approx(expected) and train_acc == pytest.approx(0.95)
+    assert model.training                                            # the check restored the training mode
+    assert eval_acc <= 0.75                                          # a barely trained 4-class net
+    message = trainer.mechanism_idle([{"acc": 1.0}])                 # logged 100% in training mode: a gap > 20
+    assert message and "eval mode" in message and "freeze_bn=True" in message
+    assert trainer.mechanism_idle([{"acc": eval_acc}]) is None       # no gap, no warning
+    frozen = ManifoldTrainer(_pretrained_bn_classifier(), FixedOutliers(), progress=False, freeze_bn=True)
+    frozen.fit(loader(24, 12), steps=1)
+    assert frozen.bn_accuracy_gap([{"acc": 1.0}]) is None            # frozen statistics are the ID ones
