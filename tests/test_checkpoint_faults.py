@@ -58,6 +58,9 @@ class _SignalAt(StandardTrainer):
 
 
 def test_sigint_finishes_the_step_writes_the_checkpoint_and_resumes_exactly(tmp_path):
+    # the handler in place before fit (Python's default_int_handler, or SIG_IGN when the test run itself was started
+    # in the background, e.g. under nohup)
+    before = signal.getsignal(signal.SIGINT)
     straight = _trainer().fit(_loader(_data()), steps=8)
     interrupted = _SignalAt(_mlp(), lr=0.05, progress=False, checkpoint_dir=tmp_path, checkpoint_every=100)
     with pytest.raises(TrainingInterrupted) as info:
@@ -65,7 +68,7 @@ def test_sigint_finishes_the_step_writes_the_checkpoint_and_resumes_exactly(tmp_
     assert info.value.signal == "SIGINT" and info.value.step == 4 and isinstance(info.value, KeyboardInterrupt)
     assert str(tmp_path) in str(info.value)
     assert load_checkpoint_file(tmp_path / "checkpoint.pt")["step"] == 4
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
+    assert signal.getsignal(signal.SIGINT) is before  # handlers put back
     resumed = _trainer(checkpoint_dir=tmp_path).fit(_loader(_data()), steps=8)
     assert resumed.resumed.step == 4
     for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
