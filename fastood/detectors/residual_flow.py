@@ -163,7 +163,8 @@ class _StackedFlows:
         return u, logdet
 
     def log_normal(self, u, params=None, classes=None):
-        """``log N(f_k(u); 0, I) + log|det df_k/du|`` [A, B] for u [A, B, D] (``DRF._log_normal_flow``, batched)."""
+        """``log N(f_k(u); 0, I) + log|det df_k/du|`` [A, B] for u [A, B, D]: each class's
+        ``ResidualFlow`` applied to its row, all K at once (tests/test_drf_batched.py holds it to the per-module loop)."""
         z, logdet = self.forward(u, params, classes)
         return -0.5 * (z * z).sum(2) - 0.5 * z.shape[2] * math.log(2 * math.pi) + logdet
 
@@ -382,13 +383,6 @@ class DRF(InputPerturbation, Detector):
                 x, lengths = _padded([u[start:start + _EVAL_ROWS] for u in us])
                 lls.append([row[:n] for row, n in zip(self._stacked[layer].log_normal(x), lengths)])
         return torch.cat([part[k] for k in range(len(us)) for part in lls])
-
-    @staticmethod
-    def _log_normal_flow(flow, u):
-        """``log N(f(u); 0, I) + log|det df/du|`` [B] of one flow module: the per-class form that
-        ``_StackedFlows.log_normal`` computes for all K at once (kept as the reference; tests compare the two)."""
-        z, logdet = flow(u)
-        return -0.5 * (z * z).sum(1) - 0.5 * z.shape[1] * math.log(2 * math.pi) + logdet
 
     # ------------------------------------------------------------------ scoring
     def log_likelihoods(self, feats):

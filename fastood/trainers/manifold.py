@@ -4,7 +4,7 @@ import math
 import torch
 from torch import nn
 
-from fastood._modes import batchnorm_layers, capture_modes, restore_modes
+from fastood._modes import batchnorm_layers, eval_mode
 from fastood.objectives.manifold import ManifoldObjective, check_ratio, manifold_sampler  # noqa: F401 (re-exported)
 
 from .base import Trainer, delegated, first_item, unwrap
@@ -188,14 +188,8 @@ class ManifoldTrainer(Trainer):
         if not train_acc:
             return None
         x, y = self._bn_probe
-        model = unwrap(self.model)
-        modes = capture_modes(model)
-        try:
-            model.eval()
-            with torch.no_grad():
-                logits = model(x)
-        finally:
-            restore_modes(modes)
+        with eval_mode(unwrap(self.model)) as model, torch.no_grad():
+            logits = model(x)
         eval_acc = float((logits[:, :-1].argmax(1) == y).float().mean())
         return eval_acc, sum(train_acc) / len(train_acc)
 
