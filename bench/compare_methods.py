@@ -1,7 +1,7 @@
 """Every trainer of fastood on one real benchmark under one protocol -- a table no paper has.
 
     python bench/compare_methods.py [--data fashion-mnist] [--seeds 0 1 2] [--steps 1000] [--methods all]
-        [--eval-n 2000] [--out runs/compare] [--quick] [--quiet]
+        [--eval-n 2000] [--out runs/compare] [--set METHOD.KEY=VALUE ...] [--quick] [--quiet]
 
 Protocol (the same for every method; the registry and the run context are fastood.demo's, so these are exactly
 the methods and budgets ``fastood demo`` / ``fastood train`` run):
@@ -16,12 +16,17 @@ Columns: mean AUROC per OOD set and over the sets, FPR95, ID accuracy (mean +- s
 mean AUROC and of ID accuracy against the pretrained network's MSP, wall time of the training, and the method's
 mechanism telemetry (its logged figures, averaged over the last 10% of its steps).
 
+Ablations: ``--set manifold.freeze_bn=True`` passes a keyword argument to one method's trainer (as ``fastood train
+manifold --set freeze_bn=True`` does); such a method is cached and reported as its own variant,
+``manifold[freeze_bn=True]``, beside the default rows already cached under the same ``--out``.
+
 Each (seed, method) cell is cached under ``--out``/cells and each training checkpoints: an interrupted run
 continues. Writes ``--out``/compare_methods.{txt,md,json,csv}.
 """
 import argparse
 import math
 import os
+import re
 import sys
 import time
 
@@ -31,6 +36,7 @@ import torch  # noqa: E402
 
 from fastood.demo import (METHODS, Context, RunConfig, evaluate_rows, method_rows, train_method,  # noqa: E402
                           make_detector)
+from fastood.options import parse_trainer_option  # noqa: E402
 from fastood.protocol import Cells, format_mean_std, mean_std  # noqa: E402
 
 
@@ -55,11 +61,38 @@ def _telemetry(history, fraction=0.1) -> dict:
     return out
 
 
+def variant(method, options) -> str:
+    """The name of a method run with trainer options: ``manifold[beta_range='authors',freeze_bn=True]``."""
+    if not options:
+        return method
+    return method + "[" + ",".join(f"{k}={v!r}" for k, v in sorted(options.items())) + "]"
+
+
+def _folder(name) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
+
+
+def parse_sets(items, methods) -> dict:
+    """``["manifold.freeze_bn=True", ...]`` -> ``{"manifold": {"freeze_bn": True}, ...}``."""
+    out = {}
+    for item in items or []:
+        method, dot, option = item.partition(".")
+        if not dot or method not in METHODS:
+            raise ValueError(f"--set must be METHOD.KEY=VALUE with METHOD one of {', '.join(METHODS)}, got {item!r}")
+        if method not in methods:
+            raise ValueError(f"--set {item!r}: method {method!r} is not among --methods {methods}")
+        key, value = parse_trainer_option(option)
+        out.setdefault(method, {})[key] = value
+    return out
+
+
 def _config(args, seed, method):
+    options = args.options.get(method, {})
     return RunConfig(methods=[method], data=args.data, seed=seed, steps=args.steps, batch_size=args.batch_size,
-                     eval_limit=args.eval_n, out=os.path.join(args.out, f"s{seed}", method), resume=True,
-                     quiet=args.quiet, plots=False, pretrain_epochs=args.pretrain_epochs,
-                     cvae_epochs=args.cvae_epochs, train_limit=args.train_n, cache=args.cache)
+                     eval_limit=args.eval_n, out=os.path.join(args.out, f"s{seed}", _folder(variant(method, options))),
+                     resume=True, quiet=args.quiet, plots=False, pretrain_epochs=args.pretrain_epochs,
+                     cvae_epochs=args.cvae_epochs, train_limit=args.train_n, cache=args.cache,
+                     trainer_options=dict(options))
 
 
 def baseline_cell(args, seed):
@@ -78,11 +111,11 @@ def method_cell(args, seed, method):
     ctx = Context(_config(args, seed, method))
     try:
         t0 = time.perf_counter()
-        built, own = train_method(ctx, method, os.path.join(args.out, f"s{seed}", method, "model.pt"))
+        built, own = train_method(ctx, method, os.path.join(ctx.config.out, "model.pt"))
         train_s = time.perf_counter() - t0
         reports = evaluate_rows(ctx, method_rows(ctx, method, built, own))
         first = next(iter(reports))
-        return {"seed": seed, "method": method, "train_s": train_s, "own": first,
+        return {"seed": seed, "method": variant(method, args.options.get(method)), "train_s": train_s, "own": first,
                 "rows": {k: _report_dict(v) for k, v in reports.items()},
                 "telemetry": _telemetry(getattr(built.trainer, "history", []))}
     finally:
@@ -138,6 +171,9 @@ def main(argv=None):
     p.add_argument("--cache", default=None, help="pretrained-network cache (default: fastood's)")
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="a keyword argument for one method's trainer (repeatable): an ablation variant, cached and "
+                        "reported as its own row")
     p.add_argument("--quick", action="store_true", help="mnist5k-0to4, 1 seed, 4 steps: a smoke test")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -151,6 +187,10 @@ def main(argv=None):
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         p.error(f"unknown methods {unknown}; valid: {', '.join(METHODS)}")
+    try:
+        args.options = parse_sets(args.sets, methods)
+    except ValueError as exc:
+        p.error(str(exc))
     cells = Cells(args.out)
     log = (lambda *a: None) if args.quiet else print
     t0 = time.time()
@@ -159,9 +199,10 @@ def main(argv=None):
     for seed in args.seeds:
         base.append(cells.run(f"{tag}_s{seed}_pretrained", lambda: baseline_cell(args, seed), log))
         for m in methods:
-            results.append(cells.run(f"{tag}_s{seed}_{m}", lambda: method_cell(args, seed, m), log))
+            results.append(cells.run(f"{tag}_s{seed}_{variant(m, args.options.get(m))}",
+                                     lambda: method_cell(args, seed, m), log))
     oods = list(base[0]["rows"]["msp"]["auroc"])
-    text = table(base, results, methods, oods)
+    text = table(base, results, [variant(m, args.options.get(m)) for m in methods], oods)
     meta = {"command": "python bench/compare_methods.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "data": args.data, "seeds": args.seeds,
             "budget": f"{args.steps} steps of {args.batch_size} ID images per method (pretraining "

@@ -110,6 +110,15 @@ def _positive_float(value: str) -> float:
     return x
 
 
+def _trainer_option(value: str) -> tuple:
+    from fastood.options import parse_trainer_option
+
+    try:
+        return parse_trainer_option(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _device(value: str) -> str:
     key = value.strip().lower()
     if key == "auto" or key == "cpu" or key == "cuda" or key.startswith("cuda:"):
@@ -205,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(train, out_default=None, epochs_help="training epochs (default: the method's own)")
     train.add_argument("--lr", type=_positive_float, default=None,
                        help="learning rate (default: the method's paper default)")
+    train.add_argument("--set", dest="trainer_options", type=_trainer_option, action="append", default=None,
+                       metavar="KEY=VALUE",
+                       help="a keyword argument of the method's trainer, overriding its default (repeatable), e.g. "
+                            "--set freeze_bn=True --set beta_range=authors; VALUE is a Python literal or a string")
     train.add_argument("--pretrained", default=None, metavar="MODEL_PT",
                        help="start from this model file (written by fastood train standard) instead of the cached "
                             "pretrained classifier")
@@ -355,7 +368,8 @@ def _cmd_train(args) -> int:
 
         args.out = args.out or f"fastood-{args.method}"
         _check_out(args.out)
-        config = demo.RunConfig.from_args(args, methods=[args.method], lr=args.lr, pretrained=args.pretrained)
+        config = demo.RunConfig.from_args(args, methods=[args.method], lr=args.lr, pretrained=args.pretrained,
+                                          trainer_options=dict(args.trainer_options or []))
         demo.run_train(config)
     return 0
 

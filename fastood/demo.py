@@ -77,6 +77,7 @@ class RunConfig:
     grid: int = 64                      # generated samples in each PNG grid
     plots: bool = True                  # ROC curves and histograms (needs matplotlib)
     detectors: Optional[list] = None    # demo: detectors of every row (names or "all"); None: MSP, Energy + own
+    trainer_options: dict = field(default_factory=dict)  # extra trainer keyword arguments (``--set KEY=VALUE``)
 
     def __post_init__(self):
         if self.tiny:
@@ -139,7 +140,7 @@ def _build_fig(ctx):
     model = ctx.pretrained()
     # The trainer's default sampler carries the paper's settings; --tiny only shortens the chains.
     sampler = LangevinSampler(max_steps=5) if ctx.config.tiny else None
-    trainer = FIGTrainer(model, sampler=sampler, **ctx.trainer_kwargs("fig"))
+    trainer = FIGTrainer(model, **ctx.trainer_kwargs("fig", sampler=sampler))
     return Built(trainer, model, lambda n: trainer.sampler.sample(model, n, ctx.shape))
 
 
@@ -156,7 +157,7 @@ def _build_manifold(ctx):
 
     cvae = ctx.cvae("onehot")
     # Fine-tunes the pretrained classifier with its head grown to n + 1 outputs (class n + 1 = outlier).
-    trainer = ManifoldTrainer(ctx.pretrained(), cvae, extend_head=True, **ctx.trainer_kwargs("manifold"))
+    trainer = ManifoldTrainer(ctx.pretrained(), cvae, **ctx.trainer_kwargs("manifold", extend_head=True))
     sampler = trainer.sampler  # fitted on the training loader when fit starts
 
     def samples(n):
@@ -170,7 +171,7 @@ def _build_cmg(mode):
     def build(ctx):
         from fastood.trainers.cmg import CMGTrainer
 
-        trainer = CMGTrainer(ctx.pretrained(), ctx.cvae("embedding"), mode=mode, **ctx.trainer_kwargs(f"cmg-{mode}"))
+        trainer = CMGTrainer(ctx.pretrained(), ctx.cvae("embedding"), **ctx.trainer_kwargs(f"cmg-{mode}", mode=mode))
         # trainer.classifier = head(backbone(x)) on images (the pretrained model's own modules, fine-tuned head).
         return Built(trainer, trainer.classifier, lambda n: trainer.sampler.sample(None, n))
     return build
@@ -180,7 +181,7 @@ def _build_oe(ctx):
     from fastood.trainers.oe import OETrainer
 
     model = ctx.pretrained()
-    return Built(OETrainer(model, outliers=ctx.outlier_loader(), **ctx.trainer_kwargs("oe")), model)
+    return Built(OETrainer(model, **ctx.trainer_kwargs("oe", outliers=ctx.outlier_loader())), model)
 
 
 def _build_energy_oe(ctx):
@@ -188,8 +189,7 @@ def _build_energy_oe(ctx):
 
     model = ctx.pretrained()
     # The paper's margins (-25, -7) are CIFAR-10 energies; "auto" measures them on this model and data first.
-    trainer = EnergyOETrainer(model, outliers=ctx.outlier_loader(), margins="auto",
-                              **ctx.trainer_kwargs("energy-oe"))
+    trainer = EnergyOETrainer(model, **ctx.trainer_kwargs("energy-oe", outliers=ctx.outlier_loader(), margins="auto"))
     return Built(trainer, model)
 
 
@@ -197,7 +197,7 @@ def _build_ice(ctx):
     from fastood.trainers.ice import ICETrainer
 
     model = ctx.pretrained()
-    trainer = ICETrainer(model, outliers=ctx.outlier_loader(), **ctx.trainer_kwargs("ice"))
+    trainer = ICETrainer(model, **ctx.trainer_kwargs("ice", outliers=ctx.outlier_loader()))
     return Built(trainer, trainer.model)
 
 
@@ -209,8 +209,8 @@ def _build_discrepancy(ctx):
     # only (the paper's step A), the second half adds the unlabeled discrepancy loss (step B).
     model = TwoHead.from_model(ctx.pretrained())
     total = ctx.total_steps(METHODS["discrepancy"])
-    trainer = DiscrepancyTrainer(model, unlabeled=ctx.unlabeled_loader(), pretrain_steps=total // 2,
-                                 **ctx.trainer_kwargs("discrepancy"))
+    trainer = DiscrepancyTrainer(model, **ctx.trainer_kwargs("discrepancy", unlabeled=ctx.unlabeled_loader(),
+                                                             pretrain_steps=total // 2))
     return Built(trainer, model)
 
 
@@ -305,14 +305,19 @@ class Context:
             return resnet18_cifar(num_classes=self.num_classes, in_channels=c)
         raise PipelineError(f"unknown model {self.config.model!r}; valid models: smallcnn, resnet18")
 
-    def trainer_kwargs(self, method: str, checkpoint: bool = True) -> dict:
+    def trainer_kwargs(self, method: str, checkpoint: bool = True, **defaults) -> dict:
+        """Keyword arguments of ``method``'s trainer: ``defaults`` (the builder's choices), then the run's own
+        (progress, seed, device, checkpoints, ``lr``), then ``config.trainer_options`` (``--set KEY=VALUE``), each
+        overriding the one before."""
         cfg = self.config
-        kwargs = dict(progress=cfg.progress, seed=cfg.seed, device=self.device, checkpoint_every=50,
+        kwargs = dict(defaults)
+        kwargs.update(progress=cfg.progress, seed=cfg.seed, device=self.device, checkpoint_every=50,
                       checkpoint_minutes=cfg.checkpoint_minutes, skip_nonfinite=cfg.skip_nonfinite, sync_bn=cfg.sync_bn)
         if checkpoint:
             kwargs["checkpoint_dir"] = self.checkpoint_dir(method)
         if cfg.lr is not None:
             kwargs["lr"] = cfg.lr
+        kwargs.update(cfg.trainer_options or {})
         return kwargs
 
     def total_steps(self, method: "Method") -> int:

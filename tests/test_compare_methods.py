@@ -21,3 +21,38 @@ def test_compare_methods_quick(tmp_path):
     assert set(fig["rows"][fig["own"]]["auroc"]) == {"mnist5k-5to9", "digits", "gaussian", "uniform", "sphere"}
     assert sorted(os.listdir(tmp_path / "cells")) == sorted(
         f"mnist5k-0to4_st4_b128_n64_t128_s0_{m}.json" for m in ("pretrained", "fig", "standard"))
+
+
+def _module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_methods", os.path.join(ROOT, "bench", "compare_methods.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_set_makes_a_variant_with_its_own_cells_folder_and_options():
+    import argparse
+
+    import pytest
+
+    cm = _module()
+    options = cm.parse_sets(["manifold.freeze_bn=True", "manifold.beta_range=authors", "oe.lr=0.01"],
+                            ["manifold", "oe", "fig"])
+    assert options == {"manifold": {"freeze_bn": True, "beta_range": "authors"}, "oe": {"lr": 0.01}}
+    name = cm.variant("manifold", options["manifold"])
+    assert name == "manifold[beta_range='authors',freeze_bn=True]" and cm.variant("fig", None) == "fig"
+    args = argparse.Namespace(options=options, data="mnist5k-0to4", steps=4, batch_size=8, eval_n=16, out="o",
+                              quiet=True, pretrain_epochs=1, cvae_epochs=1, train_n=32, cache=None)
+    config = cm._config(args, 0, "manifold")
+    assert config.trainer_options == {"freeze_bn": True, "beta_range": "authors"}
+    # its checkpoints never mix with the default's (o/s0/manifold), and the folder name is plain
+    assert config.out == os.path.join("o", "s0", "manifold_beta_range_authors_freeze_bn_True")
+    assert cm._config(args, 0, "fig").out == os.path.join("o", "s0", "fig")
+    with pytest.raises(ValueError, match="METHOD.KEY=VALUE"):
+        cm.parse_sets(["nomethod.lr=1"], ["fig"])
+    with pytest.raises(ValueError, match="not among --methods"):
+        cm.parse_sets(["oe.lr=1"], ["fig"])
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        cm.parse_sets(["oe.lr"], ["oe"])

@@ -265,6 +265,17 @@ def test_trainer_errors():
         ManifoldTrainer(tiny_classifier(4), object())
 
 
+def test_trainer_passes_beta_range_to_its_default_sampler():
+    trainer = ManifoldTrainer(tiny_classifier(4), tiny_cvae(), beta_range="authors", progress=False)
+    assert trainer.sampler.beta_preset == "authors" and trainer.sampler.random_sign
+    assert trainer.sampler.beta_range == pytest.approx((0.2, 56.0))  # U(0.1, 28) of the [-1, 1] range's width
+    assert ManifoldTrainer(tiny_classifier(4), tiny_cvae(), progress=False).sampler.beta_preset == "paper"
+    assert ManifoldTrainer(tiny_classifier(4), tiny_cvae(), beta_range=(0.5, 1.5),
+                           progress=False).sampler.beta_range == (0.5, 1.5)
+    with pytest.raises(ValueError, match="beta_range is for the default sampler"):
+        ManifoldTrainer(tiny_classifier(4), FixedOutliers(), beta_range="authors")
+
+
 # ---------------------------------------------------------------------------------------------------- issue 12
 def test_beta_default_is_the_papers_range_on_the_datas_scale():
     cvae = tiny_cvae()

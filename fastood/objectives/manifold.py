@@ -20,15 +20,19 @@ def check_ratio(ratio, name="ratio"):
     return r
 
 
-def manifold_sampler(cvae, bounds=None):
+def manifold_sampler(cvae, bounds=None, beta_range=None):
     """A :class:`~fastood.samplers.manifold.ManifoldSampler` around a ConditionalVAE (in ``bounds``, default
-    (-1, 1)), or ``cvae`` itself when it already is a sampler ``sample(model, n, shape, context)``."""
+    (-1, 1); type-I step ``beta_range``, default the sampler's ``"paper"``), or ``cvae`` itself when it already is a
+    sampler ``sample(model, n, shape, context)``."""
     from fastood.samplers.manifold import ManifoldSampler
 
     if isinstance(cvae, nn.Module):
-        return ManifoldSampler(cvae, bounds=(-1.0, 1.0) if bounds is None else bounds)
-    if bounds is not None:
-        raise ValueError("bounds is for the default sampler built around a CVAE; pass it to your sampler instead")
+        options = {} if beta_range is None else {"beta_range": beta_range}
+        return ManifoldSampler(cvae, bounds=(-1.0, 1.0) if bounds is None else bounds, **options)
+    for name, value in (("bounds", bounds), ("beta_range", beta_range)):
+        if value is not None:
+            raise ValueError(f"{name} is for the default sampler built around a CVAE; pass it to your sampler "
+                             "instead")
     if not callable(getattr(cvae, "sample", None)):
         raise TypeError(f"cvae must be a ConditionalVAE or a sampler with sample(model, n, shape, context), got "
                         f"{type(cvae).__name__}")
@@ -54,6 +58,8 @@ class ManifoldObjective(Objective):
         ratio: ID : type I : type II per batch (default (2, 1, 1)).
         bounds: data range of the default sampler (only with a CVAE).
         check_range: check the first ID batch against the sampler's box (:func:`fastood.check_data_range`).
+        beta_range: type-I step of the default sampler (only with a CVAE): ``"paper"`` (its default), ``"authors"``
+            or ``(low, high)``; see :class:`~fastood.samplers.manifold.ManifoldSampler`.
 
     Call: ``model`` a classifier with n + 1 outputs (the last one "outlier"; grow a trained head with
     :func:`fastood.trainers.manifold.grow_head`), ``x`` [b, ...], ``y`` [b] in [0, n-1]. Returns ``(loss, logs)``,
@@ -64,12 +70,13 @@ class ManifoldObjective(Objective):
     ``type2_radius`` (mean Mahalanobis radius of the type-II latents).
     """
 
-    def __init__(self, sampler, ood_weight: float = 0.1, ratio=(2, 1, 1), bounds=None, check_range: bool = True):
+    def __init__(self, sampler, ood_weight: float = 0.1, ratio=(2, 1, 1), bounds=None, check_range: bool = True,
+                 beta_range=None):
         super().__init__(check_range=check_range)
         if not (isinstance(ood_weight, (int, float)) and math.isfinite(ood_weight) and ood_weight > 0):
             raise ValueError(f"ood_weight must be a finite number > 0, got {ood_weight!r}")
         self.ratio = check_ratio(ratio)
-        self.sampler = manifold_sampler(sampler, bounds)
+        self.sampler = manifold_sampler(sampler, bounds, beta_range)
         self.ood_weight = float(ood_weight)
         #: median distance from an ID image to its nearest neighbour in a batch (the type-I step's scale), or None
         self.id_nn_distance = None

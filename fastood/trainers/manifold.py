@@ -125,6 +125,9 @@ class ManifoldTrainer(Trainer):
         bounds: data range of the default sampler (only with a CVAE); its beta range is the paper's U[0.1, 1] of a
             [0, 1] range scaled to ``bounds`` (U[0.2, 2] on the default [-1, 1]).
         freeze_bn: False (default), True or ``"auto"``; see above.
+        beta_range: type-I step of the default sampler (only with a CVAE): None (the sampler's default,
+            ``"paper"``), ``"paper"``, ``"authors"`` or ``(low, high)``; see
+            :class:`~fastood.samplers.manifold.ManifoldSampler`.
         **kwargs: the Trainer options (lr, momentum, weight_decay, optimizer, checkpoint_dir, progress, seed, ...).
 
     SGD (momentum 0.9, weight decay 5e-4) with lr 0.01 by default. The ID batch and the outliers go through the
@@ -148,10 +151,10 @@ class ManifoldTrainer(Trainer):
     id_nn_distance = delegated("id_nn_distance")
 
     def __init__(self, model, cvae, ood_weight=0.1, ratio=(2, 1, 1), extend_head=False, bounds=None, freeze_bn=False,
-                 **kwargs):
+                 beta_range=None, **kwargs):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        objective = ManifoldObjective(cvae, ood_weight=ood_weight, ratio=ratio, bounds=bounds,
+        objective = ManifoldObjective(cvae, ood_weight=ood_weight, ratio=ratio, bounds=bounds, beta_range=beta_range,
                                       check_range=False)  # fit checks the first batch
         if extend_head:
             grow_head(model, 1)
