@@ -122,17 +122,29 @@ def method_cell(args, seed, method):
         ctx.close()
 
 
-def table(base, cells, methods, oods):
-    """Text table: one row per method (its own detector), means over seeds."""
+def _plus_minus(values, signed=False) -> str:
+    """``"89.0 ± 1.5"`` (``"+19.6 ± 10.2"`` when ``signed``), ``"-"`` for no finite value."""
+    m, s = mean_std(values)
+    if not math.isfinite(m):
+        return "-"
+    return (f"{m:+.1f}" if signed else f"{m:.1f}") + f" ± {s:.1f}"
+
+
+def table(base, cells, methods, oods, markdown=False):
+    """One row per method (its own detector), means over seeds: aligned text with ``(n=seeds)``, or a markdown
+    table (``markdown=True``, mean ± std) as docs/reproduction.md shows it."""
+    def cell(values, signed=False):
+        return _plus_minus(values, signed) if markdown else format_mean_std(values)
+
     head = (["method / detector"] + [f"AUROC {o}" for o in oods]
             + ["mean AUROC", "change", "FPR95", "ID acc", "acc change", "train s", "telemetry (last 10%)"])
     rows = []
     msp = [b["rows"]["msp"] for b in base]
     base_auroc = [r["mean_auroc"] for r in msp]
     base_acc = [100 * r["id_accuracy"] for r in msp]
-    rows.append(["pretrained / MSP"] + [format_mean_std([r["auroc"][o] for r in msp]) for o in oods]
-                + [format_mean_std(base_auroc), "", format_mean_std([r["mean_fpr95"] for r in msp]),
-                   format_mean_std(base_acc), "", "", ""])
+    rows.append(["pretrained / MSP"] + [cell([r["auroc"][o] for r in msp]) for o in oods]
+                + [cell(base_auroc), "", cell([r["mean_fpr95"] for r in msp]),
+                   cell(base_acc), "", "", ""])
     for m in methods:
         got = [c for c in cells if c["method"] == m]
         if not got:
@@ -147,10 +159,14 @@ def table(base, cells, methods, oods):
         acc_change = [a - b_acc[s] for a, s in zip(acc, seeds) if s in b_acc]
         keys = sorted(set().union(*[c["telemetry"] for c in got]) - {"loss"})[:6]
         tele = ", ".join(f"{k}={mean_std([c['telemetry'].get(k, math.nan) for c in got])[0]:.3g}" for k in keys)
-        rows.append([f"{m} / {own[0]['detector']}"] + [format_mean_std([r["auroc"][o] for r in own]) for o in oods]
-                    + [format_mean_std([r["mean_auroc"] for r in own]), format_mean_std(change),
-                       format_mean_std([r["mean_fpr95"] for r in own]), format_mean_std(acc),
-                       format_mean_std(acc_change), f"{mean_std([c['train_s'] for c in got])[0]:.0f}", tele])
+        rows.append([f"{m} / {own[0]['detector']}"] + [cell([r["auroc"][o] for r in own]) for o in oods]
+                    + [cell([r["mean_auroc"] for r in own]), cell(change, signed=True),
+                       cell([r["mean_fpr95"] for r in own]), cell(acc),
+                       cell(acc_change, signed=True), f"{mean_std([c['train_s'] for c in got])[0]:.0f}",
+                       tele])
+    if markdown:
+        return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                         + ["| " + " | ".join(r) + " |" for r in rows])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     fmt = " | ".join("{:<%d}" % w for w in widths)
     return "\n".join([fmt.format(*head), "-" * (sum(widths) + 3 * len(widths))] + [fmt.format(*r) for r in rows])
@@ -214,7 +230,9 @@ def main(argv=None):
     with open(os.path.join(args.out, "compare_methods.txt"), "w") as fh:
         fh.write("\n".join(f"{k}: {v}" for k, v in meta.items()) + "\n\n" + text + "\n")
     with open(os.path.join(args.out, "compare_methods.md"), "w") as fh:
-        fh.write("\n".join(f"- {k}: {v}" for k, v in meta.items()) + "\n\n```\n" + text + "\n```\n")
+        fh.write("\n".join(f"- {k}: {v}" for k, v in meta.items()) + "\n\n"
+                 + table(base, results, [variant(m, args.options.get(m)) for m in methods], oods, markdown=True)
+                 + "\n")
     with open(os.path.join(args.out, "compare_methods.json"), "w") as fh:
         json.dump({"meta": meta, "pretrained": base, "methods": results}, fh, indent=1)
     print(text)

@@ -19,6 +19,8 @@ def test_compare_methods_quick(tmp_path):
     fig = next(c for c in data["methods"] if c["method"] == "fig")
     assert fig["train_s"] > 0 and "gen_entropy" in fig["telemetry"]  # FIG's mechanism figures are in the table
     assert set(fig["rows"][fig["own"]]["auroc"]) == {"mnist5k-5to9", "digits", "gaussian", "uniform", "sphere"}
+    md = (tmp_path / "compare_methods.md").read_text()  # the markdown table docs/reproduction.md shows
+    assert "| pretrained / MSP |" in md and "| fig / MSP |" in md and " ± " in md
     assert sorted(os.listdir(tmp_path / "cells")) == sorted(
         f"mnist5k-0to4_st4_b128_n64_t128_s0_{m}.json" for m in ("pretrained", "fig", "standard"))
 
