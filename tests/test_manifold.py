@@ -269,7 +269,9 @@ def test_trainer_passes_beta_range_to_its_default_sampler():
     trainer = ManifoldTrainer(tiny_classifier(4), tiny_cvae(), beta_range="authors", progress=False)
     assert trainer.sampler.beta_preset == "authors" and trainer.sampler.random_sign
     assert trainer.sampler.beta_range == pytest.approx((0.2, 56.0))  # U(0.1, 28) of the [-1, 1] range's width
-    assert ManifoldTrainer(tiny_classifier(4), tiny_cvae(), progress=False).sampler.beta_preset == "paper"
+    assert ManifoldTrainer(tiny_classifier(4), tiny_cvae(), progress=False).sampler.beta_preset == "authors"
+    assert ManifoldTrainer(tiny_classifier(4), tiny_cvae(), beta_range="paper",
+                           progress=False).sampler.beta_preset == "paper"
     assert ManifoldTrainer(tiny_classifier(4), tiny_cvae(), beta_range=(0.5, 1.5),
                            progress=False).sampler.beta_range == (0.5, 1.5)
     with pytest.raises(ValueError, match="beta_range is for the default sampler"):
@@ -277,12 +279,15 @@ def test_trainer_passes_beta_range_to_its_default_sampler():
 
 
 # ---------------------------------------------------------------------------------------------------- issue 12
-def test_beta_default_is_the_papers_range_on_the_datas_scale():
+def test_beta_default_is_the_authors_range_and_paper_the_texts_on_the_datas_scale():
     cvae = tiny_cvae()
+    # The default: the authors' notebooks (which produced Table 1), U(0.1, 28) of a [0, 1] range, random sign.
+    assert ManifoldSampler(cvae).beta_preset == "authors" and ManifoldSampler(cvae).random_sign
+    assert ManifoldSampler(cvae).beta_range == pytest.approx((0.2, 56.0))
     # Vernekar et al. 2019, Sec. 3.1: beta ~ U[0.1, 1] for images in [0, 1]; on [-1, 1] that is U[0.2, 2].
-    assert ManifoldSampler(cvae).beta_range == pytest.approx((0.2, 2.0))
-    assert ManifoldSampler(cvae, bounds=(0.0, 1.0)).beta_range == pytest.approx((0.1, 1.0))
-    assert not ManifoldSampler(cvae).random_sign
+    assert ManifoldSampler(cvae, beta_range="paper").beta_range == pytest.approx((0.2, 2.0))
+    assert ManifoldSampler(cvae, beta_range="paper", bounds=(0.0, 1.0)).beta_range == pytest.approx((0.1, 1.0))
+    assert not ManifoldSampler(cvae, beta_range="paper").random_sign
     # an explicit pair stays in image units
     assert ManifoldSampler(cvae, beta_range=(0.1, 1.0)).beta_range == (0.1, 1.0)
     with pytest.raises(ValueError, match="beta_range must be one of"):
@@ -331,7 +336,7 @@ def test_batchnorm_trains_on_the_mixed_batch_by_default_and_auto_freezes_learned
 
 def test_mechanism_figures_are_logged():
     cvae = tiny_cvae()
-    sampler = ManifoldSampler(cvae).fit(loader())
+    sampler = ManifoldSampler(cvae, beta_range="paper").fit(loader())
     trainer = ManifoldTrainer(tiny_classifier(4), sampler, progress=False)
     trainer.fit(loader(24, 12), steps=1)
     logs = trainer.history[-1]
