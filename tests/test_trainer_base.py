@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -97,6 +99,30 @@ def test_standard_schedule_divides_lr_at_half_and_three_quarters():
 
     Recording(_model(), lr=0.1, progress=False).fit(_loader(_problem()), steps=8)
     assert lrs == pytest.approx([0.1] * 4 + [0.01] * 2 + [0.001] * 2)
+
+
+def test_cosine_schedule_anneals_over_the_budget_and_resumes_where_it_stopped(tmp_path):
+    lrs = []
+
+    class Recording(StandardTrainer):
+        def training_step(self, batch):
+            lrs.append(self.optimizer.param_groups[0]["lr"])
+            return super().training_step(batch)
+
+    Recording(_model(), lr=0.1, scheduler="cosine", progress=False).fit(_loader(_problem()), steps=8)
+    expected = [0.05 * (1 + math.cos(math.pi * t / 8)) for t in range(8)]
+    assert lrs == pytest.approx(expected)  # not StandardTrainer's own steps: "cosine" replaces the method's schedule
+    # 3 steps, then continued to 8: the schedule is rebuilt for the new budget at step 3 (Trainer's documented rule),
+    # so from there on the learning rates are the 8-step run's
+    lrs.clear()
+    Recording(_model(), lr=0.1, scheduler="cosine", progress=False, checkpoint_dir=tmp_path,
+              checkpoint_every=1).fit(_loader(_problem()), steps=3)
+    Recording(_model(), lr=0.1, scheduler="cosine", progress=False, checkpoint_dir=tmp_path).fit(
+        _loader(_problem()), steps=8)
+    assert lrs[:3] == pytest.approx([0.05 * (1 + math.cos(math.pi * t / 3)) for t in range(3)])
+    assert lrs[3:] == pytest.approx(expected[3:])
+    with pytest.raises(TypeError, match="'auto', 'cosine', None"):
+        StandardTrainer(_model(), scheduler="linear")
 
 
 def test_resume_false_starts_over(tmp_path):

@@ -29,6 +29,8 @@ from fastood.trainers.resume import RecordsHyperparameters, Resumed, ResumeWarni
 
 _END = object()
 _RESUME_MODES = ("auto", True, False)
+#: the schedules fastood builds for a run's budget: the method's own ("auto") and cosine annealing to 0
+NAMED_SCHEDULES = ("auto", "cosine")
 logger = logging.getLogger("fastood.trainers")
 
 
@@ -105,8 +107,10 @@ class Trainer(metaclass=RecordsHyperparameters):
             form then. :meth:`fit` refuses an optimizer that misses any, naming them.
         scheduler: the LR schedule, stepped after every optimizer step. ``"auto"`` (default): the method's paper
             schedule when fastood builds the optimizer, none with your ``optimizer=`` (fastood never attaches its
-            schedule to your optimizer); ``None``: constant LR; a callable ``optimizer -> scheduler`` (e.g.
-            ``lambda opt: torch.optim.lr_scheduler.StepLR(opt, 10)``) or a scheduler already built on ``optimizer``.
+            schedule to your optimizer); ``"cosine"``: cosine annealing from ``lr`` to 0 over the run's steps
+            (``fit``'s budget; like ``"auto"``, only on fastood's optimizer); ``None``: constant LR; a callable
+            ``optimizer -> scheduler`` (e.g. ``lambda opt: torch.optim.lr_scheduler.StepLR(opt, 10)``) or a
+            scheduler already built on ``optimizer``.
             Its state is checkpointed with the run. A resumed ``fit`` with a different budget (``steps``/``epochs``)
             than the checkpoint's rebuilds fastood's schedule for the new budget at the current step (as if the run
             had had that budget from the start), and says so; your own scheduler continues as it is.
@@ -173,9 +177,9 @@ class Trainer(metaclass=RecordsHyperparameters):
         if optimizer is not None and lr is not None:
             raise ValueError(f"lr={lr!r} is for the optimizer fastood builds; with optimizer= set the learning rate on "
                              "your optimizer")
-        if not (scheduler is None or scheduler == "auto" or callable(scheduler) or _is_scheduler(scheduler)):
-            raise TypeError(f"scheduler must be 'auto', None, a callable optimizer -> LR scheduler or an LR scheduler, "
-                            f"got {scheduler!r}")
+        if not (scheduler is None or scheduler in NAMED_SCHEDULES or callable(scheduler) or _is_scheduler(scheduler)):
+            raise TypeError(f"scheduler must be 'auto', 'cosine', None, a callable optimizer -> LR scheduler or an "
+                            f"LR scheduler, got {scheduler!r}")
         if _is_scheduler(scheduler) and not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError("a scheduler instance needs the optimizer it schedules as optimizer=; with a callable "
                              "optimizer= pass scheduler=lambda opt: ... instead")
@@ -314,7 +318,13 @@ class Trainer(metaclass=RecordsHyperparameters):
 
     @property
     def _user_scheduler(self) -> bool:
-        return self._scheduler_arg is not None and self._scheduler_arg != "auto"
+        return self._scheduler_arg is not None and self._scheduler_arg not in NAMED_SCHEDULES
+
+    def _named_schedule(self, total: int):
+        """fastood's schedule for a run of ``total`` steps: ``"cosine"``, or the method's own (``"auto"``)."""
+        if self._scheduler_arg == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(1, int(total)))
+        return self.configure_scheduler(self.optimizer, total)
 
     def _setup_schedule(self, total: int) -> None:
         """Build (or keep) the LR scheduler for a run of ``total`` steps, after any resume.
@@ -343,7 +353,7 @@ class Trainer(metaclass=RecordsHyperparameters):
         if from_checkpoint and saved_total in (None, total):
             # the budget the checkpoint was written with: its scheduler continues exactly
             self._schedule_total = total
-            self.scheduler = self.configure_scheduler(self.optimizer, total)
+            self.scheduler = self._named_schedule(total)
             if self.scheduler is not None and saved_state is not None:
                 self.scheduler.load_state_dict(saved_state)
             return
@@ -354,7 +364,7 @@ class Trainer(metaclass=RecordsHyperparameters):
         for group in self.optimizer.param_groups:  # the schedule starts again from the base learning rate
             if "initial_lr" in group:
                 group["lr"] = group["initial_lr"]
-        self.scheduler = self.configure_scheduler(self.optimizer, total)
+        self.scheduler = self._named_schedule(total)
         if self.scheduler is not None and self.step > 0:
             with warnings.catch_warnings():  # stepping without optimizer.step() is intended here
                 warnings.simplefilter("ignore")
