@@ -26,12 +26,9 @@ def test_compare_methods_quick(tmp_path):
 
 
 def _module():
-    import importlib.util
+    from script_loader import load_script
 
-    spec = importlib.util.spec_from_file_location("compare_methods", os.path.join(ROOT, "bench", "compare_methods.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/compare_methods.py")
 
 
 def test_set_makes_a_variant_with_its_own_cells_folder_and_options():

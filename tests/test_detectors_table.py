@@ -9,16 +9,14 @@ import pytest
 import torch
 
 from fastood.detectors import DETECTORS
+from script_loader import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def table():
-    spec = importlib.util.spec_from_file_location("detectors_table", os.path.join(ROOT, "bench", "detectors_table.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/detectors_table.py")
 
 
 def test_grids_are_the_papers(table):

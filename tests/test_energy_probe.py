@@ -1,20 +1,13 @@
 """bench/energy_probe.py: the energies it prints are -logsumexp of the saved network's logits, per set."""
-import importlib.util
-import os
-
 import torch
 
 from fastood import save_model
 from fastood.models import SmallCNN
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from script_loader import load_script
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("energy_probe", os.path.join(ROOT, "bench", "energy_probe.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/energy_probe.py")
 
 
 def test_energies_are_minus_logsumexp_of_the_logits_and_of_head_one():

@@ -227,11 +227,9 @@ def test_quality_bench_protocol_is_the_authors_fine_tuning_budget():
     # bench/quality_fig.py's default run: main_FIG.py train_finetune's 1000 iterations of batch 128, at the paper's lr
     # (FIGTrainer's). The 62 steps of batch 64 before were too short: ID accuracy -1.1 (worst -1.6) after 62 steps,
     # 0.0 (worst -0.2) after 1000 (issue 12's done-when; docs/fidelity.md).
-    import importlib.util
+    from script_loader import load_script
 
-    spec = importlib.util.spec_from_file_location("quality_fig", os.path.join(ROOT, "bench", "quality_fig.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench/quality_fig.py")
     _, args = bench.parse_args([])
     assert (args.steps, args.epochs, args.batch_size, args.lr) == (1000, None, 128, FIGTrainer.default_lr) == \
         (1000, None, 128, 1e-3)

@@ -1,6 +1,5 @@
 """The methods as pieces (issue 21, section 1): fastood.objectives, the losses in fastood.losses, frozen_batchnorm,
 check_data_range, the README's "Use in your own loop" snippet and the Lightning example."""
-import importlib.util
 import math
 import os
 import re
@@ -21,6 +20,7 @@ from fastood.objectives import (CMGObjective, DiscrepancyObjective, EnergyOEObje
                                 GaussianNoiseObjective, ICEObjective, ManifoldObjective, OEObjective)
 from fastood.trainers import (CMGTrainer, DiscrepancyTrainer, EnergyOETrainer, FIGTrainer, GaussianNoiseTrainer,
                               ICETrainer, ManifoldTrainer, OETrainer)
+from script_loader import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -309,10 +309,7 @@ def test_readme_own_loop_snippet_runs(capsys):
 
 
 def _load_example(name):
-    spec = importlib.util.spec_from_file_location(f"example_{name}", os.path.join(ROOT, "examples", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"examples/{name}.py")
 
 
 def test_lightning_example_fine_tunes_with_batchnorm_frozen():
