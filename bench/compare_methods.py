@@ -20,8 +20,9 @@ Ablations: ``--set manifold.freeze_bn=True`` passes a keyword argument to one me
 manifold --set freeze_bn=True`` does); such a method is cached and reported as its own variant,
 ``manifold[freeze_bn=True]``, beside the default rows already cached under the same ``--out``.
 
-Each (seed, method) cell is cached under ``--out``/cells and each training checkpoints: an interrupted run
-continues. Writes ``--out``/compare_methods.{txt,md,json,csv}.
+Each (seed, method) cell is cached under ``--out``/cells and each training checkpoints (and saves its model) under
+``--out``/<data>_st<steps>_b<batch>_n<eval>_t<train-n>/s<seed>/<method>: an interrupted run continues, and runs of
+another budget under the same ``--out`` get their own folders. Writes ``--out``/compare_methods.{txt,md,json,csv}.
 """
 import argparse
 import math
@@ -86,10 +87,17 @@ def parse_sets(items, methods) -> dict:
     return out
 
 
+def run_tag(args) -> str:
+    """What the training and evaluation of a cell depend on besides seed and method: the cells' key prefix and the
+    folder of the run's checkpoints and models (two budgets under one ``--out`` never share a checkpoint)."""
+    return f"{args.data}_st{args.steps}_b{args.batch_size}_n{args.eval_n}_t{args.train_n}"
+
+
 def _config(args, seed, method):
     options = args.options.get(method, {})
     return RunConfig(methods=[method], data=args.data, seed=seed, steps=args.steps, batch_size=args.batch_size,
-                     eval_limit=args.eval_n, out=os.path.join(args.out, f"s{seed}", _folder(variant(method, options))),
+                     eval_limit=args.eval_n,
+                     out=os.path.join(args.out, run_tag(args), f"s{seed}", _folder(variant(method, options))),
                      resume=True, quiet=args.quiet, plots=False, pretrain_epochs=args.pretrain_epochs,
                      cvae_epochs=args.cvae_epochs, train_limit=args.train_n, cache=args.cache,
                      trainer_options=dict(options))
@@ -210,7 +218,7 @@ def main(argv=None):
     cells = Cells(args.out)
     log = (lambda *a: None) if args.quiet else print
     t0 = time.time()
-    tag = f"{args.data}_st{args.steps}_b{args.batch_size}_n{args.eval_n}_t{args.train_n}"
+    tag = run_tag(args)
     base, results = [], []
     for seed in args.seeds:
         base.append(cells.run(f"{tag}_s{seed}_pretrained", lambda: baseline_cell(args, seed), log))

@@ -1,7 +1,7 @@
 """Energies of trained networks on each test set: where the energy score puts the ID images, the training outliers
 and every OOD set. The measurement behind docs/reproduction.md's Energy-OE finding (Sphere-OOD ranked as ID).
 
-    python bench/energy_probe.py [--runs runs/compare] [--seed 0] [--methods standard energy-oe cmg-energy oe]
+    python bench/energy_probe.py [--runs runs/compare/fashion-mnist_st1000_b128_n2000_tNone] [--seed 0] [--methods standard energy-oe cmg-energy oe]
         [--data fashion-mnist] [-n 1000]
 
 Reads the ``model.pt`` files ``bench/compare_methods.py`` wrote (``--runs``/s``SEED``/``METHOD``/model.pt) and prints,
@@ -39,7 +39,8 @@ def energies(model, x: torch.Tensor) -> torch.Tensor:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", default="runs/compare")
+    p.add_argument("--runs", default="runs/compare/fashion-mnist_st1000_b128_n2000_tNone",
+                   help="compare_methods' folder of one budget (--out/<data>_st<steps>_b<batch>_n<eval>_t<train-n>)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", nargs="+", default=["standard", "energy-oe", "cmg-energy", "oe"])
     p.add_argument("--data", default="fashion-mnist")

@@ -46,9 +46,13 @@ def test_set_makes_a_variant_with_its_own_cells_folder_and_options():
                               quiet=True, pretrain_epochs=1, cvae_epochs=1, train_n=32, cache=None)
     config = cm._config(args, 0, "manifold")
     assert config.trainer_options == {"freeze_bn": True, "beta_range": "authors"}
-    # its checkpoints never mix with the default's (o/s0/manifold), and the folder name is plain
-    assert config.out == os.path.join("o", "s0", "manifold_beta_range_authors_freeze_bn_True")
-    assert cm._config(args, 0, "fig").out == os.path.join("o", "s0", "fig")
+    # its checkpoints never mix with the default's (o/<tag>/s0/manifold), and the folder name is plain
+    tag = "mnist5k-0to4_st4_b8_n16_t32"
+    assert config.out == os.path.join("o", tag, "s0", "manifold_beta_range_authors_freeze_bn_True")
+    assert cm._config(args, 0, "fig").out == os.path.join("o", tag, "s0", "fig")
+    # another budget under the same --out: another folder (a 250-step checkpoint is never resumed by a 500-step run)
+    args.steps = 8
+    assert cm._config(args, 0, "fig").out == os.path.join("o", "mnist5k-0to4_st8_b8_n16_t32", "s0", "fig")
     with pytest.raises(ValueError, match="METHOD.KEY=VALUE"):
         cm.parse_sets(["nomethod.lr=1"], ["fig"])
     with pytest.raises(ValueError, match="not among --methods"):
