@@ -33,12 +33,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-
 from fastood.demo import (METHODS, Context, RunConfig, evaluate_rows, method_rows, train_method,  # noqa: E402
                           make_detector)
 from fastood.options import parse_trainer_option  # noqa: E402
-from fastood.protocol import Cells, format_mean_std, mean_std  # noqa: E402
+from fastood.protocol import format_mean_std, mean_std, open_run  # noqa: E402
 
 
 def _report_dict(report) -> dict:
@@ -205,8 +203,6 @@ def main(argv=None):
         args.data, args.seeds, args.steps = "mnist5k-0to4", args.seeds[:1], 4
         args.pretrain_epochs, args.cvae_epochs = 1, 1
         args.eval_n, args.train_n = 64, args.train_n or 256
-    if args.threads:
-        torch.set_num_threads(args.threads)
     methods = [m for m in METHODS if m != "standard"] + ["standard"] if args.methods == ["all"] else args.methods
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -215,8 +211,7 @@ def main(argv=None):
         args.options = parse_sets(args.sets, methods)
     except ValueError as exc:
         p.error(str(exc))
-    cells = Cells(args.out)
-    log = (lambda *a: None) if args.quiet else print
+    cells, log = open_run(args)
     t0 = time.time()
     tag = run_tag(args)
     base, results = [], []

@@ -77,7 +77,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastood.data import benchmark, seeded_subset  # noqa: E402
 from fastood.data.benchmarks import CMG_PARTITIONS  # noqa: E402
-from fastood.protocol import Cells, PaperRow, cached_model, report  # noqa: E402
+from fastood.protocol import PaperRow, cached_model, open_run, report, run_grid  # noqa: E402
 
 #: Table 1, Setting 1, row MNIST (AUROC %, mean +- std over the 5 partitions).
 PAPER = {"Softmax": (97.6, 0.7), "ODIN": (98.1, 1.1), "Mahalanobis": (98.4, 0.4), "CMG-s": (98.3, 0.2),
@@ -392,16 +392,10 @@ def main(argv=None):
         p.error(f"--eval-n must be >= 0, got {args.eval_n}")
     args.tag = (f"c{args.clf_steps}x{args.clf_batch}_v{args.cvae_steps}x{args.cvae_batch}_n{args.stage2_n}"
                 f"_b{args.bank_n}_s{args.stage2_steps}_e{args.eval_n}_sig{args.sigma}_t{args.train_n}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cells = Cells(args.out)
-    log = (lambda *a: None) if args.quiet else print
+    cells, log = open_run(args)
     t0 = time.time()
-    results = []
-    for name in args.partitions:
-        for seed in args.seeds:
-            results.append(cells.run(f"{name}_s{seed}_{args.tag}", lambda: run_cell(name, seed, args, cells, log),
-                                     log))
+    results = run_grid(cells, args.partitions, args.seeds, lambda name, seed: f"{name}_s{seed}_{args.tag}",
+                       lambda name, seed: run_cell(name, seed, args, cells, log), log)
     rows = build_rows(results, args.partitions, args.seeds)
     meta = {"command": "python bench/reproduce_cmg.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "budget": f"stage 1 {args.clf_steps} Adam steps x {args.clf_batch} (authors: 100 epochs x 512); CVAE "

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastood.data import benchmark, seeded_subset  # noqa: E402
-from fastood.protocol import Cells, PaperRow, Stopwatch, cached_model, report  # noqa: E402
+from fastood.protocol import PaperRow, Stopwatch, cached_model, open_run, report, run_grid  # noqa: E402
 
 #: Table 1 of the paper (AUROC %, accuracy %). None = a column of the paper that is not reachable here.
 PAPER = {
@@ -235,19 +235,17 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.epochs, args.cvae_epochs, args.eval_n, args.train_n = 1, 1, 200, args.train_n or 512
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cells = Cells(args.out)
-    log = (lambda *a: None) if args.quiet else print
+    cells, log = open_run(args)
     t0 = time.time()
-    results = []
-    for name in args.sets:
-        for seed in args.seeds:
-            key = (f"{name}_s{seed}_e{args.epochs}_c{args.cvae_epochs}_{args.beta}_n{args.eval_n}"
-                   + ("" if args.lr is None else f"_lr{args.lr}")
-                   + ("" if args.optimizer == "adadelta" else f"_{args.optimizer}")
-                   + ("" if args.train_n is None else f"_t{args.train_n}"))
-            results.append(cells.run(key, lambda: run_cell(name, seed, args, cells, log), log))
+
+    def key(name, seed):
+        return (f"{name}_s{seed}_e{args.epochs}_c{args.cvae_epochs}_{args.beta}_n{args.eval_n}"
+                + ("" if args.lr is None else f"_lr{args.lr}")
+                + ("" if args.optimizer == "adadelta" else f"_{args.optimizer}")
+                + ("" if args.train_n is None else f"_t{args.train_n}"))
+
+    results = run_grid(cells, args.sets, args.seeds, key, lambda name, seed: run_cell(name, seed, args, cells, log),
+                       log)
     rows = build_rows(results, args.sets)
     meta = {"command": "python bench/reproduce_vernekar.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "budget": f"classifier {args.epochs} epochs (paper 200) with {args.optimizer}, CVAE {args.cvae_epochs} "

@@ -23,8 +23,8 @@ import torch
 
 from .weights_cache import load_cached_weights, save_cached_weights
 
-__all__ = ["Cells", "cached_model", "mean_std", "format_mean_std", "PaperRow", "paper_table", "write_table",
-           "report", "Stopwatch"]
+__all__ = ["Cells", "open_run", "run_grid", "cached_model", "mean_std", "format_mean_std", "PaperRow",
+           "paper_table", "write_table", "report", "Stopwatch"]
 
 
 def _slug(key: str) -> str:
@@ -79,6 +79,26 @@ class Cells:
         folder = os.path.join(self.root, "models")
         os.makedirs(folder, exist_ok=True)
         return os.path.join(folder, _slug(key) + ".pt")
+
+
+def open_run(args) -> tuple:
+    """The start of every reproduction script: ``torch.set_num_threads(args.threads)`` when it is given, the run's
+    :class:`Cells` under ``args.out``, and a ``log`` that prints (silent with ``args.quiet``). Returns
+    ``(cells, log)``."""
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    log = (lambda *a, **k: None) if getattr(args, "quiet", False) else print
+    return Cells(args.out), log
+
+
+def run_grid(cells: Cells, names, seeds, key: Callable, compute: Callable, log=print) -> list:
+    """Every cell of a ``names x seeds`` grid, names outer: ``cells.run(key(name, seed), lambda: compute(name,
+    seed))``, cached ones read back. Returns the cells' values in that order."""
+    results = []
+    for name in names:
+        for seed in seeds:
+            results.append(cells.run(key(name, seed), lambda: compute(name, seed), log))
+    return results
 
 
 def _json_default(value):

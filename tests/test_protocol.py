@@ -28,6 +28,32 @@ def test_cells_run_once_and_survive_a_damaged_file(tmp_path):
     assert not [f for f in os.listdir(cells.folder) if f.endswith(".part")]
 
 
+def test_open_run_and_run_grid(tmp_path, capsys):
+    import argparse
+
+    import torch
+
+    from fastood.protocol import open_run, run_grid
+
+    threads = torch.get_num_threads()
+    try:
+        cells, log = open_run(argparse.Namespace(out=str(tmp_path), threads=1, quiet=True))
+        assert torch.get_num_threads() == 1 and cells.folder == str(tmp_path / "cells")
+    finally:
+        torch.set_num_threads(threads)
+    log("nothing")
+    assert capsys.readouterr().out == ""  # quiet
+    calls = []
+    got = run_grid(cells, ["a", "b"], [0, 1], lambda n, s: f"{n}_s{s}",
+                   lambda n, s: calls.append((n, s)) or {"v": f"{n}{s}"}, log)
+    assert [g["v"] for g in got] == ["a0", "a1", "b0", "b1"] and calls == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
+    again = run_grid(cells, ["a", "b"], [0, 1], lambda n, s: f"{n}_s{s}", lambda n, s: calls.append(n), log)
+    assert [g["v"] for g in again] == ["a0", "a1", "b0", "b1"] and len(calls) == 4  # read back, not recomputed
+    _, loud = open_run(argparse.Namespace(out=str(tmp_path), threads=None, quiet=False))
+    loud("said")
+    assert capsys.readouterr().out == "said\n"
+
+
 def test_cached_model_trains_once_and_never_caches_a_diverged_model(tmp_path):
     cells = Cells(tmp_path)
     trained = []
