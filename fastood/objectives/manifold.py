@@ -22,7 +22,7 @@ def check_ratio(ratio, name="ratio"):
 
 def manifold_sampler(cvae, bounds=None, beta_range=None):
     """A :class:`~fastood.samplers.manifold.ManifoldSampler` around a ConditionalVAE (in ``bounds``, default
-    (-1, 1); type-I step ``beta_range``, default the sampler's ``"paper"``), or ``cvae`` itself when it already is a
+    (-1, 1); type-I step ``beta_range``, default the sampler's ``"authors"``), or ``cvae`` itself when it already is a
     sampler ``sample(model, n, shape, context)``."""
     from fastood.samplers.manifold import ManifoldSampler
 
@@ -58,7 +58,7 @@ class ManifoldObjective(Objective):
         ratio: ID : type I : type II per batch (default (2, 1, 1)).
         bounds: data range of the default sampler (only with a CVAE).
         check_range: check the first ID batch against the sampler's box (:func:`fastood.check_data_range`).
-        beta_range: type-I step of the default sampler (only with a CVAE): ``"paper"`` (its default), ``"authors"``
+        beta_range: type-I step of the default sampler (only with a CVAE): ``"authors"`` (its default), ``"paper"``
             or ``(low, high)``; see :class:`~fastood.samplers.manifold.ManifoldSampler`.
 
     Call: ``model`` a classifier with n + 1 outputs (the last one "outlier"; grow a trained head with
