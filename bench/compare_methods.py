@@ -22,7 +22,8 @@ manifold --set freeze_bn=True`` does); such a method is cached and reported as i
 
 Each (seed, method) cell is cached under ``--out``/cells and each training checkpoints (and saves its model) under
 ``--out``/<data>_st<steps>_b<batch>_n<eval>_t<train-n>/s<seed>/<method>: an interrupted run continues, and runs of
-another budget under the same ``--out`` get their own folders. Writes ``--out``/compare_methods.{txt,md,json,csv}.
+another budget under the same ``--out`` get their own folders. Writes ``--out``/compare_methods.{txt,md,json,csv}
+and, with matplotlib, compare_methods.png.
 """
 import argparse
 import math
@@ -178,6 +179,50 @@ def table(base, cells, methods, oods, markdown=False):
     return "\n".join([fmt.format(*head), "-" * (sum(widths) + 3 * len(widths))] + [fmt.format(*r) for r in rows])
 
 
+def write_csv(path, base, cells, oods) -> None:
+    """One row per (seed, method) cell, the pretrained MSP as method "pretrained": AUROC per OOD set, mean AUROC,
+    mean FPR95, ID accuracy (%) and training seconds."""
+    import csv
+
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["seed", "method", "detector"] + [f"auroc_{o}" for o in oods]
+                        + ["mean_auroc", "mean_fpr95", "id_accuracy", "train_s"])
+        rows = [(b["seed"], "pretrained", b["rows"]["msp"], None) for b in base]
+        rows += [(c["seed"], c["method"], c["rows"][c["own"]], c["train_s"]) for c in cells]
+        for seed, method, r, train_s in rows:
+            acc = None if r["id_accuracy"] is None else 100 * r["id_accuracy"]
+            writer.writerow([seed, method, r["detector"]] + [r["auroc"].get(o) for o in oods]
+                            + [r["mean_auroc"], r["mean_fpr95"], acc, train_s])
+
+
+def plot(path, base, cells, methods):
+    """Mean AUROC over the OOD sets per method (mean +- std over seeds) against the pretrained MSP's (a line); None
+    without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    names = [m for m in methods if any(c["method"] == m for c in cells)]
+    stats = [mean_std([c["rows"][c["own"]]["mean_auroc"] for c in cells if c["method"] == m]) for m in names]
+    msp = mean_std([b["rows"]["msp"]["mean_auroc"] for b in base])[0]
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(names) + 1.2))
+    ax.barh(range(len(names)), [s[0] for s in stats], xerr=[s[1] for s in stats], color="tab:blue")
+    ax.axvline(msp, color="0.3", linestyle="--", label=f"pretrained MSP {msp:.1f}")
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels(names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("mean AUROC over the OOD sets (%), mean +- std over seeds")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -238,8 +283,11 @@ def main(argv=None):
                  + "\n")
     with open(os.path.join(args.out, "compare_methods.json"), "w") as fh:
         json.dump({"meta": meta, "pretrained": base, "methods": results}, fh, indent=1)
+    write_csv(os.path.join(args.out, "compare_methods.csv"), base, results, oods)
+    png = plot(os.path.join(args.out, "compare_methods.png"), base, results,
+               [variant(m, args.options.get(m)) for m in methods])
     print(text)
-    print(f"\nwritten: {os.path.join(args.out, 'compare_methods.{txt,md,json}')}")
+    print(f"\nwritten: {os.path.join(args.out, 'compare_methods.{txt,md,json,csv}')}" + (f", {png}" if png else ""))
     return 0
 
 

@@ -24,7 +24,7 @@ import torch
 from .weights_cache import load_cached_weights, save_cached_weights
 
 __all__ = ["Cells", "open_run", "run_grid", "cached_model", "mean_std", "format_mean_std", "PaperRow",
-           "paper_table", "write_table", "report", "Stopwatch"]
+           "paper_table", "write_table", "plot_paper_rows", "report", "Stopwatch"]
 
 
 def _slug(key: str) -> str:
@@ -215,9 +215,46 @@ def write_table(out: str, name: str, rows, meta: dict, digits: int = 1) -> dict:
     return paths
 
 
+def plot_paper_rows(rows, path: str, title: str = "") -> Optional[str]:
+    """A PNG of every row that has a paper value: the paper's number beside fastood's mean with its std over seeds as
+    an error bar, one pair of horizontal bars per row. Returns ``path``, or None when matplotlib is missing or no row
+    has a paper value and a result."""
+    rows = [r for r in rows if r.paper is not None and math.isfinite(r.mean)]
+    if not rows:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    labels = [f"{r.table}: {r.row}" for r in rows]
+    y = list(range(len(rows)))
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.2))
+    ax.barh([v + 0.2 for v in y], [r.paper for r in rows], height=0.4, label="paper", color="0.6")
+    ax.barh([v - 0.2 for v in y], [r.mean for r in rows], height=0.4, xerr=[r.std if math.isfinite(r.std) else 0
+                                                                            for r in rows],
+            label="fastood (mean +- std over seeds)", color="tab:blue")
+    ax.set_yticks(y)
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.legend(fontsize=7, loc="lower right")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def report(out: str, name: str, rows, meta: dict, digits: int = 1) -> dict:
-    """:func:`write_table` and print the table and the written paths (the end of every reproduction script)."""
+    """:func:`write_table`, the paper-vs-fastood plot (``<out>/<name>.png``, with matplotlib) and print the table and
+    the written paths (the end of every reproduction script)."""
     paths = write_table(out, name, rows, meta, digits)
+    png = plot_paper_rows(rows, os.path.join(out, f"{name}.png"), title=name)
+    if png:
+        paths["png"] = png
     print(paper_table(rows, digits))
     print(f"\nwritten: {', '.join(paths.values())}")
     return paths

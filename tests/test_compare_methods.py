@@ -19,6 +19,11 @@ def test_compare_methods_quick(tmp_path):
     fig = next(c for c in data["methods"] if c["method"] == "fig")
     assert fig["train_s"] > 0 and "gen_entropy" in fig["telemetry"]  # FIG's mechanism figures are in the table
     assert set(fig["rows"][fig["own"]]["auroc"]) == {"mnist5k-5to9", "digits", "gaussian", "uniform", "sphere"}
+    rows = (tmp_path / "compare_methods.csv").read_text().splitlines()  # one line per (seed, method) cell
+    assert rows[0].startswith("seed,method,detector,auroc_") and len(rows) == 1 + 3
+    assert {r.split(",")[1] for r in rows[1:]} == {"pretrained", "fig", "standard"}
+    if __import__("importlib").util.find_spec("matplotlib"):
+        assert (tmp_path / "compare_methods.png").read_bytes()[:4] == b"\x89PNG"
     md = (tmp_path / "compare_methods.md").read_text()  # the markdown table docs/reproduction.md shows
     assert "| pretrained / MSP |" in md and "| fig / MSP |" in md and " ± " in md
     assert sorted(os.listdir(tmp_path / "cells")) == sorted(

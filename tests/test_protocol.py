@@ -95,6 +95,18 @@ def test_paper_table_prints_paper_ours_and_difference(tmp_path):
     assert "| T1 | AUROC vs mnist | 98.7 |" in open(paths["md"]).read()
 
 
+def test_report_plots_the_rows_with_a_paper_value(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from fastood.protocol import plot_paper_rows, report
+
+    rows = [PaperRow("T1", "AUROC vs mnist", 98.7, [97.0, 98.0]),
+            PaperRow("T1", "AUROC vs omniglot", None, [], note="not reachable")]
+    paths = report(str(tmp_path), "t", rows, {"command": "python x.py"})
+    assert open(paths["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n" and "t.png" in capsys.readouterr().out
+    assert plot_paper_rows([rows[1]], str(tmp_path / "none.png")) is None  # nothing to compare: no file
+    assert not (tmp_path / "none.png").exists()
+
+
 def test_vernekar_networks_match_the_authors_layers():
     cnn = VernekarCNN(11)
     assert cnn(torch.zeros(3, 1, 28, 28)).shape == (3, 11)
