@@ -91,8 +91,8 @@ def test_scheduler_and_optimizer_arguments_are_checked():
     with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer or a callable params -> optimizer, "
                                         "got list"):
         StandardTrainer(model, optimizer=[opt])
-    with pytest.raises(TypeError, match="scheduler must be 'auto', None, a callable"):
-        StandardTrainer(model, scheduler="cosine")
+    with pytest.raises(TypeError, match="scheduler must be 'auto', 'cosine', None, a callable"):
+        StandardTrainer(model, scheduler="linear")
     other = torch.optim.SGD(_model().parameters(), lr=0.1)
     with pytest.raises(ValueError, match="scheduler was built on another optimizer"):
         StandardTrainer(model, optimizer=opt, scheduler=torch.optim.lr_scheduler.StepLR(other, 2))
