@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fastood.demo import (METHODS, Context, RunConfig, evaluate_rows, method_rows, train_method,  # noqa: E402
                           make_detector)
 from fastood.options import parse_trainer_option  # noqa: E402
-from fastood.protocol import format_mean_std, mean_std, open_run  # noqa: E402
+from fastood.protocol import format_mean_std, mean_std, open_run, pyplot  # noqa: E402
 
 
 def _report_dict(report) -> dict:
@@ -199,12 +199,8 @@ def write_csv(path, base, cells, oods) -> None:
 def plot(path, base, cells, methods):
     """Mean AUROC over the OOD sets per method (mean +- std over seeds) against the pretrained MSP's (a line); None
     without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     names = [m for m in methods if any(c["method"] == m for c in cells)]
     stats = [mean_std([c["rows"][c["own"]]["mean_auroc"] for c in cells if c["method"] == m]) for m in names]
@@ -256,17 +252,17 @@ def main(argv=None):
         args.options = parse_sets(args.sets, methods)
     except ValueError as exc:
         p.error(str(exc))
+    names = [variant(m, args.options.get(m)) for m in methods]  # the rows: a method, or its --set variant
     cells, log = open_run(args)
     t0 = time.time()
     tag = run_tag(args)
     base, results = [], []
     for seed in args.seeds:
         base.append(cells.run(f"{tag}_s{seed}_pretrained", lambda: baseline_cell(args, seed), log))
-        for m in methods:
-            results.append(cells.run(f"{tag}_s{seed}_{variant(m, args.options.get(m))}",
-                                     lambda: method_cell(args, seed, m), log))
+        for m, name in zip(methods, names):
+            results.append(cells.run(f"{tag}_s{seed}_{name}", lambda: method_cell(args, seed, m), log))
     oods = list(base[0]["rows"]["msp"]["auroc"])
-    text = table(base, results, [variant(m, args.options.get(m)) for m in methods], oods)
+    text = table(base, results, names, oods)
     meta = {"command": "python bench/compare_methods.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "data": args.data, "seeds": args.seeds,
             "budget": f"{args.steps} steps of {args.batch_size} ID images per method (pretraining "
@@ -279,13 +275,12 @@ def main(argv=None):
         fh.write("\n".join(f"{k}: {v}" for k, v in meta.items()) + "\n\n" + text + "\n")
     with open(os.path.join(args.out, "compare_methods.md"), "w") as fh:
         fh.write("\n".join(f"- {k}: {v}" for k, v in meta.items()) + "\n\n"
-                 + table(base, results, [variant(m, args.options.get(m)) for m in methods], oods, markdown=True)
+                 + table(base, results, names, oods, markdown=True)
                  + "\n")
     with open(os.path.join(args.out, "compare_methods.json"), "w") as fh:
         json.dump({"meta": meta, "pretrained": base, "methods": results}, fh, indent=1)
     write_csv(os.path.join(args.out, "compare_methods.csv"), base, results, oods)
-    png = plot(os.path.join(args.out, "compare_methods.png"), base, results,
-               [variant(m, args.options.get(m)) for m in methods])
+    png = plot(os.path.join(args.out, "compare_methods.png"), base, results, names)
     print(text)
     print(f"\nwritten: {os.path.join(args.out, 'compare_methods.{txt,md,json,csv}')}" + (f", {png}" if png else ""))
     return 0

@@ -24,7 +24,7 @@ import torch
 from .weights_cache import load_cached_weights, save_cached_weights
 
 __all__ = ["Cells", "open_run", "run_grid", "cached_model", "mean_std", "format_mean_std", "PaperRow",
-           "paper_table", "write_table", "plot_paper_rows", "report", "Stopwatch"]
+           "paper_table", "write_table", "pyplot", "plot_paper_rows", "report", "Stopwatch"]
 
 
 def _slug(key: str) -> str:
@@ -215,19 +215,26 @@ def write_table(out: str, name: str, rows, meta: dict, digits: int = 1) -> dict:
     return paths
 
 
-def plot_paper_rows(rows, path: str, title: str = "") -> Optional[str]:
-    """A PNG of every row that has a paper value: the paper's number beside fastood's mean with its std over seeds as
-    an error bar, one pair of horizontal bars per row. Returns ``path``, or None when matplotlib is missing or no row
-    has a paper value and a result."""
-    rows = [r for r in rows if r.paper is not None and math.isfinite(r.mean)]
-    if not rows:
-        return None
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend, or None when matplotlib is not installed (the scripts'
+    plots are optional)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_paper_rows(rows, path: str, title: str = "") -> Optional[str]:
+    """A PNG of every row that has a paper value: the paper's number beside fastood's mean with its std over seeds as
+    an error bar, one pair of horizontal bars per row. Returns ``path``, or None when matplotlib is missing or no row
+    has a paper value and a result."""
+    rows = [r for r in rows if r.paper is not None and math.isfinite(r.mean)]
+    plt = pyplot()
+    if not rows or plt is None:
         return None
     labels = [f"{r.table}: {r.row}" for r in rows]
     y = list(range(len(rows)))

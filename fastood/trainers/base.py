@@ -31,6 +31,12 @@ _END = object()
 _RESUME_MODES = ("auto", True, False)
 #: the schedules fastood builds for a run's budget: the method's own ("auto") and cosine annealing to 0
 NAMED_SCHEDULES = ("auto", "cosine")
+
+
+def cosine_schedule(optimizer, total_steps: int):
+    """Cosine annealing of ``optimizer``'s learning rates to 0 over ``total_steps`` scheduler steps (at least 1):
+    ``scheduler="cosine"``, and the methods whose own schedule it is."""
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, int(total_steps)))
 logger = logging.getLogger("fastood.trainers")
 
 
@@ -323,7 +329,7 @@ class Trainer(metaclass=RecordsHyperparameters):
     def _named_schedule(self, total: int):
         """fastood's schedule for a run of ``total`` steps: ``"cosine"``, or the method's own (``"auto"``)."""
         if self._scheduler_arg == "cosine":
-            return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(1, int(total)))
+            return cosine_schedule(self.optimizer, total)
         return self.configure_scheduler(self.optimizer, total)
 
     def _setup_schedule(self, total: int) -> None:

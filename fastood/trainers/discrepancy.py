@@ -9,7 +9,7 @@ import torch
 from fastood._stack import user_stacklevel
 from fastood.objectives.discrepancy import DiscrepancyObjective
 
-from .base import delegated, unwrap
+from .base import cosine_schedule, delegated, unwrap
 from .outliers import OutlierTrainer
 
 SCHEDULES = ("paper", "joint")
@@ -124,7 +124,7 @@ class DiscrepancyTrainer(OutlierTrainer):
 
     def configure_scheduler(self, optimizer, total_steps):
         """Cosine annealing from ``lr`` to 0 over the run (one scheduler step per mini-batch)."""
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, int(total_steps)))
+        return cosine_schedule(optimizer, total_steps)
 
     @property
     def unlabeled(self):

@@ -9,7 +9,7 @@ from fastood._stack import user_stacklevel
 from fastood.models import GaussianClassifier, GaussianHead
 from fastood.objectives.ice import ICEObjective
 
-from .base import ModelReplacedWarning, delegated, is_distributed, unwrap
+from .base import ModelReplacedWarning, cosine_schedule, delegated, is_distributed, unwrap
 from .outliers import OutlierTrainer
 
 
@@ -154,7 +154,7 @@ class ICETrainer(OutlierTrainer):
     def configure_scheduler(self, optimizer, total_steps):
         if not self.cosine or total_steps < 1:
             return None
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+        return cosine_schedule(optimizer, total_steps)
 
     @classmethod
     def from_classifier(cls, model: nn.Module, loader, outliers=None, ridge: float = 0.1, init_batches=None,

@@ -6,7 +6,7 @@ from fastood._modes import eval_mode
 from fastood.losses import energy
 from fastood.objectives.oe import EnergyOEObjective, OEObjective
 
-from .base import broadcast_from_rank0, delegated, first_item, unwrap
+from .base import broadcast_from_rank0, cosine_schedule, delegated, first_item, unwrap
 from .outliers import OutlierTrainer
 
 MARGIN_MODES = ("fixed", "auto")
@@ -56,7 +56,7 @@ class OETrainer(OutlierTrainer):
     def configure_scheduler(self, optimizer, total_steps):
         if not self.cosine or total_steps < 1:
             return None
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+        return cosine_schedule(optimizer, total_steps)
 
     def training_step(self, batch):
         loss, logs = self.objective(self.net, batch[0], batch[1])
