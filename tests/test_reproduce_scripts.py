@@ -33,8 +33,10 @@ def test_reproduce_cmg_quick(tmp_path):
         assert row["paper"] == value and row["n"] == 1
         assert 0.0 <= row["mean"] <= 100.0 and row["difference"] == pytest.approx(row["mean"] - value)
     assert "budget" in table["meta"] and "5 runs" in table["meta"]["runs"]
-    cells = json.loads(next((out / "cells").glob("mnist-0to5_s0_c*_t256.json")).read_text())
-    assert cells["cmg_softmax"]["steps"] == 20 and len(cells["cmg_softmax"]["trajectory"]) == 3
+    cells = json.loads(next((out / "cells").glob("mnist-0to5_s0_c*_t256_ev1.json")).read_text())
+    # evaluated before stage 2, then as the authors do after steps 1, 11 (--eval-every 10 in --quick) and the last
+    assert cells["cmg_softmax"]["steps"] == 20 and [s for s, _ in cells["cmg_softmax"]["trajectory"]] == [0, 1, 11, 20]
+    assert cells["cmg_softmax"]["best_auroc"] == max(a for _, a in cells["cmg_softmax"]["trajectory"][1:])
     assert cells["cmg_energy"]["telemetry_last50"]["m_in"] is not None
     assert "paper" in done.stdout and "difference" in done.stdout
     # a second run finds every cell cached and trains nothing
@@ -42,6 +44,19 @@ def test_reproduce_cmg_quick(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "[cached] mnist-0to5_s0" in again.stdout and "Trainer" not in again.stderr
     assert json.loads((out / "cmg_table.json").read_text())["rows"] == table["rows"]
+
+
+def test_cmg_evaluations_follow_the_authors_index_modulo_rule():
+    from script_loader import load_script
+
+    next_evaluation = load_script("bench/reproduce_cmg.py").next_evaluation
+    stops, step = [], 0
+    while step < 70:
+        step = next_evaluation(step, 20)
+        stops.append(step)
+    # fine_tune.py: index = step - 1 counts from 0, evaluation when index % 20 == 0
+    assert stops == [s for s in range(1, 82) if (s - 1) % 20 == 0] == [1, 21, 41, 61, 81]
+    assert next_evaluation(5, 20) == 21 and next_evaluation(0, 1) == 1 and next_evaluation(3, 1) == 4
 
 
 def test_reproduce_cmg_rejects_a_bad_budget():
