@@ -143,6 +143,17 @@ def metrics_of(detector, id_loader, ood_loaders):
     return {k: {m: 100.0 * v for m, v in d.items()} for k, d in report.metrics.items()}
 
 
+@torch.no_grad()
+def active_latents(cvae, images, threshold: float = 0.01):
+    """``(active, kl)``: how many latent dimensions the CVAE's encoder uses -- those whose posterior mean varies
+    across ``images`` (variance > ``threshold``, the "active units" of Burda et al. 2016) -- and the mean KL to the
+    prior in nats. 0 active dimensions = posterior collapse: the decoder ignores z, and every pseudo-OOD image is a
+    function of its mixed class embedding alone, whatever sigma."""
+    mu, logvar = cvae.encode(images)
+    kl = float((-0.5 * (1 + logvar - mu.square() - logvar.exp()).sum(1)).mean())
+    return int((mu.var(0) > threshold).sum()), kl
+
+
 def next_evaluation(step: int, every: int) -> int:
     """The stage-2 step after which the next test evaluation happens: the authors' ``fine_tune.py`` evaluates when
     ``index % every == 0`` with ``index`` 0 for the first step, i.e. after steps 1, every + 1, 2 * every + 1, ..."""
@@ -253,7 +264,14 @@ def run_cell(name, seed, args, cells, log):
         clf = cached_model(cells, clf_tag, CMGClassifier(n), train_clf, log)
     clf.eval()
 
-    cvae_tag = f"cvae_{name}_s{seed}_{args.cvae_steps}x{args.cvae_batch}_t{args.train_n}"
+    kl_tag = "" if args.cvae_kl_weight is None else f"_kl{args.cvae_kl_weight:g}"
+    cvae_tag = f"cvae_{name}_s{seed}_{args.cvae_steps}x{args.cvae_batch}_t{args.train_n}{kl_tag}"
+
+    def new_cvae():
+        cvae = CMGCVAE(n)
+        if args.cvae_kl_weight is not None:  # an ablation: the authors' objective is kl_weight 4 (see CMGCVAE)
+            cvae.kl_weight = float(args.cvae_kl_weight)
+        return cvae
 
     def train_cvae(cvae):
         CVAETrainer(cvae, optimizer=adam(1e-3), scheduler=None, seed=seed, progress=progress,
@@ -262,8 +280,10 @@ def run_cell(name, seed, args, cells, log):
 
     with sw("stage1_cvae"):
         torch.manual_seed(seed)
-        cvae = cached_model(cells, cvae_tag, CMGCVAE(n), train_cvae, log)
+        cvae = cached_model(cells, cvae_tag, new_cvae(), train_cvae, log)
     cvae.eval()
+    active, kl = active_latents(cvae, train.images[:1000])
+    log(f"{name} seed {seed}: CVAE latent dimensions in use {active} of {cvae.latent_dim} (KL {kl:.3g} nats)")
     if ckpt is not None:  # the weights are cached: the CVAE's 1.3 GB checkpoint (Adam state) is not needed
         for tag in (clf_tag, cvae_tag):
             shutil.rmtree(os.path.join(ckpt, tag), ignore_errors=True)
@@ -289,7 +309,8 @@ def run_cell(name, seed, args, cells, log):
         return data
 
     base = f"{name}_s{seed}_{args.tag}"
-    out = {"name": name, "seed": seed, "n_train": len(train), "n_eval_id": None, "n_eval_ood": None}
+    out = {"name": name, "seed": seed, "n_train": len(train), "n_eval_id": None, "n_eval_ood": None,
+           "cvae_active_latents": active, "cvae_kl": kl}
     with sw("baselines"):
         out["baselines"] = cells.run(f"{base}_baselines", lambda: baselines(clf, features(), args, log), log)
     for mode in ("softmax", "energy"):
@@ -333,6 +354,9 @@ def build_rows(results, partitions, seeds):
                              PAPER[short][0],
                              per_partition(results, partitions, lambda r: r[f"cmg_{mode}"]["best_auroc"]),
                              note="max test AUROC during stage 2, as the authors' fine_tune.py reports"))
+    rows.append(PaperRow(table, "Energy of the stage-1 network (CMG-e's trajectory before stage 2)", None,
+                         per_partition(results, partitions, lambda r: r["cmg_energy"]["trajectory"][0][1]),
+                         note="stage 2 starts here: the final CMG-e row minus this one is what stage 2 added"))
     rows.append(PaperRow(table, "CMG-e minus Softmax", round(PAPER["CMG-e"][0] - PAPER["Softmax"][0], 1),
                          per_partition(results, partitions, lambda r: auroc_of(r, "CMG-e") - auroc_of(r, "Softmax")),
                          note="issue 19: CMG-e above Softmax in every partition"))
@@ -357,6 +381,11 @@ def build_rows(results, partitions, seeds):
                               for r in got],
                              note=f"value: pseudo-OOD inside; id_inside {100 * tel_e.get('id_inside', 0):.1f}%; "
                                   f"m_in {tel_e.get('m_in', 0):.3g}, m_out {tel_e.get('m_out', 0):.3g}"))
+        if all("cvae_active_latents" in r for r in got):  # cells cached before this figure existed lack it
+            rows.append(PaperRow(sub, "mechanism: CVAE latent dimensions in use (of 32)", None,
+                                 [r["cvae_active_latents"] for r in got],
+                                 note="KL " + ", ".join(f"{r['cvae_kl']:.3g}" for r in got)
+                                      + " nats; 0 = posterior collapse, the pseudo-OOD ignore sigma"))
     return rows
 
 
@@ -373,6 +402,8 @@ def main(argv=None):
     p.add_argument("--bank-n", type=int, default=None, help="pseudo-OOD bank (default: --stage2-n)")
     p.add_argument("--stage2-steps", type=int, default=1000, help="stage-2 steps of 128 + 128 (authors: 4230)")
     p.add_argument("--eval-every", type=int, default=20, help="stage-2 test evaluations (the authors': 20 steps)")
+    p.add_argument("--cvae-kl-weight", type=float, default=None,
+                   help="ablation: the CVAE's KL weight (default: the authors' objective, CMGCVAE's 4)")
     p.add_argument("--sigma", type=float, default=SIGMA_MNIST, help="latent std of the pseudo-OOD (authors: 3)")
     p.add_argument("--odin-T", type=float, default=1000.0)
     p.add_argument("--odin-eps", type=float, default=0.0014)
@@ -397,8 +428,11 @@ def main(argv=None):
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.eval_n < 0:
         p.error(f"--eval-n must be >= 0, got {args.eval_n}")
+    if args.cvae_kl_weight is not None and not (args.cvae_kl_weight >= 0 and args.cvae_kl_weight < float("inf")):
+        p.error(f"--cvae-kl-weight must be a finite number >= 0, got {args.cvae_kl_weight}")
     args.tag = (f"c{args.clf_steps}x{args.clf_batch}_v{args.cvae_steps}x{args.cvae_batch}_n{args.stage2_n}"
-                f"_b{args.bank_n}_s{args.stage2_steps}_e{args.eval_n}_sig{args.sigma}_t{args.train_n}_ev1")
+                f"_b{args.bank_n}_s{args.stage2_steps}_e{args.eval_n}_sig{args.sigma}_t{args.train_n}_ev1"
+                + ("" if args.cvae_kl_weight is None else f"_kl{args.cvae_kl_weight:g}"))
     cells, log = open_run(args)
     t0 = time.time()
     results = run_grid(cells, args.partitions, args.seeds, lambda name, seed: f"{name}_s{seed}_{args.tag}",
@@ -410,6 +444,8 @@ def main(argv=None):
                       f"{args.stage2_steps} steps x (128 ID + 128 pseudo-OOD) on {args.stage2_n} ID images' features "
                       f"and a bank of {args.bank_n} pseudo-OOD images (authors: 4230 steps, all ~36k ID images, "
                       f"fresh pseudo-OOD every step); sigma {args.sigma}"
+                      + ("" if args.cvae_kl_weight is None else f"; CVAE KL weight {args.cvae_kl_weight:g} (ablation; "
+                                                                 "the authors' objective: 4)")
                       + (f"; ID training set subsampled to {args.train_n}" if args.train_n else ""),
             "runs": f"{len(args.seeds)} run(s) per partition (seeds {args.seeds}); the paper: 5 runs -- fewer here "
                     "to fit 2 CPU cores",

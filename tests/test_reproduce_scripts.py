@@ -38,6 +38,9 @@ def test_reproduce_cmg_quick(tmp_path):
     assert cells["cmg_softmax"]["steps"] == 20 and [s for s, _ in cells["cmg_softmax"]["trajectory"]] == [0, 1, 11, 20]
     assert cells["cmg_softmax"]["best_auroc"] == max(a for _, a in cells["cmg_softmax"]["trajectory"][1:])
     assert cells["cmg_energy"]["telemetry_last50"]["m_in"] is not None
+    assert 0 <= cells["cvae_active_latents"] <= 32 and cells["cvae_kl"] >= 0
+    assert "Energy of the stage-1 network (CMG-e's trajectory before stage 2)" in rows
+    assert "mechanism: CVAE latent dimensions in use (of 32)" in {r["row"] for r in table["rows"]}
     assert "paper" in done.stdout and "difference" in done.stdout
     # a second run finds every cell cached and trains nothing
     again = run_script("reproduce_cmg.py", "--quick", "--threads", "2", "--out", str(out))
@@ -59,6 +62,26 @@ def test_cmg_evaluations_follow_the_authors_index_modulo_rule():
     assert next_evaluation(5, 20) == 21 and next_evaluation(0, 1) == 1 and next_evaluation(3, 1) == 4
 
 
+def test_active_latents_counts_the_dimensions_whose_posterior_mean_varies():
+    import torch
+
+    from script_loader import load_script
+
+    active_latents = load_script("bench/reproduce_cmg.py").active_latents
+
+    class Encoder:
+        def encode(self, x):  # dims 0-2 follow the image, 3-4 constant: a partly collapsed posterior
+            mu = torch.cat([x.flatten(1)[:, :3] * 5, torch.full((x.shape[0], 2), 0.3)], 1)
+            return mu, torch.zeros_like(mu)
+
+    active, kl = active_latents(Encoder(), torch.randn(64, 1, 4, 4))
+    assert active == 3
+    mu = torch.cat([torch.zeros(1, 3), torch.full((1, 2), 0.3)], 1)  # KL = 1/2 sum mu^2 with unit variances
+    assert kl > float(0.5 * mu.square().sum())
+
+
 def test_reproduce_cmg_rejects_a_bad_budget():
     done = run_script("reproduce_cmg.py", "--stage2-steps", "0", "--out", os.devnull)
     assert done.returncode == 2 and "--stage2-steps must be >= 1, got 0" in done.stderr
+    done = run_script("reproduce_cmg.py", "--cvae-kl-weight", "-1", "--out", os.devnull)
+    assert done.returncode == 2 and "--cvae-kl-weight must be a finite number >= 0, got -1.0" in done.stderr
