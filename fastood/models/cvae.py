@@ -13,6 +13,12 @@ DEFAULT_EMBED_DIM = 32
 RECONSTRUCTION = ("bce", "mse")
 
 
+def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """``KL(N(mu, exp(logvar)) || N(0, I))`` per sample [B] from ``mu``, ``logvar`` [B, d]:
+    ``-1/2 sum_j (1 + logvar_j - mu_j^2 - exp(logvar_j))`` (the ELBO's KL term)."""
+    return -0.5 * (1 + logvar - mu.square() - logvar.exp()).sum(1)
+
+
 class ConditionalVAE(nn.Module):
     """Conditional VAE ``q(z | x, y) = N(mu, diag(exp(logvar)))``, ``p(z) = N(0, I)``, decoder ``g(z, c)``.
 
@@ -220,7 +226,7 @@ class ConditionalVAE(nn.Module):
             out = torch.tanh(a) if self.output == "tanh" else a
             recon = (out - x).square()
         recon = recon.flatten(1).sum(1).mean()
-        kl = (-0.5 * (1 + logvar - mu.square() - logvar.exp()).sum(1)).mean()
+        kl = kl_to_standard_normal(mu, logvar).mean()
         return {"loss": recon + self.kl_weight * kl, "recon": recon, "kl": kl}
 
     def loss(self, x, cond) -> torch.Tensor:
