@@ -6,10 +6,14 @@ full MNIST and Fashion-MNIST and printed beside the paper's numbers.
 
 The paper's setup (appendix B and the authors' notebooks, sverneka/OODGen ``*/cvae_generic_batchwise_mahalanobis``):
 - the authors' CVAE (:class:`fastood.models.VernekarCVAE`; latent 8 for MNIST, 10 for Fashion-MNIST), RMSprop
-  (Keras defaults: lr 1e-3, rho 0.9, eps 1e-7), batch 128 (paper: up to 100 epochs, early stopping patience 5);
+  (Keras defaults: lr 1e-3, rho 0.9, eps 1e-7), batch 128 (paper: up to 100 epochs, early stopping patience 5),
+  its decoder fed the mean encoding in training as the notebooks do (``--cvae-latent sample`` for a VAE's sample);
 - the authors' classifier (:class:`fastood.models.VernekarCNN`) with n + 1 outputs, trained from scratch with
   Adadelta (lr 0.01 for MNIST, 0.1 for Fashion-MNIST; Keras' rho 0.95, eps 1e-7), batches of 128 ID images + 64
   type-I + 64 type-II outliers (:class:`fastood.trainers.ManifoldTrainer`, ratio 2:1:1), outlier class weight 0.1,
+  type-II latents ``m + rho C u`` with rho ~ U(r, 1.5 r), r each class's 95% Mahalanobis radius, and C the notebooks'
+  factor (their Cholesky loop drops a term: :func:`fastood.samplers.manifold.authors_ellipsoid_factor`;
+  ``--shell 1 --ellipsoid cholesky`` for the text's points on the ellipsoid),
   beta ~ U(0.1, 28) of the data range with a random sign (the notebooks', which produced the paper's tables;
   ``--beta paper`` for the text's U[0.1, 1]: measured on ID Fashion-MNIST, seed 0, at this budget, it leaves p(n+1)
   at AUROC 17 / 11 / 1 on Gaussian / uniform / sphere noise, where the authors' range gives 100 / 100 / 100);
@@ -71,6 +75,25 @@ def sgd(lr):
     return lambda params: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
 
 
+def shell_factor(args):
+    """ManifoldSampler's ``shell``: None (type-II radii on the 95% ellipsoid, the text) for ``--shell 1``, else the
+    factor (the notebooks' ``generate_nd_hyperellipsoid_data``: radii U(r, 1.5 r))."""
+    return None if args.shell == 1.0 else args.shell
+
+
+def cvae_suffix(args) -> str:
+    """Cache-name suffix of the CVAE variant: "" for a VAE's sampled latent (the runs made before the authors'
+    mean-latent training was found), "_zmean" for the authors'."""
+    return "_zmean" if args.cvae_latent == "mean" else ""
+
+
+def variant_suffix(args) -> str:
+    """Cache-name suffix of the outlier generator: the CVAE variant, the type-II shell and ellipsoid factor ("" =
+    the runs before these flags: sampled latent, shell 1, Cholesky)."""
+    return (cvae_suffix(args) + ("" if args.shell == 1.0 else f"_sh{args.shell:g}")
+            + ("" if args.ellipsoid == "cholesky" else "_ellauthors"))
+
+
 def make_optimizer(args, lr):
     return adadelta(lr) if args.optimizer == "adadelta" else sgd(lr)
 
@@ -129,27 +152,30 @@ def run_cell(name, seed, args, cells, log):
         torch.manual_seed(seed)
         plain = cached_model(cells, f"plain_{tag}", VernekarCNN(n), train_plain, log)
 
+    cvae_name = f"cvae_{name}_s{seed}_e{args.cvae_epochs}" + cvae_suffix(args)
+
     def train_cvae(cvae):
         CVAETrainer(cvae, optimizer=rmsprop, scheduler=None, seed=seed, progress=progress,
-                    checkpoint_dir=os.path.join(ckpt, f"cvae_{name}_s{seed}_e{args.cvae_epochs}")
-                    ).fit(loader, epochs=args.cvae_epochs)
+                    checkpoint_dir=os.path.join(ckpt, cvae_name)).fit(loader, epochs=args.cvae_epochs)
 
     with sw("train_cvae"):
         torch.manual_seed(seed)
-        cvae = cached_model(cells, f"cvae_{name}_s{seed}_e{args.cvae_epochs}",
-                            VernekarCVAE(n, LATENT[src]), train_cvae, log)
+        cvae = cached_model(cells, cvae_name,
+                            VernekarCVAE(n, LATENT[src], latent_noise=args.cvae_latent == "sample"), train_cvae, log)
     cvae.eval()
+    n1_name = f"n1_{tag}_{args.beta}_c{args.cvae_epochs}" + variant_suffix(args)
 
     def train_n1(model):
         torch.manual_seed(seed)
-        sampler = ManifoldSampler(cvae, bounds=(-1.0, 1.0), beta_range=args.beta)
+        sampler = ManifoldSampler(cvae, bounds=(-1.0, 1.0), beta_range=args.beta, shell=shell_factor(args),
+                                  ellipsoid=args.ellipsoid)
         ManifoldTrainer(model, sampler, ood_weight=0.1, ratio=(2, 1, 1), optimizer=make_optimizer(args, lr),
                         scheduler=None, seed=seed, progress=progress,
-                        checkpoint_dir=os.path.join(ckpt, f"n1_{tag}_{args.beta}")).fit(loader, epochs=args.epochs)
+                        checkpoint_dir=os.path.join(ckpt, n1_name)).fit(loader, epochs=args.epochs)
 
     with sw("train_n1"):
         torch.manual_seed(seed)
-        n1 = cached_model(cells, f"n1_{tag}_{args.beta}_c{args.cvae_epochs}", VernekarCNN(n + 1), train_n1, log)
+        n1 = cached_model(cells, n1_name, VernekarCNN(n + 1), train_n1, log)
 
     plain.eval()
     n1.eval()
@@ -161,7 +187,7 @@ def run_cell(name, seed, args, cells, log):
     other = MaxIDProbability(n1) if name in ("mnist", "fashion-mnist") else ExtraClass(n1)
     out = {"name": name, "seed": seed, "epochs": args.epochs, "cvae_epochs": args.cvae_epochs, "lr": lr,
            "optimizer": args.optimizer,
-           "beta": args.beta, "n_train": len(bench.id_train), "n_eval_id": len(id_eval)}
+           "beta": args.beta, "cvae_latent": args.cvae_latent, "shell": args.shell, "ellipsoid": args.ellipsoid, "n_train": len(bench.id_train), "n_eval_id": len(id_eval)}
     with sw("evaluate"):
         out["acc_before"] = accuracy(plain, bench.id_test, n)
         out["acc_after"] = accuracy(n1, bench.id_test, n)
@@ -226,6 +252,15 @@ def main(argv=None):
     p.add_argument("--beta", default="authors", choices=("paper", "authors"),
                    help="type-I step range: authors (default, the notebooks' U(0.1, 28)) or paper (the text's "
                         "U[0.1, 1])")
+    p.add_argument("--cvae-latent", default="mean", choices=("mean", "sample"),
+                   help="what the CVAE's decoder sees in training: mean (default, the notebooks': their sampling() "
+                        "returns z_mean) or sample (a VAE's reparameterized z: the runs before this flag)")
+    p.add_argument("--shell", type=float, default=1.5,
+                   help="type-II radii r * U(1, shell), r the 95%% Mahalanobis radius: 1.5 (default, the notebooks' "
+                        "U(r, 1.5 r)) or 1 (on the ellipsoid, the text)")
+    p.add_argument("--ellipsoid", default="authors", choices=("authors", "cholesky"),
+                   help="type-II latents z = m + r C u: C the notebooks' factor (default: authors, "
+                        "fastood.samplers.manifold.authors_ellipsoid_factor) or the Cholesky factor (the text)")
     p.add_argument("--eval-n", type=int, default=2000, help="ID and per-OOD-set images scored")
     p.add_argument("--train-n", type=int, default=None, help="subsample the ID training set (quick runs)")
     p.add_argument("--out", default="runs/vernekar")
@@ -235,6 +270,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.epochs, args.cvae_epochs, args.eval_n, args.train_n = 1, 1, 200, args.train_n or 512
+    if not (args.shell >= 1.0 and args.shell < float("inf")):
+        p.error(f"--shell must be a finite factor >= 1, got {args.shell}")
     cells, log = open_run(args)
     t0 = time.time()
 
@@ -242,14 +279,15 @@ def main(argv=None):
         return (f"{name}_s{seed}_e{args.epochs}_c{args.cvae_epochs}_{args.beta}_n{args.eval_n}"
                 + ("" if args.lr is None else f"_lr{args.lr}")
                 + ("" if args.optimizer == "adadelta" else f"_{args.optimizer}")
-                + ("" if args.train_n is None else f"_t{args.train_n}"))
+                + ("" if args.train_n is None else f"_t{args.train_n}") + variant_suffix(args))
 
     results = run_grid(cells, args.sets, args.seeds, key, lambda name, seed: run_cell(name, seed, args, cells, log),
                        log)
     rows = build_rows(results, args.sets)
     meta = {"command": "python bench/reproduce_vernekar.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "budget": f"classifier {args.epochs} epochs (paper 200) with {args.optimizer}, CVAE {args.cvae_epochs} "
-                      f"epochs, batch 128 ID + 64 type I + 64 type II, beta {args.beta}",
+                      f"epochs ({args.cvae_latent} latent), batch 128 ID + 64 type I + 64 type II, beta {args.beta}, "
+                      f"type-II shell {args.shell:g}, {args.ellipsoid} ellipsoid factor",
             "evaluation": f"{args.eval_n} ID test images and {args.eval_n} per OOD set (accuracy: full test set)",
             "seeds": args.seeds, "wall_s (this invocation)": round(time.time() - t0, 1),
             "cell wall_s": {f"{r['name']} s{r['seed']}": r.get("wall_s") for r in results}}

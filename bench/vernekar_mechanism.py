@@ -5,9 +5,9 @@ network of ``bench/reproduce_vernekar.py``.
     python bench/vernekar_mechanism.py [--out runs/vernekar] [--sets fashion-mnist mnist-0to4 ...] [--seed 0]
         [-n 1000] [--fit-n 5000]
 
-For every cached n+1 network ``models/n1_<set>_s<seed>_e<epochs>_lr<lr>_<beta>_c<cvae epochs>.pt`` (Adadelta runs;
-the ``_sgd`` ablation is skipped) it rebuilds the run's ManifoldSampler from the cached CVAE (fitted on ``--fit-n``
-training images, the same beta range), draws ``-n`` type-I outliers (off the manifold, from training images) and
+For every cached n+1 network ``models/n1_<set>_s<seed>_e<epochs>_lr<lr>_<beta>_c<cvae epochs>[_zmean][_sh<f>][_ellauthors].pt``
+(Adadelta runs; the ``_sgd`` ablation is skipped) it rebuilds the run's ManifoldSampler from the cached CVAE (fitted
+on ``--fit-n`` training images, the same beta range, type-II shell and ellipsoid factor), draws ``-n`` type-I outliers (off the manifold, from training images) and
 ``-n`` type-II outliers (class-boundary decodes), and prints the median p(n+1) on ID test images, type I and type
 II, the fraction of type II with p(n+1) > 0.5, and the AUROC of p(n+1) between ID test images and type II outliers.
 The measurement behind docs/reproduction.md's budget finding: near-OOD detection needs the type-II part of the
@@ -30,16 +30,21 @@ from fastood.data import benchmark, seeded_subset  # noqa: E402
 from fastood.metrics import ood_metrics  # noqa: E402
 
 PATTERN = re.compile(r"n1_(?P<set>.+)_s(?P<seed>\d+)_e(?P<epochs>\d+)_lr(?P<lr>[0-9.e-]+)_(?P<beta>paper|authors)"
-                     r"_c(?P<cvae>\d+)\.pt$")
+                     r"_c(?P<cvae>\d+)(?P<zmean>_zmean)?(?:_sh(?P<shell>[0-9.]+))?(?P<ellauthors>_ellauthors)?\.pt$")
 
 
 def networks(models_dir: str, name: str, seed: int) -> list:
-    """``[(epochs, beta, cvae_epochs, path)]`` of the cached Adadelta n+1 networks of one set and seed, by epochs."""
+    """``[(epochs, beta, cvae_epochs, variant, path)]`` of the cached Adadelta n+1 networks of one set and seed, by
+    epochs; ``variant = (cvae_latent, shell, ellipsoid)``: ``("mean" | "sample", factor, "authors" | "cholesky")``
+    (no suffix: a sampled latent, shell 1, Cholesky: the runs before ``--cvae-latent`` / ``--shell`` /
+    ``--ellipsoid``)."""
     found = []
     for path in glob.glob(os.path.join(models_dir, f"n1_{name}_s{seed}_e*.pt")):
         m = PATTERN.search(os.path.basename(path))
         if m and m["set"] == name and int(m["seed"]) == seed:
-            found.append((int(m["epochs"]), m["beta"], int(m["cvae"]), path))
+            variant = ("mean" if m["zmean"] else "sample", float(m["shell"]) if m["shell"] else 1.0,
+                       "authors" if m["ellauthors"] else "cholesky")
+            found.append((int(m["epochs"]), m["beta"], int(m["cvae"]), variant, path))
     return sorted(found)
 
 
@@ -58,25 +63,29 @@ def measure(name: str, seed: int, models_dir: str, n: int, fit_n: int) -> list:
     k = bench.num_classes
     rows, samplers = [], {}
     id_test = seeded_subset(bench.id_test, n, seed).images
-    for epochs, beta, cvae_epochs, path in networks(models_dir, name, seed):
-        if (beta, cvae_epochs) not in samplers:
-            cvae_path = os.path.join(models_dir, f"cvae_{name}_s{seed}_e{cvae_epochs}.pt")
+    for epochs, beta, cvae_epochs, (latent, shell, ellipsoid), path in networks(models_dir, name, seed):
+        key = (beta, cvae_epochs, latent, shell, ellipsoid)
+        if key not in samplers:
+            suffix = "_zmean" if latent == "mean" else ""
+            cvae_path = os.path.join(models_dir, f"cvae_{name}_s{seed}_e{cvae_epochs}{suffix}.pt")
             if not os.path.exists(cvae_path):
                 print(f"skip {os.path.basename(path)}: no {cvae_path}")
                 continue
-            cvae = VernekarCVAE(k, rv.LATENT[rv.source(name)])
+            cvae = VernekarCVAE(k, rv.LATENT[rv.source(name)], latent_noise=latent == "sample")
             cvae.load_state_dict(torch.load(cvae_path, map_location="cpu"))
             torch.manual_seed(seed)
-            sampler = ManifoldSampler(cvae.eval(), bounds=(-1.0, 1.0), beta_range=beta)
+            sampler = ManifoldSampler(cvae.eval(), bounds=(-1.0, 1.0), beta_range=beta,
+                                      shell=None if shell == 1.0 else shell, ellipsoid=ellipsoid)
             fit = seeded_subset(bench.id_train, fit_n, seed)
             sampler.fit(DataLoader(fit, batch_size=500))
             x, y = fit.tensors
-            samplers[(beta, cvae_epochs)] = (sampler.type1(x[:n], y[:n]), sampler.type2(n))
-        type1, type2 = samplers[(beta, cvae_epochs)]
+            samplers[key] = (sampler.type1(x[:n], y[:n]), sampler.type2(n))
+        type1, type2 = samplers[key]
         model = VernekarCNN(k + 1)
         model.load_state_dict(torch.load(path, map_location="cpu"))
         p_id, p1, p2 = (outlier_probability(model, z, k) for z in (id_test, type1, type2))
-        rows.append({"set": name, "epochs": epochs, "beta": beta, "cvae_epochs": cvae_epochs,
+        rows.append({"set": name, "epochs": epochs, "beta": beta, "cvae_epochs": cvae_epochs, "cvae_latent": latent,
+                     "shell": shell, "ellipsoid": ellipsoid,
                      "p_id": float(p_id.median()), "p_type1": float(p1.median()), "p_type2": float(p2.median()),
                      "type2_over_half": float((p2 > 0.5).float().mean()),
                      "auroc_type2": 100.0 * ood_metrics(p_id, p2)["auroc"]})
@@ -96,13 +105,14 @@ def main(argv=None):
         p.error(f"-n and --fit-n must be >= 1, got {args.n} and {args.fit_n}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    print("set | epochs | beta | CVAE epochs | median p(n+1): ID test / type I / type II | type II with p(n+1) > 0.5"
+    print("set | epochs | beta | CVAE epochs | CVAE latent | shell | ellipsoid | median p(n+1): ID test / type I / type II | type II with p(n+1) > 0.5"
           " | AUROC p(n+1), type II vs ID test")
     found = 0
     for name in args.sets:
         for r in measure(name, args.seed, os.path.join(args.out, "models"), args.n, args.fit_n):
             found += 1
-            print(f"{r['set']} | {r['epochs']} | {r['beta']} | {r['cvae_epochs']} | {r['p_id']:.3f} / "
+            print(f"{r['set']} | {r['epochs']} | {r['beta']} | {r['cvae_epochs']} | {r['cvae_latent']} | "
+                  f"{r['shell']:g} | {r['ellipsoid']} | {r['p_id']:.3f} / "
                   f"{r['p_type1']:.3f} / {r['p_type2']:.3f} | {100 * r['type2_over_half']:.0f}% | "
                   f"{r['auroc_type2']:.1f}")
     if not found:

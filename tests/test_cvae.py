@@ -88,6 +88,32 @@ def test_loss_matches_hand_computation(recon, kl_weight):
     torch.testing.assert_close(cvae.loss(x, y), terms["loss"])
 
 
+def test_without_latent_noise_the_decoder_sees_the_mean_and_kl_still_counts():
+    """latent_noise=False (Vernekar et al.'s notebooks): z = mu in training; the KL term is unchanged."""
+    cvae = tiny(latent_noise=False)
+    with torch.no_grad():
+        cvae.decoder_conv[-1].weight.mul_(0.1)
+    x, y = images(4), torch.tensor([0, 2, 1, 1])
+    mu, logvar = cvae.encode(x, y)
+    recon, mu2, logvar2 = cvae(x, y)
+    assert torch.equal(recon, cvae.decode(mu, y)) and torch.equal(mu2, mu) and torch.equal(logvar2, logvar)
+    terms = cvae.loss_terms(x, y)
+    torch.testing.assert_close(terms, cvae.loss_terms(x, y))  # no draw: the same twice
+    out, t = (cvae.decode(mu, y).double() + 1) / 2, (x.double() + 1) / 2
+    hand_recon = -(t * torch.log(out) + (1 - t) * torch.log1p(-out)).flatten(1).sum(1).mean()
+    torch.testing.assert_close(terms["recon"].double(), hand_recon, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(terms["kl"].double(), _hand_terms(cvae, x, y, seed=0)[1], rtol=1e-5, atol=1e-5)
+    # logvar gets its gradient only from the KL term: with kl_weight 0 it gets none
+    cvae0 = tiny(latent_noise=False, kl_weight=0.0)
+    cvae0.loss(x, y).backward()
+    assert cvae0.fc_logvar.weight.grad is None or not cvae0.fc_logvar.weight.grad.any()
+    # the default VAE draws: two calls differ
+    vae = tiny()
+    assert not torch.equal(vae(x, y)[0], vae(x, y)[0])
+    with pytest.raises(TypeError, match="latent_noise must be a bool"):
+        tiny(latent_noise="no")
+
+
 def test_bce_is_exact_where_the_tanh_saturates():
     """BCE is computed from the logits 2a, so a saturated tanh output gives a finite, correct loss."""
     cvae = tiny()

@@ -128,6 +128,54 @@ def test_type2_shell_and_requested_classes():
     assert (sampler.stats["labels"] == 1).all()
 
 
+def _notebook_factor(cov):
+    """The notebooks' generate_nd_hyperellipsoid_data loop, transcribed as written (s1 reads C[i, j])."""
+    import numpy as np
+    cov = cov.numpy()
+    C = np.zeros_like(cov)
+    for i in range(C.shape[0]):
+        for j in range(i + 1):
+            s1 = 0
+            for k in range(j):
+                s1 += C[i, j] * C[j, k]
+            s2 = 0
+            for k in range(j):
+                s2 += C[j, k] * C[j, k]
+            C[i, j] = (cov[i, j] - s1) / np.sqrt(np.abs(cov[j, j] - s2))
+    return torch.from_numpy(C)
+
+
+def test_authors_ellipsoid_factor_is_the_notebooks_loop():
+    from fastood.samplers.manifold import authors_ellipsoid_factor
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    cov = a @ a.T + 0.1 * torch.eye(6, dtype=torch.float64)
+    torch.testing.assert_close(authors_ellipsoid_factor(cov), _notebook_factor(cov))
+    # not a Cholesky factor for correlated latents; the Cholesky factor for a diagonal covariance
+    assert not torch.allclose(authors_ellipsoid_factor(cov) @ authors_ellipsoid_factor(cov).T, cov, atol=1e-3)
+    diag = torch.diag(torch.tensor([4.0, 1.0, 0.25], dtype=torch.float64))
+    torch.testing.assert_close(authors_ellipsoid_factor(diag), torch.linalg.cholesky(diag))
+    with pytest.raises(ValueError, match="zero pivot"):
+        authors_ellipsoid_factor(torch.zeros(2, 2))
+
+
+def test_type2_with_the_authors_factor_reports_the_real_radius():
+    cvae = tiny_cvae()
+    sampler = ManifoldSampler(cvae, ellipsoid="authors").fit(loader())
+    sampler.type2(50, torch.full((50,), 2))
+    z, labels = sampler.stats["latents"], sampler.stats["labels"]
+    chol = sampler.chols[2]
+    factor = _notebook_factor(chol @ chol.T)
+    # z = m + r C u: (z - m) / r lies on the image of the unit sphere under the notebooks' C
+    u = torch.linalg.solve_triangular(factor, ((z.double().cpu() - sampler.means[2]) / sampler.radii[2]).T,
+                                      upper=False).T
+    torch.testing.assert_close(u.norm(dim=1), torch.ones(50, dtype=torch.float64), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sampler.stats["radius"], sampler.mahalanobis(z, labels), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="ellipsoid must be one of"):
+        ManifoldSampler(cvae, ellipsoid="sphere")
+
+
 def test_fit_leaves_out_classes_without_data():
     cvae = tiny_cvae(num_classes=4)
     sampler = ManifoldSampler(cvae).fit(loader())  # labels 0..2 only

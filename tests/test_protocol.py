@@ -116,6 +116,9 @@ def test_vernekar_networks_match_the_authors_layers():
     x = torch.rand(4, 1, 28, 28) * 2 - 1
     recon, mu, logvar = cvae(x, torch.arange(4))
     assert recon.shape == x.shape and mu.shape == (4, 8)
+    # The notebooks train the decoder on the mean encoding (their sampling() returns z_mean).
+    assert not cvae.latent_noise and torch.equal(recon, cvae.decode(mu, torch.arange(4)))
+    assert VernekarCVAE(10, 8, latent_noise=True).latent_noise
     # Decoder: Dense(18 -> 3136) + ConvT(64, 64, 3) + ConvT(64, 32, 3) + ConvT(32, 1, 3), as the notebook's.
     dec = sum(p.numel() for m in (cvae.decoder_fc, cvae.decoder_conv) for p in m.parameters())
     assert dec == (18 * 3136 + 3136) + (64 * 64 * 9 + 64) + (64 * 32 * 9 + 32) + (32 * 9 + 1)

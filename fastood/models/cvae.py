@@ -55,10 +55,16 @@ class ConditionalVAE(nn.Module):
         recon: reconstruction term of :meth:`loss`: ``"bce"`` (Bernoulli likelihood of the image rescaled to
             [0, 1], needs ``output="tanh"``) or ``"mse"`` (sum of squared errors).
         kl_weight: weight of the KL term (1 = the ELBO).
+        latent_noise: True (a VAE): the decoder sees ``z = mu + exp(logvar / 2) eps`` in training; False: it sees
+            ``z = mu`` (the KL term still regularizes mu and logvar, but the reconstruction is that of a
+            deterministic autoencoder). False is what Vernekar et al.'s notebooks train (sverneka/OODGen, every
+            ``*/cvae_generic_batchwise_mahalanobis.ipynb``: ``sampling`` returns ``z_mean``, the noise line is
+            commented out); it changes only :meth:`forward` / the loss, not :meth:`encode` / :meth:`decode`.
     """
 
     def __init__(self, in_channels=1, image_size=28, num_classes=10, latent_dim=8, width=32, hidden=256,
-                 conditioning="onehot", embed_dim=None, output="tanh", recon="bce", kl_weight=1.0):
+                 conditioning="onehot", embed_dim=None, output="tanh", recon="bce", kl_weight=1.0,
+                 latent_noise=True):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("num_classes", num_classes), ("latent_dim", latent_dim),
                             ("width", width), ("hidden", hidden)):
@@ -77,6 +83,8 @@ class ConditionalVAE(nn.Module):
                              f"got output={output!r}: use recon='mse'")
         if not (isinstance(kl_weight, (int, float)) and math.isfinite(kl_weight) and kl_weight >= 0):
             raise ValueError(f"kl_weight must be a finite number >= 0, got {kl_weight!r}")
+        if not isinstance(latent_noise, bool):
+            raise TypeError(f"latent_noise must be a bool, got {type(latent_noise).__name__} ({latent_noise!r})")
         if conditioning == "onehot":
             if embed_dim is not None:
                 raise ValueError(f"embed_dim is only used with conditioning='embedding', got embed_dim={embed_dim!r}")
@@ -90,6 +98,7 @@ class ConditionalVAE(nn.Module):
         self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
         self.latent_dim, self.cond_dim, self.conditioning = latent_dim, cond_dim, conditioning
         self.output, self.recon, self.kl_weight = output, recon, float(kl_weight)
+        self.latent_noise = latent_noise
         s = image_size // 4
         self._grid = (2 * width, s, s)
         flat = 2 * width * s * s
@@ -187,11 +196,13 @@ class ConditionalVAE(nn.Module):
         return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
 
     def forward(self, x, cond, return_terms: bool = False):
-        """``(reconstruction [B, C, H, W], mu [B, d], logvar [B, d])`` with z drawn by :meth:`reparameterize`;
+        """``(reconstruction [B, C, H, W], mu [B, d], logvar [B, d])`` with z drawn by :meth:`reparameterize`
+        (``z = mu`` when ``latent_noise=False``);
         with ``return_terms=True`` the loss terms of :meth:`loss_terms` instead (a trainer calls it so, through
         its possibly DDP-wrapped model)."""
         mu, logvar = self.encode(x, cond)
-        a = self.decode_preactivation(self.reparameterize(mu, logvar), cond)
+        z = self.reparameterize(mu, logvar) if self.latent_noise else mu
+        a = self.decode_preactivation(z, cond)
         if return_terms:
             return self._terms(x, a, mu, logvar)
         return (torch.tanh(a) if self.output == "tanh" else a), mu, logvar

@@ -9,7 +9,9 @@
   [z, one-hot] -> Linear(d + n, 3136) -> ReLU -> 64 x 7 x 7 -> ConvTranspose(64, 64, 3, stride 2) -> ReLU ->
   ConvTranspose(64, 32, 3, stride 2) -> ReLU -> ConvTranspose(32, 1, 3) -> image. (The notebook's decoder
   also builds a ``Dense(16)`` on the latent input, but its output is overwritten by the next line: it is not in
-  the graph, so it is not here.) Latent size 8 for MNIST, 10 for Fashion-MNIST.
+  the graph, so it is not here.) Latent size 8 for MNIST, 10 for Fashion-MNIST. Trained as the notebooks train it:
+  the decoder sees the mean encoding (their ``sampling`` returns ``z_mean``; the noise line is commented out), the
+  loss is still BCE + KL (``latent_noise=False``, see :class:`~fastood.models.ConditionalVAE`).
 
 Differences that do not change the function class: the authors' images are in [0, 1] with a sigmoid output and
 Keras 'same' padding; fastood's are in [-1, 1] with ``tanh`` (``tanh(a) = 2 sigmoid(2a) - 1``, the same
@@ -50,12 +52,15 @@ class VernekarCVAE(ConditionalVAE):
     """The authors' conditional VAE (one-hot conditioning) on 28 x 28 grey images; see the module docstring.
 
     Same interface as :class:`ConditionalVAE` (``encode``, ``decode``, ``loss``, ...), which the manifold sampler
-    and :class:`~fastood.trainers.CVAETrainer` use.
+    and :class:`~fastood.trainers.CVAETrainer` use. ``latent_noise=False`` (default): the authors' training, the
+    decoder fed the mean encoding; True: a VAE's reparameterized sample (fastood's reproduction before this was
+    found; ``bench/reproduce_vernekar.py --cvae-latent sample``).
     """
 
-    def __init__(self, num_classes: int = 10, latent_dim: int = 8, in_channels: int = 1):
+    def __init__(self, num_classes: int = 10, latent_dim: int = 8, in_channels: int = 1, latent_noise: bool = False):
         super().__init__(in_channels=in_channels, image_size=28, num_classes=num_classes, latent_dim=latent_dim,
-                         width=32, hidden=16, conditioning="onehot", output="tanh", recon="bce")
+                         width=32, hidden=16, conditioning="onehot", output="tanh", recon="bce",
+                         latent_noise=latent_noise)
         self.encoder_conv = nn.Sequential(
             nn.Conv2d(in_channels, 32, 3, stride=2, padding=1), nn.ReLU(),
             nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten())

@@ -187,6 +187,34 @@ def _jacobian_by_tangents(cvae, z, cond, fc, conv):
 BETA_PRESETS = {"paper": (0.1, 1.0, False), "authors": (0.1, 28.0, True)}
 
 
+#: How :meth:`ManifoldSampler.type2_latents` maps the unit sphere into a class's latent Gaussian:
+#: - ``"cholesky"`` (default, the text: points on the ``coverage`` ellipsoid): ``z = m + rho L u``, ``L L^T = Sigma``.
+#: - ``"authors"``: the factor the notebooks compute (:func:`authors_ellipsoid_factor`), which is not a Cholesky factor.
+ELLIPSOIDS = ("cholesky", "authors")
+
+
+def authors_ellipsoid_factor(cov: torch.Tensor) -> torch.Tensor:
+    """The matrix ``C`` [d, d] that Vernekar et al.'s notebooks multiply the sphere by (sverneka/OODGen, every
+    ``*/cvae_generic_batchwise_mahalanobis.ipynb``, ``generate_nd_hyperellipsoid_data``), from ``cov`` [d, d].
+
+    Their loop is a Cholesky decomposition whose correction term ``s1 += C[i, j] * C[j, k]`` reads ``C[i, j]``, the
+    entry being computed (still 0), instead of ``C[i, k]``; so ``s1 = 0`` and, for ``j <= i``,
+    ``C[i, j] = Sigma[i, j] / sqrt(|Sigma[j, j] - sum_{k<j} C[j, k]^2|)`` (0 above the diagonal). For a diagonal
+    ``Sigma`` it equals the Cholesky factor; with correlated latents ``C C^T != Sigma`` and the decoded points are
+    far outside the ellipsoid (measured on a Fashion-MNIST CVAE: docs/fidelity.md, ManifoldSampler). float64.
+    """
+    cov = cov.double()
+    d = cov.shape[0]
+    factor = torch.zeros_like(cov)
+    for j in range(d):
+        denominator = (cov[j, j] - factor[j, :j].square().sum()).abs().sqrt()
+        factor[j:, j] = cov[j:, j] / denominator
+    if not bool(torch.isfinite(factor).all()):
+        raise ValueError("authors_ellipsoid_factor: a zero pivot (|Sigma[j, j] - sum C[j, k]^2| = 0) gives a non-finite "
+                         "factor; use ellipsoid='cholesky'")
+    return factor
+
+
 def bounds_width(lower, upper) -> float:
     """The width ``upper - lower`` of the data range, averaged over channels (per-channel bounds)."""
     k = max(len(lower), len(upper))
@@ -215,6 +243,7 @@ class ManifoldSampler(metaclass=RecordsHyperparameters):
     - :meth:`type2` (class boundary, on-manifold): ``z = m_c + rho L_c u``, u uniform on the unit sphere,
       ``rho = r_c`` (or ``r_c * U(1, shell)``), decoded as ``g(z, c)``. ``z`` is on the surface of class c's
       ``coverage`` ellipsoid (the affine image of the uniform sphere: uniform in the sphere's parameterization).
+      With ``ellipsoid="authors"`` the notebooks' matrix (:func:`authors_ellipsoid_factor`) replaces ``L_c``.
     - :meth:`sample` (sampler protocol): type I from the current ID batch for a ``type1_fraction`` of the samples,
       type II for the rest.
 
@@ -240,6 +269,9 @@ class ManifoldSampler(metaclass=RecordsHyperparameters):
         coverage: fraction of each class's latent means inside its ellipsoid (paper: 0.95), in (0, 1].
         shell: None (paper: on the ellipsoid) or a factor >= 1: radii drawn from ``r_c * U(1, shell)`` (the
             authors' code used 1.5).
+        ellipsoid: ``"cholesky"`` (default, the text: z on the ellipsoid) or ``"authors"`` (the notebooks' factor,
+            :func:`authors_ellipsoid_factor`: with correlated latents it puts z far beyond ``r_c``; ``stats["radius"]``
+            then holds the Mahalanobis radius z really has). See :data:`ELLIPSOIDS`.
         bounds: ``(lower, upper)`` data range (scalars or per-channel); outliers are clipped into it.
         type1_fraction: fraction of :meth:`sample`'s outliers that are type I when an ID batch is given, in [0, 1].
         anchor: ``"input"`` (paper: ``x~ = x + beta v``) or ``"reconstruction"`` (``x~ = g(mu) + beta v``, the
@@ -252,7 +284,7 @@ class ManifoldSampler(metaclass=RecordsHyperparameters):
     jacobian_method = "auto"
 
     def __init__(self, cvae: nn.Module, beta_range="authors", coverage=0.95, shell=None, bounds=(-1.0, 1.0),
-                 type1_fraction=0.5, anchor="input", batch_size=256, random_sign=None):
+                 type1_fraction=0.5, anchor="input", batch_size=256, random_sign=None, ellipsoid="cholesky"):
         check_cvae(cvae, ("encode", "decode", "latent_dim", "num_classes", "image_shape"))
         self.cvae = cvae
         self.lower, self.upper = check_bounds(bounds)
@@ -278,6 +310,10 @@ class ManifoldSampler(metaclass=RecordsHyperparameters):
             if not (math.isfinite(shell) and shell >= 1.0):
                 raise ValueError(f"shell must be None or a finite factor >= 1, got {shell}")
         self.shell = shell
+        if ellipsoid not in ELLIPSOIDS:
+            raise ValueError(f"ellipsoid must be one of {ELLIPSOIDS}, got {ellipsoid!r}")
+        self.ellipsoid = ellipsoid
+        self._authors_factors = (None, None)   # (the chols they were computed from, factors [n_cls, d, d])
         check_shape(cvae.image_shape, (self.lower, self.upper))
         type1_fraction = float(type1_fraction)
         if not 0.0 <= type1_fraction <= 1.0:
@@ -475,17 +511,26 @@ class ManifoldSampler(metaclass=RecordsHyperparameters):
         radius = self.radii.to(self.device)[y]
         if self.shell is not None:
             radius = radius * (1.0 + (self.shell - 1.0) * torch.rand(n, device=self.device, dtype=torch.float64))
-        chol, mean = self.chols.to(self.device)[y], self.means.to(self.device)[y]
+        factors = self.chols if self.ellipsoid == "cholesky" else self._authors_factor_table()
+        chol, mean = factors.to(self.device)[y], self.means.to(self.device)[y]
         z = mean + radius.unsqueeze(1) * (chol @ u.unsqueeze(2)).squeeze(2)
-        self._last_radius = radius.detach().cpu()
+        self._last_radius = radius.detach().cpu() if self.ellipsoid == "cholesky" else self.mahalanobis(z, y)
         return z.to(self.dtype), y
+
+    def _authors_factor_table(self) -> torch.Tensor:
+        """:func:`authors_ellipsoid_factor` of every class's covariance ``L_c L_c^T`` [n_cls, d, d] (cached)."""
+        source, table = self._authors_factors
+        if source is not self.chols:
+            table = torch.stack([authors_ellipsoid_factor(chol @ chol.T) for chol in self.chols])
+            self._authors_factors = (self.chols, table)
+        return table
 
     def type2(self, n: int, y=None) -> torch.Tensor:
         """``n`` class-boundary outliers ``g(z, y)`` [n, C, H, W] on the CVAE's device, clipped into ``bounds``.
 
         ``y``: None (uniform over the fitted classes), an int or an int tensor [n]. ``stats`` gets ``labels`` [n],
         ``latents`` [n, d] and ``radius`` [n] (the Mahalanobis radius of each latent under its class's Gaussian:
-        ``r_c``, or ``r_c`` times the shell factor).
+        ``r_c``, or ``r_c`` times the shell factor; with ``ellipsoid="authors"`` computed from z).
         """
         z, y = self.type2_latents(n, y)
         out = torch.empty((z.shape[0],) + tuple(self.cvae.image_shape), device=self.device, dtype=self.dtype)
