@@ -326,6 +326,16 @@ def test_trainer_passes_beta_range_to_its_default_sampler():
         ManifoldTrainer(tiny_classifier(4), FixedOutliers(), beta_range="authors")
 
 
+def test_trainer_passes_the_type2_options_to_its_default_sampler():
+    plain = ManifoldTrainer(tiny_classifier(4), tiny_cvae(), progress=False).sampler
+    assert plain.shell is None and plain.ellipsoid == "cholesky"
+    sampler = ManifoldTrainer(tiny_classifier(4), tiny_cvae(), shell=1.5, ellipsoid="authors", progress=False).sampler
+    assert sampler.shell == 1.5 and sampler.ellipsoid == "authors"
+    for name, value in (("shell", 1.5), ("ellipsoid", "authors")):
+        with pytest.raises(ValueError, match=f"{name} is for the default sampler"):
+            ManifoldTrainer(tiny_classifier(4), FixedOutliers(), **{name: value})
+
+
 # ---------------------------------------------------------------------------------------------------- issue 12
 def test_beta_default_is_the_authors_range_and_paper_the_texts_on_the_datas_scale():
     cvae = tiny_cvae()

@@ -20,16 +20,17 @@ def check_ratio(ratio, name="ratio"):
     return r
 
 
-def manifold_sampler(cvae, bounds=None, beta_range=None):
+def manifold_sampler(cvae, bounds=None, beta_range=None, shell=None, ellipsoid=None):
     """A :class:`~fastood.samplers.manifold.ManifoldSampler` around a ConditionalVAE (in ``bounds``, default
-    (-1, 1); type-I step ``beta_range``, default the sampler's ``"authors"``), or ``cvae`` itself when it already is a
-    sampler ``sample(model, n, shape, context)``."""
+    (-1, 1); type-I step ``beta_range``, type-II ``shell`` and ``ellipsoid``, each None for the sampler's default), or
+    ``cvae`` itself when it already is a sampler ``sample(model, n, shape, context)``."""
     from fastood.samplers.manifold import ManifoldSampler
 
+    given = {"beta_range": beta_range, "shell": shell, "ellipsoid": ellipsoid}
     if isinstance(cvae, nn.Module):
-        options = {} if beta_range is None else {"beta_range": beta_range}
+        options = {k: v for k, v in given.items() if v is not None}
         return ManifoldSampler(cvae, bounds=(-1.0, 1.0) if bounds is None else bounds, **options)
-    for name, value in (("bounds", bounds), ("beta_range", beta_range)):
+    for name, value in (("bounds", bounds),) + tuple(given.items()):
         if value is not None:
             raise ValueError(f"{name} is for the default sampler built around a CVAE; pass it to your sampler "
                              "instead")
@@ -60,6 +61,8 @@ class ManifoldObjective(Objective):
         check_range: check the first ID batch against the sampler's box (:func:`fastood.check_data_range`).
         beta_range: type-I step of the default sampler (only with a CVAE): ``"authors"`` (its default), ``"paper"``
             or ``(low, high)``; see :class:`~fastood.samplers.manifold.ManifoldSampler`.
+        shell, ellipsoid: the default sampler's type-II options (only with a CVAE; None: the sampler's defaults);
+            see :class:`~fastood.samplers.manifold.ManifoldSampler`.
 
     Call: ``model`` a classifier with n + 1 outputs (the last one "outlier"; grow a trained head with
     :func:`fastood.trainers.manifold.grow_head`), ``x`` [b, ...], ``y`` [b] in [0, n-1]. Returns ``(loss, logs)``,
@@ -71,12 +74,12 @@ class ManifoldObjective(Objective):
     """
 
     def __init__(self, sampler, ood_weight: float = 0.1, ratio=(2, 1, 1), bounds=None, check_range: bool = True,
-                 beta_range=None):
+                 beta_range=None, shell=None, ellipsoid=None):
         super().__init__(check_range=check_range)
         if not (isinstance(ood_weight, (int, float)) and math.isfinite(ood_weight) and ood_weight > 0):
             raise ValueError(f"ood_weight must be a finite number > 0, got {ood_weight!r}")
         self.ratio = check_ratio(ratio)
-        self.sampler = manifold_sampler(sampler, bounds, beta_range)
+        self.sampler = manifold_sampler(sampler, bounds, beta_range, shell, ellipsoid)
         self.ood_weight = float(ood_weight)
         #: median distance from an ID image to its nearest neighbour in a batch (the type-I step's scale), or None
         self.id_nn_distance = None

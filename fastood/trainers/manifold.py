@@ -130,6 +130,9 @@ class ManifoldTrainer(Trainer):
         beta_range: type-I step of the default sampler (only with a CVAE): None (the sampler's default,
             ``"authors"``), ``"authors"``, ``"paper"`` or ``(low, high)``; see
             :class:`~fastood.samplers.manifold.ManifoldSampler`.
+        shell, ellipsoid: type-II options of the default sampler (only with a CVAE; None: the sampler's defaults):
+            radii ``r_c * U(1, shell)`` and the sphere-to-ellipsoid factor (``"cholesky"``, the text; ``"authors"``,
+            the notebooks'); see :class:`~fastood.samplers.manifold.ManifoldSampler`.
         **kwargs: the Trainer options (lr, momentum, weight_decay, optimizer, checkpoint_dir, progress, seed, ...).
 
     SGD (momentum 0.9, weight decay 5e-4) with lr 0.01 by default. The ID batch and the outliers go through the
@@ -153,11 +156,11 @@ class ManifoldTrainer(Trainer):
     id_nn_distance = delegated("id_nn_distance")
 
     def __init__(self, model, cvae, ood_weight=0.1, ratio=(2, 1, 1), extend_head=False, bounds=None, freeze_bn=False,
-                 beta_range=None, **kwargs):
+                 beta_range=None, shell=None, ellipsoid=None, **kwargs):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         objective = ManifoldObjective(cvae, ood_weight=ood_weight, ratio=ratio, bounds=bounds, beta_range=beta_range,
-                                      check_range=False)  # fit checks the first batch
+                                      shell=shell, ellipsoid=ellipsoid, check_range=False)  # fit checks the first batch
         if extend_head:
             grow_head(model, 1)
         if freeze_bn == "auto":
