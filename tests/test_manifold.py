@@ -97,7 +97,7 @@ def test_reconstruction_anchor_starts_from_the_decoded_mean():
 
 def test_fit_ellipsoids_and_type2_on_the_surface():
     cvae = tiny_cvae()
-    sampler = ManifoldSampler(cvae).fit(loader())
+    sampler = ManifoldSampler(cvae, ellipsoid="cholesky").fit(loader())  # the text's draw: on the ellipsoid
     x, y = labeled(60)
     with torch.no_grad():
         mu = cvae.encode(x, y)[0].double()
@@ -121,7 +121,7 @@ def test_fit_ellipsoids_and_type2_on_the_surface():
 
 def test_type2_shell_and_requested_classes():
     cvae = tiny_cvae()
-    sampler = ManifoldSampler(cvae, shell=1.5).fit(loader())
+    sampler = ManifoldSampler(cvae, shell=1.5, ellipsoid="cholesky").fit(loader())
     sampler.type2(200, torch.full((200,), 1))
     ratio = sampler.mahalanobis(sampler.stats["latents"], sampler.stats["labels"]) / sampler.radii[1]
     assert ratio.min() >= 1 - 1e-6 and ratio.max() <= 1.5 + 1e-6 and ratio.std() > 0.1
@@ -162,7 +162,8 @@ def test_authors_ellipsoid_factor_is_the_notebooks_loop():
 
 def test_type2_with_the_authors_factor_reports_the_real_radius():
     cvae = tiny_cvae()
-    sampler = ManifoldSampler(cvae, ellipsoid="authors").fit(loader())
+    assert ManifoldSampler(cvae).ellipsoid == "authors"  # the default: the draw that produced the paper's tables
+    sampler = ManifoldSampler(cvae).fit(loader())
     sampler.type2(50, torch.full((50,), 2))
     z, labels = sampler.stats["latents"], sampler.stats["labels"]
     chol = sampler.chols[2]
@@ -328,9 +329,9 @@ def test_trainer_passes_beta_range_to_its_default_sampler():
 
 def test_trainer_passes_the_type2_options_to_its_default_sampler():
     plain = ManifoldTrainer(tiny_classifier(4), tiny_cvae(), progress=False).sampler
-    assert plain.shell is None and plain.ellipsoid == "cholesky"
-    sampler = ManifoldTrainer(tiny_classifier(4), tiny_cvae(), shell=1.5, ellipsoid="authors", progress=False).sampler
-    assert sampler.shell == 1.5 and sampler.ellipsoid == "authors"
+    assert plain.shell is None and plain.ellipsoid == "authors"  # the sampler's defaults
+    sampler = ManifoldTrainer(tiny_classifier(4), tiny_cvae(), shell=1.5, ellipsoid="cholesky", progress=False).sampler
+    assert sampler.shell == 1.5 and sampler.ellipsoid == "cholesky"
     for name, value in (("shell", 1.5), ("ellipsoid", "authors")):
         with pytest.raises(ValueError, match=f"{name} is for the default sampler"):
             ManifoldTrainer(tiny_classifier(4), FixedOutliers(), **{name: value})
@@ -394,7 +395,7 @@ def test_batchnorm_trains_on_the_mixed_batch_by_default_and_auto_freezes_learned
 
 def test_mechanism_figures_are_logged():
     cvae = tiny_cvae()
-    sampler = ManifoldSampler(cvae, beta_range="paper").fit(loader())
+    sampler = ManifoldSampler(cvae, beta_range="paper", ellipsoid="cholesky").fit(loader())
     trainer = ManifoldTrainer(tiny_classifier(4), sampler, progress=False)
     trainer.fit(loader(24, 12), steps=1)
     logs = trainer.history[-1]
@@ -406,6 +407,11 @@ def test_mechanism_figures_are_logged():
     # type-II latents sit on the 95% ellipsoids: their radius is the fitted r_c
     assert min(sampler.radii[:3]) - 1e-6 <= logs["type2_radius"] <= max(sampler.radii[:3]) + 1e-6
     assert set(ManifoldTrainer.progress_keys) <= set(logs)
+    # the authors' draw (the default) logs the radius its latents really have: the mean of stats["radius"]
+    authors = ManifoldTrainer(tiny_classifier(4), ManifoldSampler(cvae).fit(loader()), progress=False)
+    authors.fit(loader(24, 12), steps=1)
+    assert authors.history[-1]["type2_radius"] == pytest.approx(float(authors.sampler.stats["radius"].mean()),
+                                                                rel=1e-5)
 
 
 def test_mechanism_idle_warns_when_type1_outliers_do_not_move():
