@@ -97,7 +97,7 @@ def test_reconstruction_anchor_starts_from_the_decoded_mean():
 
 def test_fit_ellipsoids_and_type2_on_the_surface():
     cvae = tiny_cvae()
-    sampler = ManifoldSampler(cvae, ellipsoid="cholesky").fit(loader())  # the text's draw: on the ellipsoid
+    sampler = ManifoldSampler(cvae, shell=None, ellipsoid="cholesky").fit(loader())  # the text's draw: on it
     x, y = labeled(60)
     with torch.no_grad():
         mu = cvae.encode(x, y)[0].double()
@@ -162,8 +162,9 @@ def test_authors_ellipsoid_factor_is_the_notebooks_loop():
 
 def test_type2_with_the_authors_factor_reports_the_real_radius():
     cvae = tiny_cvae()
-    assert ManifoldSampler(cvae).ellipsoid == "authors"  # the default: the draw that produced the paper's tables
-    sampler = ManifoldSampler(cvae).fit(loader())
+    # the defaults: the notebooks' draw, which produced the paper's tables
+    assert ManifoldSampler(cvae).ellipsoid == "authors" and ManifoldSampler(cvae).shell == 1.5
+    sampler = ManifoldSampler(cvae, shell=1.0).fit(loader())  # radius exactly r: shell 1 is the text's radius
     sampler.type2(50, torch.full((50,), 2))
     z, labels = sampler.stats["latents"], sampler.stats["labels"]
     chol = sampler.chols[2]
@@ -329,9 +330,9 @@ def test_trainer_passes_beta_range_to_its_default_sampler():
 
 def test_trainer_passes_the_type2_options_to_its_default_sampler():
     plain = ManifoldTrainer(tiny_classifier(4), tiny_cvae(), progress=False).sampler
-    assert plain.shell is None and plain.ellipsoid == "authors"  # the sampler's defaults
-    sampler = ManifoldTrainer(tiny_classifier(4), tiny_cvae(), shell=1.5, ellipsoid="cholesky", progress=False).sampler
-    assert sampler.shell == 1.5 and sampler.ellipsoid == "cholesky"
+    assert plain.shell == 1.5 and plain.ellipsoid == "authors"  # the sampler's defaults: the notebooks' draw
+    sampler = ManifoldTrainer(tiny_classifier(4), tiny_cvae(), shell=2.0, ellipsoid="cholesky", progress=False).sampler
+    assert sampler.shell == 2.0 and sampler.ellipsoid == "cholesky"
     for name, value in (("shell", 1.5), ("ellipsoid", "authors")):
         with pytest.raises(ValueError, match=f"{name} is for the default sampler"):
             ManifoldTrainer(tiny_classifier(4), FixedOutliers(), **{name: value})
@@ -395,7 +396,7 @@ def test_batchnorm_trains_on_the_mixed_batch_by_default_and_auto_freezes_learned
 
 def test_mechanism_figures_are_logged():
     cvae = tiny_cvae()
-    sampler = ManifoldSampler(cvae, beta_range="paper", ellipsoid="cholesky").fit(loader())
+    sampler = ManifoldSampler(cvae, beta_range="paper", shell=None, ellipsoid="cholesky").fit(loader())
     trainer = ManifoldTrainer(tiny_classifier(4), sampler, progress=False)
     trainer.fit(loader(24, 12), steps=1)
     logs = trainer.history[-1]

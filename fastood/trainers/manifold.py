@@ -130,9 +130,10 @@ class ManifoldTrainer(Trainer):
         beta_range: type-I step of the default sampler (only with a CVAE): None (the sampler's default,
             ``"authors"``), ``"authors"``, ``"paper"`` or ``(low, high)``; see
             :class:`~fastood.samplers.manifold.ManifoldSampler`.
-        shell, ellipsoid: type-II options of the default sampler (only with a CVAE; None: the sampler's defaults):
-            radii ``r_c * U(1, shell)`` and the sphere-to-ellipsoid factor (``"cholesky"``, the text; ``"authors"``,
-            the notebooks'); see :class:`~fastood.samplers.manifold.ManifoldSampler`.
+        shell, ellipsoid: type-II options of the default sampler (only with a CVAE; None: the sampler's defaults,
+            the notebooks' 1.5 and ``"authors"``): radii ``r_c * U(1, shell)`` and the sphere-to-ellipsoid factor;
+            ``shell=1, ellipsoid="cholesky"`` is the text's draw (on the 95% ellipsoid); see
+            :class:`~fastood.samplers.manifold.ManifoldSampler`.
         **kwargs: the Trainer options (lr, momentum, weight_decay, optimizer, checkpoint_dir, progress, seed, ...).
 
     SGD (momentum 0.9, weight decay 5e-4) with lr 0.01 by default. The ID batch and the outliers go through the
