@@ -187,7 +187,8 @@ def run_cell(name, seed, args, cells, log):
     other = MaxIDProbability(n1) if name in ("mnist", "fashion-mnist") else ExtraClass(n1)
     out = {"name": name, "seed": seed, "epochs": args.epochs, "cvae_epochs": args.cvae_epochs, "lr": lr,
            "optimizer": args.optimizer,
-           "beta": args.beta, "cvae_latent": args.cvae_latent, "shell": args.shell, "ellipsoid": args.ellipsoid, "n_train": len(bench.id_train), "n_eval_id": len(id_eval)}
+           "beta": args.beta, "cvae_latent": args.cvae_latent, "shell": args.shell, "ellipsoid": args.ellipsoid,
+           "n_train": len(bench.id_train), "n_eval_id": len(id_eval)}
     with sw("evaluate"):
         out["acc_before"] = accuracy(plain, bench.id_test, n)
         out["acc_after"] = accuracy(n1, bench.id_test, n)

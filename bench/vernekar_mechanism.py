@@ -5,11 +5,13 @@ network of ``bench/reproduce_vernekar.py``.
     python bench/vernekar_mechanism.py [--out runs/vernekar] [--sets fashion-mnist mnist-0to4 ...] [--seed 0]
         [-n 1000] [--fit-n 5000]
 
-For every cached n+1 network ``models/n1_<set>_s<seed>_e<epochs>_lr<lr>_<beta>_c<cvae epochs>[_zmean][_sh<f>][_ellauthors].pt``
-(Adadelta runs; the ``_sgd`` ablation is skipped) it rebuilds the run's ManifoldSampler from the cached CVAE (fitted
-on ``--fit-n`` training images, the same beta range, type-II shell and ellipsoid factor), draws ``-n`` type-I outliers (off the manifold, from training images) and
-``-n`` type-II outliers (class-boundary decodes), and prints the median p(n+1) on ID test images, type I and type
-II, the fraction of type II with p(n+1) > 0.5, and the AUROC of p(n+1) between ID test images and type II outliers.
+For every cached n+1 network
+``models/n1_<set>_s<seed>_e<epochs>_lr<lr>_<beta>_c<cvae epochs>[_zmean][_sh<f>][_ellauthors].pt`` (Adadelta runs;
+the ``_sgd`` ablation is skipped) it rebuilds the run's ManifoldSampler from the cached CVAE (fitted on ``--fit-n``
+training images, the same beta range, type-II shell and ellipsoid factor), draws ``-n`` type-I outliers (off the
+manifold, from training images) and ``-n`` type-II outliers (class-boundary decodes), and prints the median p(n+1)
+on ID test images, type I and type II, the fraction of type II with p(n+1) > 0.5, and the AUROC of p(n+1) between
+ID test images and type II outliers.
 The measurement behind docs/reproduction.md's budget finding: near-OOD detection needs the type-II part of the
 outlier class, and at 2 epochs it is not learned yet.
 """
@@ -105,7 +107,8 @@ def main(argv=None):
         p.error(f"-n and --fit-n must be >= 1, got {args.n} and {args.fit_n}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    print("set | epochs | beta | CVAE epochs | CVAE latent | shell | ellipsoid | median p(n+1): ID test / type I / type II | type II with p(n+1) > 0.5"
+    print("set | epochs | beta | CVAE epochs | CVAE latent | shell | ellipsoid"
+          " | median p(n+1): ID test / type I / type II | type II with p(n+1) > 0.5"
           " | AUROC p(n+1), type II vs ID test")
     found = 0
     for name in args.sets:

@@ -214,8 +214,8 @@ def authors_ellipsoid_factor(cov: torch.Tensor) -> torch.Tensor:
         denominator = (cov[j, j] - factor[j, :j].square().sum()).abs().sqrt()
         factor[j:, j] = cov[j:, j] / denominator
     if not bool(torch.isfinite(factor).all()):
-        raise ValueError("authors_ellipsoid_factor: a zero pivot (|Sigma[j, j] - sum C[j, k]^2| = 0) gives a non-finite "
-                         "factor; use ellipsoid='cholesky'")
+        raise ValueError("authors_ellipsoid_factor: a zero pivot (|Sigma[j, j] - sum C[j, k]^2| = 0) gives a "
+                         "non-finite factor; use ellipsoid='cholesky'")
     return factor
 
 
@@ -275,8 +275,9 @@ class ManifoldSampler(metaclass=RecordsHyperparameters):
         coverage: fraction of each class's latent means inside its ellipsoid (paper: 0.95), in (0, 1].
         shell: a factor >= 1, radii drawn from ``r_c * U(1, shell)`` (default 1.5, the authors' notebooks:
             ``generate_nd_hyperellipsoid_data`` draws U(r, 1.5 r)); 1 or None: the text's radius ``r_c`` (pass 1
-            through :class:`~fastood.trainers.ManifoldTrainer`, where None means "the sampler's default"). With the authors' factor too (both defaults), fine-tuning a SmallCNN on Fashion-MNIST (3 seeds,
-            docs/fidelity.md) reached mean AUROC 92.2 against 90.0 with ``shell=None`` and 82.7 with the text's draw.
+            through :class:`~fastood.trainers.ManifoldTrainer`, where None means "the sampler's default"). With the
+            authors' factor too (both defaults), fine-tuning a SmallCNN on Fashion-MNIST (3 seeds, docs/fidelity.md)
+            reached mean AUROC 92.2, against 90.0 with ``shell=None`` and 82.7 with the text's draw.
         ellipsoid: ``"authors"`` (default: the notebooks' factor, :func:`authors_ellipsoid_factor`, which produced
             the paper's tables: with correlated latents it puts z far beyond ``r_c``, and ``stats["radius"]`` then
             holds the Mahalanobis radius z really has) or ``"cholesky"`` (the text: z on the ellipsoid). See
