@@ -75,22 +75,23 @@ def sgd(lr):
     return lambda params: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
 
 
-def shell_factor(args):
-    """ManifoldSampler's ``shell``: None (type-II radii on the 95% ellipsoid, the text) for ``--shell 1``, else the
-    factor (the notebooks' ``generate_nd_hyperellipsoid_data``: radii U(r, 1.5 r))."""
-    return None if args.shell == 1.0 else args.shell
+def shell_factor(shell: float):
+    """ManifoldSampler's ``shell`` for a ``--shell`` value: None (type-II radii on the 95% ellipsoid, the text, drawn
+    without a random radius as the runs before the flag were) for 1, else the factor (the notebooks'
+    ``generate_nd_hyperellipsoid_data``: radii U(r, 1.5 r))."""
+    return None if shell == 1.0 else shell
 
 
-def cvae_suffix(args) -> str:
+def cvae_suffix(cvae_latent: str) -> str:
     """Cache-name suffix of the CVAE variant: "" for a VAE's sampled latent (the runs made before the authors'
     mean-latent training was found), "_zmean" for the authors'."""
-    return "_zmean" if args.cvae_latent == "mean" else ""
+    return "_zmean" if cvae_latent == "mean" else ""
 
 
 def variant_suffix(args) -> str:
     """Cache-name suffix of the outlier generator: the CVAE variant, the type-II shell and ellipsoid factor ("" =
     the runs before these flags: sampled latent, shell 1, Cholesky)."""
-    return (cvae_suffix(args) + ("" if args.shell == 1.0 else f"_sh{args.shell:g}")
+    return (cvae_suffix(args.cvae_latent) + ("" if args.shell == 1.0 else f"_sh{args.shell:g}")
             + ("" if args.ellipsoid == "cholesky" else "_ellauthors"))
 
 
@@ -152,7 +153,7 @@ def run_cell(name, seed, args, cells, log):
         torch.manual_seed(seed)
         plain = cached_model(cells, f"plain_{tag}", VernekarCNN(n), train_plain, log)
 
-    cvae_name = f"cvae_{name}_s{seed}_e{args.cvae_epochs}" + cvae_suffix(args)
+    cvae_name = f"cvae_{name}_s{seed}_e{args.cvae_epochs}" + cvae_suffix(args.cvae_latent)
 
     def train_cvae(cvae):
         CVAETrainer(cvae, optimizer=rmsprop, scheduler=None, seed=seed, progress=progress,
@@ -167,7 +168,7 @@ def run_cell(name, seed, args, cells, log):
 
     def train_n1(model):
         torch.manual_seed(seed)
-        sampler = ManifoldSampler(cvae, bounds=(-1.0, 1.0), beta_range=args.beta, shell=shell_factor(args),
+        sampler = ManifoldSampler(cvae, bounds=(-1.0, 1.0), beta_range=args.beta, shell=shell_factor(args.shell),
                                   ellipsoid=args.ellipsoid)
         ManifoldTrainer(model, sampler, ood_weight=0.1, ratio=(2, 1, 1), optimizer=make_optimizer(args, lr),
                         scheduler=None, seed=seed, progress=progress,

@@ -68,8 +68,7 @@ def measure(name: str, seed: int, models_dir: str, n: int, fit_n: int) -> list:
     for epochs, beta, cvae_epochs, (latent, shell, ellipsoid), path in networks(models_dir, name, seed):
         key = (beta, cvae_epochs, latent, shell, ellipsoid)
         if key not in samplers:
-            suffix = "_zmean" if latent == "mean" else ""
-            cvae_path = os.path.join(models_dir, f"cvae_{name}_s{seed}_e{cvae_epochs}{suffix}.pt")
+            cvae_path = os.path.join(models_dir, f"cvae_{name}_s{seed}_e{cvae_epochs}{rv.cvae_suffix(latent)}.pt")
             if not os.path.exists(cvae_path):
                 print(f"skip {os.path.basename(path)}: no {cvae_path}")
                 continue
@@ -77,7 +76,7 @@ def measure(name: str, seed: int, models_dir: str, n: int, fit_n: int) -> list:
             cvae.load_state_dict(torch.load(cvae_path, map_location="cpu"))
             torch.manual_seed(seed)
             sampler = ManifoldSampler(cvae.eval(), bounds=(-1.0, 1.0), beta_range=beta,
-                                      shell=None if shell == 1.0 else shell, ellipsoid=ellipsoid)
+                                      shell=rv.shell_factor(shell), ellipsoid=ellipsoid)
             fit = seeded_subset(bench.id_train, fit_n, seed)
             sampler.fit(DataLoader(fit, batch_size=500))
             x, y = fit.tensors
