@@ -114,20 +114,22 @@ def test_energy_oe_raises_energy_of_outliers_relative_to_id():
     assert trainer.history[-1]["margin"] < trainer.history[0]["margin"]
 
 
-def test_energy_oe_auto_margins_are_quantiles_measured_once():
+@pytest.mark.parametrize("quantiles, q_in", [(None, 0.8), ((0.2, 0.8), 0.2)])  # the default; the old (CMG's) rule
+def test_energy_oe_auto_margins_are_quantiles_measured_once(quantiles, q_in):
     model = _pretrained()
     loader = DataLoader(TensorDataset(*_id_data()), batch_size=32)  # unshuffled: the measured batches are known
     outliers = _outlier_loader(batch=32)
+    kw = {} if quantiles is None else {"auto_quantiles": quantiles}
     trainer = EnergyOETrainer(copy.deepcopy(model), outliers=outliers, margins="auto", auto_batches=2,
-                              progress=False, seed=0)
-    # expected: 20th / 80th percentiles over the first 2 ID batches and the first 2 outlier batches (eval mode)
+                              progress=False, seed=0, **kw)
+    # expected: the q_in / 80th percentiles over the first 2 ID batches and the first 2 outlier batches (eval mode)
     same_order = as_outlier_source(outliers, seed=0)  # the trainer's source uses the trainer's seed
     x_out = torch.cat([same_order.draw(None, None, None) for _ in range(2)])
     x_in = _id_data()[0][:64]
     with torch.no_grad():
         e_in, e_out = -torch.logsumexp(model(x_in), 1), -torch.logsumexp(model(x_out), 1)
     trainer.fit(loader, steps=3)
-    assert trainer.m_in == pytest.approx(float(torch.quantile(e_in.double(), 0.2)), rel=1e-5)
+    assert trainer.m_in == pytest.approx(float(torch.quantile(e_in.double(), q_in)), rel=1e-5)
     assert trainer.m_out == pytest.approx(float(torch.quantile(e_out.double(), 0.8)), rel=1e-5)
     assert trainer.m_in < trainer.m_out
     assert trainer.margins_measured and trainer.extra_state()["margins"]["measured"]

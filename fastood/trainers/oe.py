@@ -84,9 +84,15 @@ class EnergyOETrainer(OETrainer):
     Margins:
         ``margins="fixed"`` (default): ``m_in`` / ``m_out`` as given (the paper's CIFAR values -25 / -7).
         ``margins="auto"``: measured once, before the first step, from the model being fine-tuned (eval mode):
-        ``m_in`` = the ``auto_quantiles[0]`` (20th) percentile of its ID training energies and ``m_out`` = the
-        ``auto_quantiles[1]`` (80th) percentile of its outliers' energies, over ``auto_batches`` batches of each
-        (as CMG does). They are stored in the checkpoint (``extra_state``) and never re-measured on resume.
+        ``m_in`` = the ``auto_quantiles[0]`` (80th) percentile of its ID training energies and ``m_out`` = the
+        ``auto_quantiles[1]`` (80th) percentile of its outliers' energies, over ``auto_batches`` batches of each.
+        They are stored in the checkpoint (``extra_state``) and never re-measured on resume.
+
+        Why the 80th percentile for ``m_in`` (CMG's rule, which this mode first copied, is the 20th): the ID term
+        lowers the energy of everything the network finds familiar, and on Fashion-MNIST it dragged the largest-norm
+        inputs (Sphere-OOD) below the ID images. Pushing only the least confident fifth of the ID images gave the
+        best mean AUROC of the settings measured (docs/reproduction.md, Energy-OE; docs/fidelity.md): 3 seeds,
+        +3.8 over the pretrained MSP against +0.0 with (0.2, 0.8). ``auto_quantiles=(0.2, 0.8)`` is the old rule.
 
     Same recipe and one-forward-pass as :class:`OETrainer`. Detector: Energy (score ``E(x)``, higher = more OOD).
 
@@ -107,7 +113,7 @@ class EnergyOETrainer(OETrainer):
     T = delegated("T")
 
     def __init__(self, model, outliers=None, m_in: float = -25.0, m_out: float = -7.0, lam: float = 0.1,
-                 T: float = 1.0, margins: str = "fixed", auto_quantiles=(0.2, 0.8), auto_batches: int = 20, **kwargs):
+                 T: float = 1.0, margins: str = "fixed", auto_quantiles=(0.8, 0.8), auto_batches: int = 20, **kwargs):
         super().__init__(model, outliers, lam=lam, **kwargs)
         if margins not in MARGIN_MODES:
             raise ValueError(f"margins must be one of {MARGIN_MODES}, got {margins!r}")
