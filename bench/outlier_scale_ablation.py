@@ -29,9 +29,8 @@ import torch  # noqa: E402
 import compare_methods  # noqa: E402
 from fastood import demo  # noqa: E402
 from fastood.data import ImageDataset, auxiliary_outliers  # noqa: E402
-import fastood.distributed as D  # noqa: E402
 
-OUTLIER_METHODS = ("oe", "energy-oe", "ice")  # the methods that train on ``Context.outlier_loader``
+OUTLIER_METHODS = ("oe", "energy-oe", "ice")  # the methods that train on ``Context.outlier_loader`` (fed by ``outlier_dataset``)
 
 
 def scaled_blobs(n: int, shape, seed: int, fraction: float, max_scale: float) -> ImageDataset:
@@ -52,17 +51,15 @@ def scaled_blobs(n: int, shape, seed: int, fraction: float, max_scale: float) ->
 
 
 def use_scaled_outliers(fraction: float, max_scale: float):
-    """Make :meth:`fastood.demo.Context.outlier_loader` serve :func:`scaled_blobs` (same count, seed, batch and
-    shuffling as the default). Returns the original method, to restore."""
-    original = demo.Context.outlier_loader
+    """Make :meth:`fastood.demo.Context.outlier_dataset` serve :func:`scaled_blobs` (same count and seed as the
+    default; the loader's batch and shuffling are the demo's own). Returns the original method, to restore."""
+    original = demo.Context.outlier_dataset
 
-    def outlier_loader(self):
+    def outlier_dataset(self):
         n = demo.OUTLIERS_PER_ID_BATCH * len(self.bench.id_train)
-        outliers = scaled_blobs(n, self.shape, self.config.seed + 100, fraction, max_scale)
-        return D.distributed_loader(outliers, demo.OUTLIERS_PER_ID_BATCH * self.config.batch_size,
-                                    seed=self.config.seed + 1, drop_last=True)
+        return scaled_blobs(n, self.shape, self.config.seed + 100, fraction, max_scale)
 
-    demo.Context.outlier_loader = outlier_loader
+    demo.Context.outlier_dataset = outlier_dataset
     return original
 
 
@@ -110,7 +107,7 @@ def main(argv=None):
                 print(f"seed {seed} | {row} | " + ", ".join(f"{k} {v:.1f}" for k, v in auroc.items())
                       + f" | mean {sum(auroc.values()) / len(auroc):.1f} | ID accuracy {report['id_accuracy']}")
     finally:
-        demo.Context.outlier_loader = original
+        demo.Context.outlier_dataset = original
     return 0
 
 

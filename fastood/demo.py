@@ -400,15 +400,18 @@ class Context:
         x, y = self.bench.id_train.tensors
         return x[:n].to(self.device), y[:n].to(self.device)
 
-    def outlier_loader(self) -> DataLoader:
-        """Auxiliary training outliers (smooth random "blobs"), disjoint from every test OOD set, in batches of
-        OUTLIERS_PER_ID_BATCH times the ID batch (OE, Energy-OE and ICE train on 128 ID + 256 outliers), and as
-        many batches as the ID loader has."""
+    def outlier_dataset(self):
+        """The auxiliary training outliers: OUTLIERS_PER_ID_BATCH smooth random "blobs" per ID training image,
+        disjoint from every test OOD set (an ablation replaces this method to train on other outliers)."""
         from fastood.data import auxiliary_outliers
 
         n = OUTLIERS_PER_ID_BATCH * len(self.bench.id_train)
-        outliers = auxiliary_outliers(DEFAULT_OUTLIERS, n=n, shape=self.shape, seed=self.config.seed + 100)
-        return D.distributed_loader(outliers, OUTLIERS_PER_ID_BATCH * self.config.batch_size,
+        return auxiliary_outliers(DEFAULT_OUTLIERS, n=n, shape=self.shape, seed=self.config.seed + 100)
+
+    def outlier_loader(self) -> DataLoader:
+        """:meth:`outlier_dataset` in batches of OUTLIERS_PER_ID_BATCH times the ID batch (OE, Energy-OE and ICE
+        train on 128 ID + 256 outliers), and as many batches as the ID loader has."""
+        return D.distributed_loader(self.outlier_dataset(), OUTLIERS_PER_ID_BATCH * self.config.batch_size,
                                     seed=self.config.seed + 1, drop_last=True)
 
     def unlabeled_loader(self) -> DataLoader:

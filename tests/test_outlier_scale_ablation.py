@@ -39,10 +39,10 @@ def test_quick_run_trains_on_the_scaled_outliers_and_restores_the_default(tmp_pa
     seen = []
     real = ablation.scaled_blobs
     monkeypatch.setattr(ablation, "scaled_blobs", lambda *a, **k: seen.append(a) or real(*a, **k))
-    default_loader = demo.Context.outlier_loader
+    default_dataset = demo.Context.outlier_dataset
     assert ablation.main(["--quick", "--method", "oe", "--out", str(tmp_path), "--cache", str(tmp_path / "cache"),
                           "--train-n", "128"]) == 0
-    assert seen and demo.Context.outlier_loader is default_loader
+    assert seen and demo.Context.outlier_dataset is default_dataset
     out = capsys.readouterr().out
     assert "seed 0 | OE / MSP | " in out and "sphere" in out and "| mean " in out
     cell = json.load(open(tmp_path / "oe_f0.5_x4_s0.json"))
